@@ -1,0 +1,12 @@
+"""``drcnn benchmark`` (placeholder until its issue lands)."""
+
+from drcnn.errors import DrcnnError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("benchmark", help="(not implemented yet)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    raise DrcnnError("'drcnn benchmark' is not implemented yet")

@@ -1,0 +1,352 @@
+"""Typed configuration: dataclass schema, YAML files with ``_base_`` inheritance, dotted overrides.
+
+A config file is YAML whose keys must exist in :class:`Config` (an unknown key or a wrong type is
+an error naming the key and the file). ``_base_: [a.yaml, b.yaml]`` merges those files first
+(paths relative to the file that names them; later entries and the file itself win; lists are
+replaced, not concatenated). Command-line overrides are dotted ``key=value`` strings whose value
+is parsed as YAML (``model.backbone.pretrained=null``, ``model.rpn.nms_thresh=[0.7,0.85]``).
+
+``load_config`` returns an OmegaConf ``DictConfig`` backed by the schema: attribute access,
+type-checked assignment, and ``to_yaml`` for saving the resolved config beside a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from drcnn.errors import DrcnnError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+BACKBONE_ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnext101_32x4d",
+    "resnext101_64x4d",
+)
+ROI_HEAD_TYPES = ("standard", "cascade", "decoupled")
+NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
+BOX_LOSSES = ("l1", "smooth_l1")
+AMP_MODES = ("none", "bf16", "fp16")
+SCHEDULE_UNITS = ("epoch", "iter")
+
+
+@dataclass
+class BackboneConfig:
+    """ResNet/ResNeXt + FPN (P2-P6)."""
+
+    arch: str = "resnet50"
+    # null: random init; "torchvision://resnet50" (or any torchvision weights name such as
+    # "torchvision://ResNet50_Weights.IMAGENET1K_V1"): ImageNet weights via torchvision;
+    # otherwise a local file path to a state dict.
+    pretrained: str | None = None
+    # 0: nothing frozen; 1: stem + layer1 (official); up to 4.
+    frozen_stages: int = 1
+    # "frozen_bn" (official: statistics and affine frozen) or "bn" (trainable BatchNorm).
+    norm: str = "frozen_bn"
+    fpn_channels: int = 256
+
+
+@dataclass
+class TransformConfig:
+    """Resize / normalise / pad, done inside the model (torchvision convention)."""
+
+    # Short-side choices for training; one is drawn per image (multi-scale when > 1 entry).
+    min_size: list[int] = field(default_factory=lambda: [800])
+    test_min_size: int = 800
+    max_size: int = 1333
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    size_divisible: int = 32
+
+
+@dataclass
+class RPNConfig:
+    # One anchor size per FPN level (P2..P6) = anchor scale 8 x stride 4..64.
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 2000
+    post_nms_top_n_train: int = 1000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_test: int = 1000
+    # Training NMS: a float (one proposal set) or a pair [cls_thresh, reg_thresh] giving the
+    # classification and regression proposal sets of Decoupled R-CNN.
+    nms_thresh: Any = 0.7
+    test_nms_thresh: float = 0.7
+    score_thresh: float = 0.0
+    min_size: float = 0.0
+    loss_bbox: str = "l1"
+
+
+@dataclass
+class SamplerConfig:
+    """How many RoIs per image and which fraction positive (1.0 = the positive sampler)."""
+
+    num: int = 512
+    pos_fraction: float = 0.25
+    add_gt: bool = True
+
+
+@dataclass
+class StageConfig:
+    """One RoI stage: assignment IoU threshold, delta std-devs, loss weight."""
+
+    iou_thresh: float = 0.5
+    target_stds: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
+    loss_weight: float = 1.0
+
+
+@dataclass
+class TestConfig:
+    """Post-processing of the final detections."""
+
+    score_thresh: float = 0.001
+    nms: str = "nms"
+    nms_iou: float = 0.5
+    soft_nms_sigma: float = 0.5
+    soft_nms_min_score: float = 0.001
+    max_per_image: int = 100
+
+
+@dataclass
+class RoIHeadConfig:
+    # standard: Faster R-CNN; cascade: Cascade R-CNN; decoupled: Decoupled R-CNN.
+    type: str = "decoupled"
+    num_classes: int = 80  # foreground classes
+    roi_size: int = 7
+    sampling_ratio: int = 0
+    fc_dim: int = 1024
+    # Stage 0 first. decoupled: stage 0 = decoupled cls+reg head, later = regression-only
+    # refine stages; cascade: every stage a full cls+reg head.
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    cls_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # decoupled only: the positive sampler of the regression branch.
+    reg_sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(num=512, pos_fraction=1.0, add_gt=False)
+    )
+    reg_class_agnostic: bool = False  # standard / cascade heads
+    loss_bbox: str = "l1"
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+
+
+@dataclass
+class DataConfig:
+    # Dataset root; the annotation/image paths below are relative to it (absolute paths work).
+    root: str = "data/synthetic"
+    train_ann: str = "annotations/instances_train.json"
+    train_images: str = "train"
+    val_ann: str = "annotations/instances_val.json"
+    val_images: str = "val"
+    batch_size: int = 2  # images per process (per GPU)
+    test_batch_size: int = 1
+    workers: int = 2
+    flip_prob: float = 0.5
+    max_val_images: int | None = None  # evaluate on the first N val images only
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 24
+    max_iters: int | None = None  # caps a run (smoke runs, quick experiments)
+    lr: float = 0.01
+    reference_batch_size: int = 8  # total batch that `lr` is for; scaled linearly otherwise
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [16, 22])
+    lr_step_unit: str = "epoch"
+    gamma: float = 0.1
+    amp: str = "none"
+    grad_clip: float | None = None
+    accumulate: int = 1
+    log_interval: int = 20
+    checkpoint_interval: int = 1
+    checkpoint_unit: str = "epoch"
+    keep_checkpoints: int = 3
+    eval_interval: int = 1  # epochs; 0 disables periodic evaluation
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise DrcnnError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DrcnnError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise DrcnnError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def _merge_file(schema: DictConfig, path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Merge ``path`` (after its ``_base_`` files) into ``schema``; errors name the file."""
+    path = path.resolve()
+    if path in seen:
+        raise DrcnnError(f"config file {path}: _base_ inheritance cycle")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    for base in bases:
+        schema = _merge_file(schema, path.parent / base, (*seen, path))
+    try:
+        return OmegaConf.merge(schema, data)
+    except OmegaConfBaseException as exc:
+        raise DrcnnError(f"config file {path}: {_describe(exc)}") from exc
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    """One line: the offending dotted key and what went wrong."""
+    key = getattr(exc, "full_key", None)
+    message = str(exc).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not" in message:
+        return f"unknown key '{key}'"
+    return f"key '{key}': {message}" if key else message
+
+
+def _check_choice(value: object, key: str, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise DrcnnError(f"config {key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Checks the schema's types cannot express (choices, ranges, the NMS float-or-pair)."""
+    _check_choice(cfg.model.backbone.arch, "model.backbone.arch", BACKBONE_ARCHS)
+    _check_choice(cfg.model.backbone.norm, "model.backbone.norm", ("frozen_bn", "bn"))
+    if not 0 <= cfg.model.backbone.frozen_stages <= 4:
+        raise DrcnnError("config model.backbone.frozen_stages: expected 0..4")
+    _check_choice(cfg.model.roi_head.type, "model.roi_head.type", ROI_HEAD_TYPES)
+    _check_choice(cfg.model.roi_head.test.nms, "model.roi_head.test.nms", NMS_TYPES)
+    _check_choice(cfg.model.roi_head.loss_bbox, "model.roi_head.loss_bbox", BOX_LOSSES)
+    _check_choice(cfg.model.rpn.loss_bbox, "model.rpn.loss_bbox", BOX_LOSSES)
+    _check_choice(cfg.train.amp, "train.amp", AMP_MODES)
+    _check_choice(cfg.train.lr_step_unit, "train.lr_step_unit", SCHEDULE_UNITS)
+    _check_choice(cfg.train.checkpoint_unit, "train.checkpoint_unit", SCHEDULE_UNITS)
+    rpn_nms_thresholds(cfg.model.rpn)
+    num_stages = len(cfg.model.roi_head.stages)
+    if not 1 <= num_stages <= 4:
+        raise DrcnnError(f"config model.roi_head.stages: expected 1..4 stages, got {num_stages}")
+    for i, stage in enumerate(cfg.model.roi_head.stages):
+        if len(stage.target_stds) != 4:
+            raise DrcnnError(f"config model.roi_head.stages[{i}].target_stds: expected 4 numbers")
+    if cfg.model.roi_head.num_classes < 1:
+        raise DrcnnError("config model.roi_head.num_classes: expected a positive integer")
+    if len(cfg.model.rpn.anchor_sizes) != 5:
+        raise DrcnnError("config model.rpn.anchor_sizes: expected 5 sizes (one per level P2-P6)")
+    if not cfg.model.transform.min_size:
+        raise DrcnnError("config model.transform.min_size: expected at least one short side")
+    for key in ("batch_size", "test_batch_size"):
+        if cfg.data[key] < 1:
+            raise DrcnnError(f"config data.{key}: expected a positive integer")
+    if cfg.train.accumulate < 1:
+        raise DrcnnError("config train.accumulate: expected a positive integer")
+    return cfg
+
+
+def rpn_nms_thresholds(rpn: DictConfig) -> tuple[float, ...]:
+    """The training NMS threshold(s): ``(t,)`` for one proposal set, ``(t_cls, t_reg)`` for two."""
+    value = rpn.nms_thresh
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
+    ok = 1 <= len(values) <= 2 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1 for v in values
+    )
+    if not ok:
+        raise DrcnnError(
+            "config model.rpn.nms_thresh: expected a float in (0, 1] or a pair "
+            f"[cls_thresh, reg_thresh], got {OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}"
+        )
+    return tuple(float(v) for v in values)
+
+
+def default_config() -> DictConfig:
+    """The schema with its defaults (struct mode: unknown keys are errors)."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML); errors name the key."""
+    for item in overrides:
+        if "=" not in item:
+            raise DrcnnError(f"override {item!r}: expected KEY=VALUE, e.g. train.max_iters=20")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise DrcnnError(f"override {key}: value {raw!r} is not valid YAML") from exc
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise DrcnnError(f"override {key}: unknown config key")
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as exc:
+            raise DrcnnError(f"override {key}: {str(exc).splitlines()[0]}") from exc
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: DictConfig | None = None
+) -> DictConfig:
+    """Load a YAML config (with ``_base_`` inheritance) over the schema, then apply overrides.
+
+    ``path=None`` gives the schema defaults (plus overrides). ``base`` starts from an already
+    resolved config (e.g. the one stored in a checkpoint) instead of the schema defaults.
+    """
+    cfg = default_config() if base is None else config_from_dict(OmegaConf.to_container(base))
+    if path is not None:
+        cfg = _merge_file(cfg, Path(path))
+        OmegaConf.set_struct(cfg, True)
+    apply_overrides(cfg, overrides)
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> DictConfig:
+    """Rebuild a typed config from a plain dict (e.g. the one saved in a checkpoint)."""
+    try:
+        cfg = OmegaConf.merge(default_config(), data)
+    except OmegaConfBaseException as exc:
+        raise DrcnnError(f"stored config: {_describe(exc)}") from exc
+    OmegaConf.set_struct(cfg, True)
+    return validate(cfg)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    """Plain-Python copy (for checkpoints and JSON)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """YAML text of the resolved config (saved beside every run)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
