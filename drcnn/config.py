@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from drcnn.errors import DrcnnError
 
@@ -229,15 +229,17 @@ def _merge_file(schema: DictConfig, path: Path, seen: tuple[Path, ...] = ()) -> 
 def _describe(exc: OmegaConfBaseException) -> str:
     """One line: the offending dotted key and what went wrong."""
     key = getattr(exc, "full_key", None)
-    message = str(exc).splitlines()[0]
-    if "not in struct" in message or "Key '" in message and "not" in message:
+    if isinstance(exc, ConfigKeyError):
         return f"unknown key '{key}'"
+    message = str(exc).splitlines()[0]
     return f"key '{key}': {message}" if key else message
 
 
 def _check_choice(value: object, key: str, choices: Sequence[object]) -> None:
     if value not in choices:
-        raise DrcnnError(f"config {key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        raise DrcnnError(
+            f"config {key}: expected one of {', '.join(map(str, choices))}, got {value!r}"
+        )
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -277,14 +279,16 @@ def validate(cfg: DictConfig) -> DictConfig:
 def rpn_nms_thresholds(rpn: DictConfig) -> tuple[float, ...]:
     """The training NMS threshold(s): ``(t,)`` for one proposal set, ``(t_cls, t_reg)`` for two."""
     value = rpn.nms_thresh
-    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    values = list(value) if isinstance(value, list | tuple) else [value]
     ok = 1 <= len(values) <= 2 and all(
         isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1 for v in values
     )
     if not ok:
         raise DrcnnError(
             "config model.rpn.nms_thresh: expected a float in (0, 1] or a pair "
-            f"[cls_thresh, reg_thresh], got {OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}"
+            f"[cls_thresh, reg_thresh], got {value!r}"
         )
     return tuple(float(v) for v in values)
 

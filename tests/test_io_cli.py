@@ -1,0 +1,45 @@
+"""Atomic writes keep the old file on failure; every sub-command answers --help."""
+
+import json
+
+import pytest
+
+from drcnn.cli import COMMANDS, main
+from drcnn.io import atomic_write, atomic_write_json
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "sub" / "metrics.json"
+    atomic_write_json(target, {"AP": 0.5})
+    atomic_write_json(target, {"AP": 0.75})
+    assert json.loads(target.read_text()) == {"AP": 0.75}
+    assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]
+
+
+def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "latest.pth"
+    atomic_write_json(target, {"iter": 10})
+
+    def crash(handle):
+        handle.write(b"partial")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, crash)
+    assert json.loads(target.read_text()) == {"iter": 10}
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert f"drcnn {command}" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
