@@ -120,6 +120,8 @@ class TestConfig:
     soft_nms_sigma: float = 0.5
     soft_nms_min_score: float = 0.001
     max_per_image: int = 100
+    # drop detections narrower/shorter than this (pixels) before NMS; torchvision uses 1e-2
+    min_box_size: float = 0.0
 
 
 @dataclass
