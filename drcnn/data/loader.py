@@ -1,0 +1,85 @@
+"""Datasets and data loaders from the config: paths, class-count check, batching, DDP sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, DistributedSampler
+
+from drcnn.data.coco import CocoDetection
+from drcnn.data.transforms import build_transforms
+from drcnn.errors import DrcnnError
+
+SPLITS = ("train", "val")
+
+
+def split_paths(cfg: DictConfig, split: str) -> tuple[Path, Path]:
+    """``(annotation file, image folder)`` of ``split``: relative to ``cfg.data.root`` unless
+    absolute. A missing dataset fails here with the command that creates the synthetic one."""
+    if split not in SPLITS:
+        raise DrcnnError(f"data split {split!r}: expected one of {', '.join(SPLITS)}")
+    root = Path(cfg.data.root)
+    ann = root / cfg.data[f"{split}_ann"]
+    images = root / cfg.data[f"{split}_images"]
+    if not root.is_dir() or not ann.is_file():
+        missing = root if not root.is_dir() else ann
+        raise DrcnnError(
+            f"data.root {root}: {missing} not found; run `drcnn data synth --out {root}` for the "
+            "synthetic dataset or set data.root to a COCO-format dataset"
+        )
+    return ann, images
+
+
+def build_dataset(cfg: DictConfig, split: str) -> CocoDetection:
+    """The ``split`` dataset with its transforms; its class count must match the model's."""
+    ann, images = split_paths(cfg, split)
+    train = split == "train"
+    dataset = CocoDetection(
+        ann,
+        images,
+        transforms=build_transforms(cfg, train),
+        train=train,
+        max_images=None if train else cfg.data.max_val_images,
+    )
+    expected = cfg.model.roi_head.num_classes
+    if dataset.num_classes != expected:
+        raise DrcnnError(
+            f"{ann}: the dataset has {dataset.num_classes} categories but "
+            f"model.roi_head.num_classes is {expected}"
+        )
+    return dataset
+
+
+def collate(batch: list[tuple]) -> tuple[list[torch.Tensor], list[dict]]:
+    """``(list of (3, H, W) image tensors, list of target dicts)``; tv_tensors become plain."""
+    images = [image.as_subclass(torch.Tensor) for image, _ in batch]
+    targets = [
+        {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        for _, t in batch
+    ]
+    return images, targets
+
+
+def build_dataloader(
+    cfg: DictConfig, split: str, distributed: bool = False, shuffle: bool | None = None
+) -> DataLoader:
+    """Loader of ``split``: ``cfg.data.batch_size`` (train) or ``test_batch_size`` (val) images
+    per process, ``cfg.data.workers`` workers, shuffled for training unless ``shuffle`` says
+    otherwise. With ``distributed=True`` a ``DistributedSampler`` shards the data (the training
+    loop calls ``loader.sampler.set_epoch``)."""
+    dataset = build_dataset(cfg, split)
+    shuffle = split == "train" if shuffle is None else shuffle
+    sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
+    workers = cfg.data.workers
+    return DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size if split == "train" else cfg.data.test_batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
