@@ -37,7 +37,7 @@ def inputs():
     images = ImageList(torch.zeros(2, 3, 128, 128), IMAGE_SIZES)
     features = {
         name: torch.randn(2, CHANNELS, 128 // stride, 128 // stride, generator=generator)
-        for name, stride in zip(("0", "1", "2", "3", "pool"), (4, 8, 16, 32, 64))
+        for name, stride in zip(("0", "1", "2", "3", "pool"), (4, 8, 16, 32, 64), strict=True)
     }
     targets = [
         {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 120.0, 90.0]])},
@@ -186,5 +186,5 @@ def test_images_without_boxes_train():
 def test_bad_nms_threshold_is_rejected(value):
     from drcnn.errors import DrcnnError
 
-    with pytest.raises(DrcnnError, match="model.rpn.nms_thresh"):
+    with pytest.raises(DrcnnError, match=r"model\.rpn\.nms_thresh"):
         make_rpn(f"model.rpn.nms_thresh={value}")

@@ -111,7 +111,9 @@ class DecoupledRPN(RegionProposalNetwork):
         proposals = proposals[batch_idx, top_n_idx]
 
         candidates = []
-        for boxes, scores, lvl, shape in zip(proposals, objectness, levels, image_shapes):
+        for boxes, scores, lvl, shape in zip(
+            proposals, objectness, levels, image_shapes, strict=True
+        ):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
             keep = box_ops.remove_small_boxes(boxes, self.min_size)
             keep = keep[scores[keep] >= self.score_thresh]
