@@ -92,7 +92,7 @@ _CIRCLE = _regular_polygon(48)
 SHAPE_LAYERS: dict[str, list[tuple[np.ndarray, int]]] = {
     "circle": [(_CIRCLE, 1)],
     "triangle": [(_regular_polygon(3) + np.array([0.0, 0.25]), 1)],  # centred vertically
-    "square": [(_regular_polygon(4, phase=np.pi / 4) * np.sqrt(2), 1)],
+    "square": [(np.array([(-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)]), 1)],
     "star": [(_star(), 1)],
     "cross": [(_cross(), 1)],
     "ring": [(_CIRCLE, 1), (_CIRCLE * 0.55, 0)],
@@ -213,26 +213,29 @@ def _add_clutter(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Scene:
-    """One rendered image: pixels, the label map (object ``i`` = value ``i + 1``) and the
-    annotations (category id, visible box, visible area) in painting order."""
+    """One rendered image: pixels, the label map (object ``i`` = value ``i + 1``), the shapes
+    and poses as placed, and the annotations (category id, visible box, visible area), all in
+    painting order."""
 
     image: np.ndarray
     label_map: np.ndarray
+    placed: list[tuple[str, ShapePose]]
     objects: list[dict]
 
 
 def _place_objects(
     rng: np.random.Generator, size: int
-) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
+) -> tuple[list[tuple[str, ShapePose]], np.ndarray]:
     """Choose shapes and poses; accept each only if all earlier objects stay visible enough."""
     label_map = np.zeros((size, size), dtype=np.int16)
-    placed: list[tuple[str, np.ndarray]] = []
+    placed: list[tuple[str, ShapePose]] = []
     full_areas: list[int] = []
     num_objects = 0 if rng.random() < EMPTY_IMAGE_PROB else int(rng.integers(1, MAX_OBJECTS + 1))
     for _ in range(num_objects):
         shape = SHAPES[rng.integers(len(SHAPES))]
         for _ in range(PLACEMENT_TRIES):
-            mask = render_mask(shape, _random_pose(rng, size), size)
+            pose = _random_pose(rng, size)
+            mask = render_mask(shape, pose, size)
             area = int(mask.sum())
             if area < MIN_VISIBLE_PIXELS:
                 continue
@@ -240,7 +243,7 @@ def _place_objects(
             candidate[mask] = len(placed) + 1
             if occlusion_ok(candidate, [*full_areas, area]):
                 label_map = candidate
-                placed.append((shape, mask))
+                placed.append((shape, pose))
                 full_areas.append(area)
                 break
     return placed, label_map
@@ -261,7 +264,7 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
         image[visible] = colour * (1 + rng.uniform(0.05, 0.2) * shading[visible])
         objects.append({"category_id": category[shape], "bbox": bbox, "area": area})
     image += rng.normal(0, rng.uniform(2, 10), size=image.shape).astype(np.float32)
-    return Scene(np.clip(image, 0, 255).astype(np.uint8), label_map, objects)
+    return Scene(np.clip(image, 0, 255).astype(np.uint8), label_map, placed, objects)
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
