@@ -1,12 +1,33 @@
-"""``drcnn infer`` (placeholder until its issue lands)."""
+"""``drcnn infer``: detect objects in image files; JSON detections plus drawn images."""
 
-from drcnn.errors import DrcnnError
+from __future__ import annotations
+
+import argparse
+
+from drcnn.commands.train import add_model_options, load_cfg
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("infer", help="(not implemented yet)")
+    parser = subparsers.add_parser(
+        "infer", help="detections of a checkpoint on image files (JSON + drawn PNGs)"
+    )
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("checkpoint", help="a drcnn checkpoint (.pth)")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--score-thr", type=float, default=0.3, help="minimum score of reported boxes (0.3)"
+    )
+    add_model_options(parser)
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
-    raise DrcnnError("'drcnn infer' is not implemented yet")
+def run(args: argparse.Namespace) -> int:
+    from drcnn.engine.infer import infer
+
+    entries = infer(
+        load_cfg(args), args.checkpoint, args.inputs, args.out, args.score_thr, args.device
+    )
+    count = sum(len(entry["detections"]) for entry in entries)
+    print(f"{count} detections in {len(entries)} images; wrote {args.out}/detections.json")
+    return 0

@@ -1,12 +1,57 @@
-"""``drcnn test`` (placeholder until its issue lands)."""
+"""``drcnn test``: run a checkpoint over the val split, write COCO results, print the metrics."""
 
-from drcnn.errors import DrcnnError
+from __future__ import annotations
+
+import argparse
+
+from drcnn.commands.train import add_model_options, load_cfg
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("test", help="(not implemented yet)")
+    parser = subparsers.add_parser(
+        "test",
+        help="COCO results and metrics of a checkpoint on the val split (torchrun works too)",
+    )
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("checkpoint", help="a drcnn checkpoint (.pth)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="COCO result file (default: results.bbox.json beside the checkpoint); "
+        "metrics.json is written beside it",
+    )
+    parser.add_argument(
+        "--eval",
+        default="bbox",
+        choices=("bbox", "none"),
+        help="metric to compute (none: only write the result file)",
+    )
+    parser.add_argument("--show", default=None, metavar="DIR", help="draw detections into DIR")
+    parser.add_argument(
+        "--score-thr", type=float, default=None, help="minimum score of drawn boxes (default 0.3)"
+    )
+    add_model_options(parser)
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
-    raise DrcnnError("'drcnn test' is not implemented yet")
+def run(args: argparse.Namespace) -> int:
+    from drcnn.engine import distributed
+    from drcnn.engine.coco_eval import format_metrics
+    from drcnn.engine.evaluate import test
+
+    cfg = load_cfg(args)
+    try:
+        metrics = test(
+            cfg,
+            args.checkpoint,
+            out=args.out,
+            show_dir=args.show,
+            score_thr=args.score_thr,
+            device=args.device,
+            compute_metrics=args.eval == "bbox",
+        )
+        if distributed.is_main_process() and metrics:
+            print(format_metrics(metrics))
+    finally:
+        distributed.cleanup()
+    return 0

@@ -1,0 +1,111 @@
+"""Inference speed: median frames per second and peak memory of one detector on one device.
+
+The model (random weights, or a checkpoint's) runs on fixed random images of one size, one image
+per forward pass as in the paper's fps column. After ``warmup`` passes, each pass is timed (CUDA
+synchronised); fps is ``1 / median time``. Peak memory: CUDA ``max_memory_allocated`` during the
+timed passes, or on the CPU the process's maximum resident set size (which includes everything
+the process allocated before).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from omegaconf import DictConfig
+
+from drcnn.engine.checkpoint import load_model
+from drcnn.engine.distributed import resolve_device
+from drcnn.io import atomic_write_json
+from drcnn.models.detector import build_detector
+
+DISTINCT_INPUTS = 4  # different random images cycled through (avoid caching effects)
+
+
+def default_size(cfg: DictConfig) -> tuple[int, int]:
+    """A 3:4 landscape image at the test short side (COCO's typical 480x640, rescaled)."""
+    short = cfg.model.transform.test_min_size
+    return short, min(round(short * 4 / 3), cfg.model.transform.max_size)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_passes(
+    model: torch.nn.Module, images: list[torch.Tensor], passes: int, warmup: int
+) -> list[float]:
+    """Seconds of each timed forward pass (one image each), after ``warmup`` untimed ones."""
+    device = images[0].device
+    times = []
+    for index in range(warmup + passes):
+        image = images[index % len(images)]
+        synchronize(device)
+        start = time.perf_counter()
+        model([image])
+        synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def benchmark(
+    cfg: DictConfig,
+    checkpoint: str | Path | None = None,
+    images: int = 50,
+    device: str | None = None,
+    size: tuple[int, int] | None = None,
+    out: str | Path | None = None,
+    warmup: int = 5,
+) -> dict[str, Any]:
+    """Measure inference fps and peak memory; writes the result as JSON to ``out`` (default
+    ``benchmark.json`` beside the checkpoint, or in the current folder) and returns it."""
+    torch_device = resolve_device(device)
+    if checkpoint is not None:
+        model, cfg = load_model(checkpoint, cfg, torch_device)
+    else:
+        model = build_detector(cfg).to(torch_device).eval()
+    height, width = size or default_size(cfg)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.rand(3, height, width, generator=generator).to(torch_device)
+        for _ in range(DISTINCT_INPUTS)
+    ]
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    times = time_passes(model, inputs, images, warmup)
+    median = statistics.median(times)
+    result = {
+        "arch": cfg.model.backbone.arch,
+        "roi_head": cfg.model.roi_head.type,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "device": torch.cuda.get_device_name(torch_device)
+        if torch_device.type == "cuda"
+        else platform.processor() or "cpu",
+        "input_size": [height, width],
+        "images": images,
+        "warmup": warmup,
+        "median_ms": median * 1000,
+        "fps": 1.0 / median,
+        "peak_memory_mb": peak_memory_mb(torch_device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    default_dir = Path(checkpoint).parent if checkpoint is not None else Path.cwd()
+    atomic_write_json(Path(out) if out is not None else default_dir / "benchmark.json", result)
+    return result
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA allocator peak since the reset, or the CPU process's max RSS, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

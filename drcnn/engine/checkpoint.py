@@ -1,0 +1,148 @@
+"""Checkpoints: atomic saving, safe loading, architecture checks, RNG state capture.
+
+A checkpoint is a dict with ``format == "drcnn-checkpoint"`` holding the model and optimiser
+state, the scheduler (and AMP scaler) state, ``epoch`` / ``iter`` counters, the random-number
+generator states of every rank and the resolved config as a plain dict. Everything in it is a
+tensor or a plain Python value, so it loads with ``torch.load(weights_only=True)`` (no arbitrary
+code runs when a downloaded file is opened).
+
+Saving goes through :func:`drcnn.io.atomic_torch_save`: a full disk or a killed process leaves
+the previous file untouched and loadable.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from drcnn.config import config_from_dict
+from drcnn.errors import DrcnnError
+from drcnn.io import atomic_torch_save
+from drcnn.models.detector import build_detector
+
+FORMAT = "drcnn-checkpoint"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (see the module docstring) atomically; failures become a DrcnnError."""
+    path = Path(path)
+    try:
+        return atomic_torch_save({"format": FORMAT, **state}, path)
+    except OSError as exc:
+        raise DrcnnError(
+            f"checkpoint {path}: could not be written ({exc.strerror or exc}); "
+            "the previous checkpoint is kept"
+        ) from exc
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a drcnn checkpoint on the CPU with ``weights_only=True``; reject anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DrcnnError(f"checkpoint {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint ({reason[:200]})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint (no '{FORMAT}' model state)")
+    return state
+
+
+def first_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """Describe the first key (in the model's order) where ``given`` does not fit, else None."""
+    for key, tensor in expected.items():
+        if key not in given:
+            return f"missing key '{key}'"
+        if given[key].shape != tensor.shape:
+            return (
+                f"key '{key}' has shape {tuple(given[key].shape)}, "
+                f"the model expects {tuple(tensor.shape)}"
+            )
+    extra = next((key for key in given if key not in expected), None)
+    return f"unexpected key '{extra}'" if extra is not None else None
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights after checking that they belong to this architecture (first mismatch named)."""
+    mismatch = first_mismatch(model.state_dict(), state_dict)
+    if mismatch is not None:
+        raise DrcnnError(f"checkpoint {source}: does not fit the model ({mismatch})")
+    model.load_state_dict(state_dict)
+
+
+def load_model(
+    checkpoint: str | Path | dict[str, Any],
+    cfg: DictConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, DictConfig]:
+    """Build the detector and load a checkpoint's weights; returns ``(model in eval mode, cfg)``.
+
+    ``cfg=None`` rebuilds the model from the config stored in the checkpoint, so a checkpoint
+    alone is enough to test or run a model. ``checkpoint`` may be a path or an already loaded
+    checkpoint dict.
+    """
+    source = "<in memory>" if isinstance(checkpoint, dict) else str(checkpoint)
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    if cfg is None:
+        if "config" not in state:
+            raise DrcnnError(f"checkpoint {source}: has no stored config; pass a CONFIG file")
+        cfg = config_from_dict(state["config"])
+    model = build_detector(cfg)
+    load_model_state(model, state["model"], source)
+    return model.to(device).eval(), cfg
+
+
+def class_names(state: dict[str, Any], num_classes: int) -> list[str]:
+    """The dataset's class names stored at training time (``class_<k>`` when unknown)."""
+    names = state.get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(name) for name in names]
+    return [f"class_{k}" for k in range(1, num_classes + 1)]
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch, CUDA) as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

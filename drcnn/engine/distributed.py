@@ -1,0 +1,109 @@
+"""Distributed helpers in one place: torchrun initialisation, rank queries, object collectives.
+
+``torchrun`` (``python -m torch.distributed.run``) sets ``RANK``, ``LOCAL_RANK`` and
+``WORLD_SIZE``; :func:`setup` reads them, picks the backend (NCCL on CUDA, gloo on CPU) and the
+device of this process. Without those variables everything runs as a single process and every
+collective below is a no-op, so the engine code reads the same in both cases.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from drcnn.errors import DrcnnError
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0: the only process that logs, shows progress and writes files."""
+    return get_rank() == 0
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device of this process: ``cuda:<LOCAL_RANK>`` under torchrun on CUDA.
+
+    ``None`` picks CUDA when available, else the CPU. Asking for CUDA on a machine without it is
+    a user error (a one-line :class:`DrcnnError`), not a crash deep inside torch.
+    """
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = torch.device(name).type
+    if kind not in ("cpu", "cuda"):
+        raise DrcnnError(f"--device {name}: expected cpu or cuda")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DrcnnError(
+            f"--device {name}: CUDA is not available on this machine (use --device cpu)"
+        )
+    index = torch.device(name).index
+    if index is None:
+        index = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def setup(device: str | None = None) -> torch.device:
+    """Join the torchrun process group (if launched by torchrun) and return this rank's device.
+
+    Idempotent: a second call (e.g. ``train`` then ``test`` in one script) reuses the group.
+    """
+    resolved = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=resolved if backend == "nccl" else None)
+    return resolved
+
+
+def cleanup() -> None:
+    """Leave the process group (end of a command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ranks (a detached copy; for logging and the finite check)."""
+    values = values.detach().clone()
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= get_world_size()
+    return values

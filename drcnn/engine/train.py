@@ -1,0 +1,571 @@
+"""The training loop: SGD with warm-up and step decay, DDP, AMP, checkpoints, exact resume.
+
+One process or many (``torchrun --nproc_per_node N -m drcnn train ...``): each rank trains on its
+shard of every global batch, DDP averages the gradients, rank 0 alone logs and writes files.
+
+Reproducibility and exact resume. The data order of epoch ``e`` is a permutation drawn from
+``(train.seed, e)``; every sample's random augmentation is drawn from its own generator seeded
+by ``(train.seed, e, index)`` (inside ``torch.random.fork_rng``, so neither the worker count nor
+the model's own random sampling changes it). A checkpoint stores the iteration counter and the
+RNG states of every rank, so a resumed run skips the batches already done in the epoch, restores
+the RNGs and continues with exactly the losses the uninterrupted run would have had (on the CPU,
+bit for bit). The global batch of iteration ``i`` is the same whatever the number of processes:
+rank ``r`` takes every ``world``-th sample of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from drcnn.config import to_dict, to_yaml
+from drcnn.data.loader import build_dataloader
+from drcnn.engine import distributed as dist
+from drcnn.engine.benchmark import peak_memory_mb
+from drcnn.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_model_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from drcnn.engine.evaluate import evaluate
+from drcnn.errors import DrcnnError
+from drcnn.io import atomic_write_text
+from drcnn.models.detector import build_detector
+
+Batch = tuple[list[Tensor], list[dict[str, Any]]]
+
+
+# ----------------------------------------------------------------------------- data order
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part (numpy's SeedSequence hashing)."""
+    return int(
+        np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1
+    )
+
+
+class EpochSeededDataset(Dataset):
+    """Draws each sample's augmentation from a generator seeded by ``(seed, epoch, index)``."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """This rank's samples of an epoch, in global-batch order, from batch ``start_batch`` on.
+
+    The epoch's permutation comes from ``(seed, epoch)``; global batch ``b`` is
+    ``perm[b * global_batch : (b + 1) * global_batch]`` and rank ``r`` gets its elements
+    ``r, r + world, ...``. Only complete global batches are used.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        per_rank: int,
+        rank: int,
+        world: int,
+        seed: int,
+        epoch: int,
+        start_batch: int,
+    ) -> None:
+        self.per_rank, self.rank, self.world = per_rank, rank, world
+        generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
+        self.perm = torch.randperm(size, generator=generator).tolist()
+        self.num_batches = size // (per_rank * world)
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        global_batch = self.per_rank * self.world
+        for b in range(self.start_batch, self.num_batches):
+            yield from self.perm[b * global_batch + self.rank : (b + 1) * global_batch : self.world]
+
+    def __len__(self) -> int:
+        return (self.num_batches - self.start_batch) * self.per_rank
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed python/numpy in a loader worker from the torch seed the loader gave it."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def epoch_loader(
+    base: DataLoader, cfg: DictConfig, epoch: int, start_batch: int, device: torch.device
+) -> DataLoader:
+    """The training loader of ``epoch`` starting at (per-rank) batch ``start_batch``.
+
+    Reuses the dataset, collate function and worker count of the data part's loader ``base``
+    and replaces only the order and the seeding (see the module docstring).
+    """
+    seed = cfg.train.seed
+    sampler = GlobalBatchSampler(
+        len(base.dataset),
+        cfg.data.batch_size,
+        dist.get_rank(),
+        dist.get_world_size(),
+        seed,
+        epoch,
+        start_batch,
+    )
+    return DataLoader(
+        EpochSeededDataset(base.dataset, seed, epoch),
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        collate_fn=base.collate_fn,
+        num_workers=base.num_workers,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(mix_seed(seed, epoch, dist.get_rank())),
+        pin_memory=device.type == "cuda",
+    )
+
+
+# ----------------------------------------------------------------------------- schedule
+@dataclass
+class Schedule:
+    """Iteration plan and learning-rate factor.
+
+    ``lr_factor(i)`` is the multiplier of the base lr at iteration ``i`` (0-based): a linear warm-up
+    from ``warmup_ratio`` to 1 over ``warmup_iters``, times ``gamma`` for every decay step already
+    reached (``steps`` in iterations).
+    """
+
+    iters_per_epoch: int
+    total_iters: int
+    warmup_iters: int
+    warmup_ratio: float
+    steps: list[int]
+    gamma: float
+
+    def lr_factor(self, iteration: int) -> float:
+        warmup = 1.0
+        if iteration < self.warmup_iters:
+            warmup = self.warmup_ratio + (1 - self.warmup_ratio) * iteration / self.warmup_iters
+        return warmup * self.gamma ** sum(iteration >= step for step in self.steps)
+
+
+def build_schedule(cfg: DictConfig, dataset_size: int) -> Schedule:
+    """Iterations per epoch (complete global batches only), total iterations, decay steps."""
+    tcfg = cfg.train
+    samples_per_iter = cfg.data.batch_size * dist.get_world_size() * tcfg.accumulate
+    iters_per_epoch = dataset_size // samples_per_iter
+    if iters_per_epoch < 1:
+        raise DrcnnError(
+            f"config data.batch_size: {dataset_size} training images are fewer than one global "
+            f"batch of {samples_per_iter} (batch_size x processes x train.accumulate)"
+        )
+    total = tcfg.epochs * iters_per_epoch
+    if tcfg.max_iters is not None:
+        total = min(total, tcfg.max_iters)
+    unit = iters_per_epoch if tcfg.lr_step_unit == "epoch" else 1
+    return Schedule(
+        iters_per_epoch=iters_per_epoch,
+        total_iters=total,
+        warmup_iters=tcfg.warmup_iters,
+        warmup_ratio=tcfg.warmup_ratio,
+        steps=[int(step) * unit for step in tcfg.lr_steps],
+        gamma=tcfg.gamma,
+    )
+
+
+def scaled_lr(cfg: DictConfig) -> float:
+    """The linear scaling rule: ``lr * total_batch / reference_batch_size``.
+
+    ``train.lr`` is the learning rate of a total batch of ``train.reference_batch_size`` images
+    (the official recipe: 0.01 for 8); the run's total batch is ``data.batch_size`` x number of
+    processes x ``train.accumulate``, and the learning rate scales in proportion.
+    """
+    total_batch = cfg.data.batch_size * dist.get_world_size() * cfg.train.accumulate
+    return cfg.train.lr * total_batch / cfg.train.reference_batch_size
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(
+        params, lr=scaled_lr(cfg), momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
+
+
+# ----------------------------------------------------------------------------- one step
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    """Sum of the entries whose last dotted part starts with ``loss`` (``s0.acc`` is a metric)."""
+    return sum(v for k, v in losses.items() if k.rsplit(".", 1)[-1].startswith("loss"))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    images, targets = batch
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [
+        {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+@dataclass
+class StepContext:
+    """What a training step needs besides the data."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: str
+    grad_clip: float | None
+
+
+def autocast(ctx: StepContext) -> Any:
+    """bf16/fp16 autocast on CUDA when ``train.amp`` asks for it; a no-op otherwise."""
+    if ctx.amp == "none" or ctx.device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if ctx.amp == "bf16" else torch.float16)
+
+
+def train_step(ctx: StepContext, micro_batches: list[Batch], iteration: int) -> dict[str, float]:
+    """One optimiser step over ``accumulate`` micro-batches; returns rank-averaged loss values.
+
+    Gradients of the micro-batches add up (each loss divided by their number, DDP syncs only on
+    the last one). A non-finite total loss stops training before the weights are touched.
+    """
+    ctx.optimizer.zero_grad(set_to_none=True)
+    logged: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        images, targets = to_device(batch, ctx.device)
+        last = index == len(micro_batches) - 1
+        sync = nullcontext() if last or not hasattr(ctx.model, "no_sync") else ctx.model.no_sync()
+        with sync:
+            with autocast(ctx):
+                losses = ctx.model(images, targets)
+                loss = total_loss(losses)
+            values = reduced_values(losses, loss)
+            if not math.isfinite(values["loss"]):
+                raise DrcnnError(
+                    f"training: non-finite loss at iteration {iteration + 1} "
+                    f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); "
+                    "the last good checkpoint is kept"
+                )
+            ctx.scaler.scale(loss / len(micro_batches)).backward()
+        for key, value in values.items():
+            logged[key] = logged.get(key, 0.0) + value / len(micro_batches)
+    if ctx.grad_clip is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+        params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    return logged
+
+
+def reduced_values(losses: dict[str, Tensor], loss: Tensor) -> dict[str, float]:
+    """Loss-dict entries and their total as floats, averaged over ranks (one all-reduce)."""
+    keys = sorted(losses)
+    stacked = torch.stack([losses[k].detach().float() for k in keys] + [loss.detach().float()])
+    values = dist.all_reduce_mean(stacked).tolist()
+    return dict(zip([*keys, "loss"], values, strict=True))
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logging step or evaluation (rank 0 writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.enabled = dist.is_main_process()
+
+    def start(self, resume_iter: int | None) -> None:
+        """A fresh log for a new run; for a resumed one, the entries up to ``resume_iter``."""
+        if self.enabled and resume_iter is not None and self.path.is_file():
+            self._truncate_after(resume_iter)
+        elif self.enabled and resume_iter is None:
+            self.path.unlink(missing_ok=True)
+
+    def _truncate_after(self, iteration: int) -> None:
+        """Drop entries logged after the resumed checkpoint (they will be logged again)."""
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("iter", 0) <= iteration
+        ]
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+
+class Window:
+    """Averages of the values logged since the last logging step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        means = {key: value / self.count for key, value in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@dataclass
+class Trainer:
+    """The state a run carries between iterations, and its checkpoint/evaluation side effects."""
+
+    cfg: DictConfig
+    work_dir: Path
+    ctx: StepContext
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: Schedule
+    meta: dict[str, Any]
+    log: MetricsLog
+    iteration: int = 0
+    last_saved: int = -1
+    last_evaluated: int = -1
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs."""
+        return self.iteration // self.schedule.iters_per_epoch
+
+    def state(self) -> dict[str, Any]:
+        """Checkpoint content; RNG states gathered from every rank (a collective call)."""
+        return {
+            "model": unwrap(self.ctx.model).state_dict(),
+            "optimizer": self.ctx.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.ctx.scaler.state_dict(),
+            "epoch": self.epoch,
+            "iter": self.iteration,
+            "rng": dist.all_gather_object(capture_rng_state()),
+            "config": to_dict(self.cfg),
+            **self.meta,
+        }
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint: weights, optimiser, schedule, counters, this rank's RNG."""
+        state = load_checkpoint(path)
+        load_model_state(unwrap(self.ctx.model), state["model"], str(path))
+        self.ctx.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.ctx.scaler.load_state_dict(state["scaler"])
+        self.iteration = self.last_saved = int(state["iter"])
+        rng = state.get("rng") or []
+        if len(rng) == dist.get_world_size():
+            restore_rng_state(rng[dist.get_rank()])
+
+    def save(self, name: str | None) -> Path:
+        """``latest.pth`` (and ``name`` if given), keeping the last ``keep_checkpoints`` named."""
+        state = self.state()
+        latest = self.work_dir / "latest.pth"
+        if dist.is_main_process():
+            if name is not None:
+                save_checkpoint(self.work_dir / name, state)
+                self._prune(name.split("_")[0])
+            save_checkpoint(latest, state)
+        dist.barrier()
+        self.last_saved = self.iteration
+        return latest
+
+    def _prune(self, prefix: str) -> None:
+        keep = max(self.cfg.train.keep_checkpoints, 1)
+        files = sorted(
+            self.work_dir.glob(f"{prefix}_*.pth"), key=lambda p: int(p.stem.split("_")[1])
+        )
+        for old in files[:-keep]:
+            old.unlink()
+
+    def evaluate(self) -> None:
+        """Evaluate on the val split (RNG untouched, so training continues identically)."""
+        model = unwrap(self.ctx.model)
+        out_dir = self.work_dir / "eval" / f"iter_{self.iteration}"
+        devices = [self.ctx.device.index] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.metrics = evaluate(model, self.cfg, self.ctx.device, out_dir)
+        model.train()
+        self.log.write(
+            {"type": "eval", "iter": self.iteration, "epoch": self.epoch, **self.metrics}
+        )
+        self.last_evaluated = self.iteration
+
+    def after_iteration(self) -> None:
+        """Periodic checkpoints (per iteration or epoch) and evaluation."""
+        tcfg = self.cfg.train
+        epoch_end = self.iteration % self.schedule.iters_per_epoch == 0
+        if tcfg.checkpoint_unit == "iter" and self.iteration % tcfg.checkpoint_interval == 0:
+            self.save(f"iter_{self.iteration}.pth")
+        if (
+            epoch_end
+            and tcfg.checkpoint_unit == "epoch"
+            and self.epoch % tcfg.checkpoint_interval == 0
+        ):
+            self.save(f"epoch_{self.epoch}.pth")
+        if epoch_end and tcfg.eval_interval > 0 and self.epoch % tcfg.eval_interval == 0:
+            self.evaluate()
+
+    def finish(self) -> Path:
+        """Final checkpoint and evaluation, unless this iteration already had them."""
+        latest = self.work_dir / "latest.pth"
+        if self.last_saved != self.iteration:
+            latest = self.save(None)
+        if self.cfg.train.eval_interval > 0 and self.last_evaluated != self.iteration:
+            self.evaluate()
+        return latest
+
+
+# ----------------------------------------------------------------------------- the loop
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; each rank gets its own stream from ``(seed, rank)``."""
+    rank_seed = mix_seed(seed, dist.get_rank())
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)
+
+
+def train(
+    cfg: DictConfig,
+    work_dir: str | Path,
+    resume: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train the detector of ``cfg`` on ``cfg.data``'s train split; returns a run summary.
+
+    Writes into ``work_dir``: ``config.yaml``, ``metrics.jsonl``, ``latest.pth`` plus periodic
+    ``epoch_N.pth`` / ``iter_N.pth`` and ``eval/iter_N/`` (metrics of the periodic evaluations,
+    every ``train.eval_interval`` epochs and at the end; 0 turns evaluation off).
+    The learning rate follows the linear scaling rule of :func:`scaled_lr`; warm-up and decay
+    steps follow :class:`Schedule`. ``resume`` continues from a checkpoint exactly where it
+    stopped. Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel (DDP).
+    """
+    torch_device = dist.setup(device)
+    seed_everything(cfg.train.seed)
+    work_dir = Path(work_dir)
+    base_loader = build_dataloader(cfg, "train")
+    dataset = base_loader.dataset
+    schedule = build_schedule(cfg, len(dataset))
+    model = build_detector(cfg).to(torch_device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=cfg.train.amp == "fp16" and torch_device.type == "cuda"
+    )
+    ctx = StepContext(model, optimizer, scaler, torch_device, cfg.train.amp, cfg.train.grad_clip)
+    trainer = Trainer(
+        cfg=cfg,
+        work_dir=work_dir,
+        ctx=ctx,
+        # a bound method: LambdaLR saves (and on resume restores) no fields of it
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor),
+        schedule=schedule,
+        meta=dataset_meta(dataset),
+        log=MetricsLog(work_dir / "metrics.jsonl"),
+    )
+    if resume is not None:
+        trainer.restore(Path(resume))
+    if dist.is_main_process():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work_dir / "config.yaml", to_yaml(cfg))
+    trainer.log.start(trainer.iteration if resume is not None else None)
+    if dist.is_distributed():
+        ctx.model = DistributedDataParallel(
+            model, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
+        )
+    run_loop(trainer, base_loader)
+    latest = trainer.finish()
+    return {
+        "work_dir": str(work_dir),
+        "iter": trainer.iteration,
+        "epoch": trainer.epoch,
+        "checkpoint": str(latest),
+        "metrics": trainer.metrics,
+    }
+
+
+def dataset_meta(dataset: Any) -> dict[str, Any]:
+    """Class names and category ids stored with the weights (for ``infer`` and ``test``)."""
+    return {
+        "class_names": list(getattr(dataset, "class_names", [])),
+        "cat_ids": [int(c) for c in getattr(dataset, "cat_ids", [])],
+    }
+
+
+def run_loop(trainer: Trainer, base_loader: DataLoader) -> None:
+    """Iterate epochs from ``trainer.iteration`` to the schedule's end, logging on rank 0."""
+    cfg, schedule = trainer.cfg, trainer.schedule
+    accumulate = cfg.train.accumulate
+    window = Window()
+    bar = tqdm(
+        total=schedule.total_iters,
+        initial=trainer.iteration,
+        desc="train",
+        dynamic_ncols=True,
+        disable=None if dist.is_main_process() else True,
+    )
+    while trainer.iteration < schedule.total_iters:
+        epoch = trainer.epoch
+        done_in_epoch = trainer.iteration - epoch * schedule.iters_per_epoch
+        batches = iter(
+            epoch_loader(base_loader, cfg, epoch, done_in_epoch * accumulate, trainer.ctx.device)
+        )
+        for _ in range(done_in_epoch, schedule.iters_per_epoch):
+            start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(accumulate)]
+            data_time = time.perf_counter() - start
+            lr = trainer.ctx.optimizer.param_groups[0]["lr"]
+            values = train_step(trainer.ctx, micro_batches, trainer.iteration)
+            trainer.scheduler.step()
+            trainer.iteration += 1
+            window.add({**values, "time": time.perf_counter() - start, "data_time": data_time})
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}")
+            last = trainer.iteration == schedule.total_iters
+            if trainer.iteration % cfg.train.log_interval == 0 or last:
+                trainer.log.write(
+                    {
+                        "type": "train",
+                        "iter": trainer.iteration,
+                        "epoch": trainer.iteration / schedule.iters_per_epoch,
+                        "lr": lr,
+                        **window.pop(),
+                        "memory_mb": peak_memory_mb(trainer.ctx.device),
+                    }
+                )
+            trainer.after_iteration()
+            if last:
+                break
+    bar.close()
