@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +50,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 from tqdm import tqdm
 
 from drcnn.errors import DrcnnError
+from drcnn.io import atomic_write, atomic_write_text
 
 DELTA_NAMES = ("dx", "dy", "dw", "dh")
 BRANCH_CLS = "classification"
@@ -226,6 +229,40 @@ def run_sensitivity(
         table["label"].map(lambda k: names[k - 1] if names else str(k)),
     )
     return table
+
+
+def load_study(
+    checkpoints: Mapping[str, str | Path],
+    configs: Mapping[str, str | Path] | None = None,
+    data_overrides: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.nn.Module], Any]:
+    """The named models (checkpoints; a config per name is optional, default the stored one)
+    and the validation split of the first model's config plus ``data_overrides``."""
+    from drcnn.config import load_config
+    from drcnn.data.loader import build_dataset
+    from drcnn.engine.checkpoint import load_model
+
+    if not checkpoints:
+        raise DrcnnError("sensitivity checkpoints: expected at least one name -> checkpoint")
+    models, first = {}, None
+    for name, path in checkpoints.items():
+        config = (configs or {}).get(name)
+        model, cfg = load_model(path, load_config(config) if config else None, device)
+        first = first if first is not None else cfg
+        if cfg.model.roi_head.num_classes != first.model.roi_head.num_classes:
+            raise DrcnnError(f"sensitivity checkpoints: {name} has another number of classes")
+        models[name] = model
+    return models, build_dataset(load_config(None, data_overrides, base=first), "val")
+
+
+def save_table(table: pd.DataFrame, stem: str | Path) -> list[Path]:
+    """Write the study's table as ``stem.parquet`` and ``stem.csv``; return the paths."""
+    stem = Path(stem)
+    paths = [stem.with_suffix(".parquet"), stem.with_suffix(".csv")]
+    atomic_write(paths[0], lambda handle: table.to_parquet(handle, index=False))
+    atomic_write_text(paths[1], table.to_csv(index=False, float_format="%.6g"))
+    return paths
 
 
 def num_stages(table: pd.DataFrame) -> int:

@@ -1,0 +1,368 @@
+"""``drcnn run SPEC.yaml``: an experiment spec -> trained models, studies, tables and a report.
+
+A spec (YAML, schema :class:`Spec`) names the dataset, the models (name, config, overrides),
+the device and the steps. The runner
+
+1. writes the resolved spec to ``OUT/spec.yaml`` and, for a synthetic dataset, generates it if
+   missing (``drcnn.data.synthetic.ensure_synthetic_dataset``);
+2. plans the steps: ``train-<model>`` and ``test-<model>`` (``notebooks/train.ipynb``),
+   ``sensitivity`` (``translation_sensitivity.ipynb``), ``ap_table`` (``ap_table.ipynb``) and
+   ``report`` (:func:`drcnn.analysis.report.write_report`);
+3. executes each notebook with papermill (kernel ``python3``, i.e. this interpreter), keeping
+   the executed copy in ``OUT/notebooks/<step>.ipynb``, and prints one progress line per step.
+
+Resuming: a step whose record (``OUT/steps/<step>.json``) says ``done`` with the same
+parameters and inputs (checkpoint / metrics file modification times) and whose output files
+exist is skipped; ``force=True`` redoes everything. A failing step is recorded with its error
+and executed notebook; the steps that need it are skipped, the others still run, and
+:func:`run_experiment` reports the failures in its result (the CLI then exits with status 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from drcnn.analysis import provenance
+from drcnn.errors import DrcnnError
+from drcnn.io import atomic_write_text
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+STEP_KINDS = ("train", "test", "sensitivity", "ap_table", "report")
+DATASET_TYPES = ("synthetic", "coco")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+KERNEL = "python3"
+
+
+@dataclass
+class DatasetSpec:
+    type: str = "synthetic"  # synthetic (generated when missing) or coco
+    root: str = "data/synthetic"  # relative to the working directory; becomes data.root
+    # synthetic only: keyword arguments of ensure_synthetic_dataset (num_train, num_val, ...)
+    generate: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # data.* overrides for every model
+
+
+@dataclass
+class ModelSpec:
+    name: str = MISSING  # the model's folder under OUT/models/
+    config: str = MISSING  # config file, relative to the working directory
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SensitivitySpec:
+    models: list[str] | None = None  # default: every model
+    low: float = -0.5  # dx, dy offsets from low to high (fractions of box size)
+    high: float = 0.5
+    steps: int = 11
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    max_images: int | None = 200
+
+
+@dataclass
+class ApTableSpec:
+    baseline: str | None = None  # default: the first model with roi_head.type == standard
+    include_reported: bool | None = None  # default: yes for a coco dataset
+
+
+@dataclass
+class Spec:
+    name: str = "experiment"
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    device: str = "cpu"
+    models: list[ModelSpec] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # for every model, before its own
+    steps: list[str] = field(default_factory=lambda: list(STEP_KINDS))
+    sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
+    ap_table: ApTableSpec = field(default_factory=ApTableSpec)
+
+
+@dataclass
+class Step:
+    """One unit of work: a notebook run (or the report) with its parameters and outputs."""
+
+    id: str
+    kind: str
+    notebook: str | None
+    parameters: dict[str, Any]
+    outputs: list[Path]
+    inputs: list[Path] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)
+    needs_any: bool = False  # run when at least one (not all) of ``needs`` succeeded
+
+
+def load_spec(path: str | Path) -> Any:
+    """Read and validate a spec file (unknown keys, wrong types, bad names: one-line errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DrcnnError(f"spec {path}: file not found")
+    try:
+        spec = OmegaConf.merge(OmegaConf.structured(Spec), OmegaConf.load(path))
+    except OmegaConfBaseException as exc:
+        raise DrcnnError(f"spec {path}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # YAML syntax errors come in several types
+        raise DrcnnError(f"spec {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    _validate(spec, path)
+    return spec
+
+
+def _validate(spec: Any, path: Path) -> None:
+    if spec.dataset.type not in DATASET_TYPES:
+        raise DrcnnError(f"spec {path}: dataset.type must be one of {DATASET_TYPES}")
+    if not spec.models:
+        raise DrcnnError(f"spec {path}: models: expected at least one model")
+    names = [m.name for m in spec.models]
+    for name in names:
+        if not NAME_PATTERN.match(name):
+            raise DrcnnError(f"spec {path}: model name {name!r}: use letters, digits, _ . -")
+    if len(set(names)) != len(names):
+        raise DrcnnError(f"spec {path}: models: names must be unique, got {names}")
+    for model in spec.models:
+        if not Path(model.config).is_file():
+            raise DrcnnError(f"spec {path}: model {model.name}: config {model.config} not found")
+    for step in spec.steps:
+        if step not in STEP_KINDS:
+            raise DrcnnError(f"spec {path}: steps: {step!r} is not one of {STEP_KINDS}")
+    unknown = set(spec.sensitivity.models or []) - set(names)
+    if unknown:
+        raise DrcnnError(f"spec {path}: sensitivity.models: unknown models {sorted(unknown)}")
+
+
+def model_overrides(spec: Any, model: Any) -> list[str]:
+    """The overrides a model trains with: dataset root, dataset, spec-wide, then its own."""
+    root = Path(spec.dataset.root).resolve()
+    return [f"data.root={root}", *spec.dataset.overrides, *spec.overrides, *model.overrides]
+
+
+def plan(spec: Any, out: Path) -> list[Step]:
+    """The spec's steps in execution order (train all, test all, studies, report)."""
+    steps: list[Step] = []
+    wanted = set(spec.steps)
+    work = {m.name: out / "models" / m.name for m in spec.models}
+    for kind, flags in (("train", (True, False)), ("test", (False, True))):
+        if kind not in wanted:
+            continue
+        for model in spec.models:
+            checkpoint = work[model.name] / "latest.pth"
+            params = {
+                "config": str(Path(model.config).resolve()),
+                "work_dir": str(work[model.name]),
+                "overrides": model_overrides(spec, model),
+                "device": spec.device,
+                "run_train": flags[0],
+                "run_test": flags[1],
+            }
+            output = checkpoint if kind == "train" else work[model.name] / "metrics.json"
+            needs = [f"train-{model.name}"] if kind == "test" and "train" in wanted else []
+            inputs = [checkpoint] if kind == "test" else []
+            steps.append(
+                Step(f"{kind}-{model.name}", kind, "train.ipynb", params, [output], inputs, needs)
+            )
+    if "sensitivity" in wanted:
+        names = list(spec.sensitivity.models or work)
+        checkpoints = {n: str(work[n] / "latest.pth") for n in names}
+        params = {
+            "checkpoints": checkpoints,
+            "out_dir": str(out / "sensitivity"),
+            "low": spec.sensitivity.low,
+            "high": spec.sensitivity.high,
+            "steps": spec.sensitivity.steps,
+            "scales": list(spec.sensitivity.scales),
+            "max_images": spec.sensitivity.max_images,
+            "data_overrides": [
+                f"data.root={Path(spec.dataset.root).resolve()}",
+                *spec.dataset.overrides,
+            ],
+            "device": spec.device,
+        }
+        outputs = [out / "sensitivity" / "sensitivity.parquet", out / "sensitivity" / "summary.csv"]
+        needs = [f"train-{n}" for n in names] if "train" in wanted else []
+        inputs = [Path(p) for p in checkpoints.values()]
+        steps.append(
+            Step(
+                "sensitivity",
+                "sensitivity",
+                "translation_sensitivity.ipynb",
+                params,
+                outputs,
+                inputs,
+                needs,
+                True,
+            )
+        )
+    if "ap_table" in wanted:
+        include = spec.ap_table.include_reported
+        params = {
+            "exp_dir": str(out),
+            "include_reported": spec.dataset.type == "coco" if include is None else include,
+            "baseline": spec.ap_table.baseline,
+        }
+        needs = [f"test-{n}" for n in work] if "test" in wanted else []
+        inputs = [w / "metrics.json" for w in work.values()]
+        steps.append(
+            Step(
+                "ap_table",
+                "ap_table",
+                "ap_table.ipynb",
+                params,
+                [out / "tables" / "ap_table.csv"],
+                inputs,
+                needs,
+                True,
+            )
+        )
+    if "report" in wanted:
+        steps.append(Step("report", "report", None, {"exp_dir": str(out)}, [out / "report.html"]))
+    return steps
+
+
+def fingerprint(step: Step) -> str:
+    """Hash of a step's parameters and its inputs' modification times (changes -> redo)."""
+    stamps = {str(p): p.stat().st_mtime_ns for p in step.inputs if p.is_file()}
+    text = json.dumps({"parameters": step.parameters, "inputs": stamps}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_complete(step: Step, out: Path) -> bool:
+    """Whether a previous run finished this step with the same fingerprint and outputs."""
+    if step.kind == "report":
+        return False  # cheap; always rebuilt from whatever the other steps left
+    record = provenance.read_record(out, step.id)
+    return bool(
+        record
+        and record.get("status") == "done"
+        and record.get("fingerprint") == fingerprint(step)
+        and all(p.is_file() for p in step.outputs)
+    )
+
+
+def execute_notebook(notebook: str, executed: Path, parameters: dict[str, Any], cwd: Path) -> None:
+    """Run ``notebooks/<notebook>`` with papermill; the executed copy goes to ``executed``."""
+    import papermill
+
+    source = NOTEBOOK_DIR / notebook
+    if not source.is_file():
+        raise DrcnnError(
+            f"notebook {source} not found (drcnn must be installed from its source tree)"
+        )
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(source),
+        str(executed),
+        parameters=parameters,
+        kernel_name=KERNEL,
+        cwd=str(cwd),
+        progress_bar=False,
+        log_output=False,
+    )
+
+
+def _error_line(exc: BaseException) -> str:
+    """A one-line description of a step failure (papermill: the cell's exception)."""
+    name = getattr(exc, "ename", None) or type(exc).__name__
+    value = getattr(exc, "evalue", None) or str(exc)
+    return f"{name}: {value}".splitlines()[0][:300]
+
+
+def _run_step(step: Step, out: Path) -> None:
+    if step.kind == "report":
+        from drcnn.analysis.report import write_report
+
+        write_report(out)
+        return
+    execute_notebook(step.notebook, out / "notebooks" / f"{step.id}.ipynb", step.parameters, out)
+
+
+def _ready(step: Step, status: dict[str, str]) -> tuple[bool, dict[str, Any]]:
+    """Whether a step can run given the earlier steps' status; restricts multi-model steps to
+    the models whose prerequisite succeeded."""
+    ok = [n for n in step.needs if status.get(n) in ("done", "skipped")]
+    if not step.needs or len(ok) == len(step.needs):
+        return True, step.parameters
+    if not (step.needs_any and ok):
+        return False, step.parameters
+    if step.kind == "sensitivity":
+        keep = {n.split("-", 1)[1] for n in ok}
+        checkpoints = {k: v for k, v in step.parameters["checkpoints"].items() if k in keep}
+        return True, {**step.parameters, "checkpoints": checkpoints}
+    return True, step.parameters
+
+
+def run_experiment(
+    spec_path: str | Path,
+    out: str | Path | None = None,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, str]:
+    """Run (or resume) an experiment; returns ``{step id: done | skipped | failed | blocked}``.
+
+    ``out`` defaults to ``experiments/runs/<spec name>``. Output layout: docs/design.md.
+    """
+    spec = load_spec(spec_path)
+    out = Path(out if out is not None else Path("experiments/runs") / spec.name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.yaml", OmegaConf.to_yaml(spec))
+    if spec.dataset.type == "synthetic" and {"train", "test", "sensitivity"} & set(spec.steps):
+        from drcnn.data.synthetic import ensure_synthetic_dataset
+
+        echo(f"[dataset] synthetic data in {spec.dataset.root}")
+        ensure_synthetic_dataset(spec.dataset.root, **spec.dataset.generate)
+    steps = plan(spec, out)
+    status: dict[str, str] = {}
+    for index, step in enumerate(steps, 1):
+        prefix = f"[{index}/{len(steps)}] {step.id}"
+        status[step.id] = _execute(step, out, force, status, prefix, echo)
+    failed = [s for s, v in status.items() if v in ("failed", "blocked")]
+    if failed:
+        echo(f"{len(failed)} step(s) did not complete: {', '.join(failed)}")
+    echo(f"results in {out}")
+    return status
+
+
+def _execute(
+    step: Step, out: Path, force: bool, status: dict[str, str], prefix: str, echo: Callable
+) -> str:
+    """Run one step (or skip it) and record the outcome; returns its status."""
+    ready, parameters = _ready(step, status)
+    if not ready:
+        echo(f"{prefix}: blocked (needs {', '.join(step.needs)})")
+        return "blocked"
+    step = Step(**{**step.__dict__, "parameters": parameters})
+    if not force and is_complete(step, out):
+        echo(f"{prefix}: skipped (already complete)")
+        return "skipped"
+    notebook = str(out / "notebooks" / f"{step.id}.ipynb") if step.notebook else None
+    record = {
+        "step_id": step.id,
+        "parameters": step.parameters,
+        "notebook": notebook,
+        "git_commit": provenance.git_commit(),
+        "started": provenance.now_utc(),
+    }
+    sys.stdout.flush()
+    start = time.perf_counter()
+    try:
+        _run_step(step, out)
+        missing = [str(p) for p in step.outputs if not p.is_file()]
+        if missing:
+            raise DrcnnError(f"step finished without writing {', '.join(missing)}")
+    except Exception as exc:  # a failing step must not stop the others
+        record.update(status="failed", error=_error_line(exc))
+        echo(f"{prefix}: FAILED ({record['error']}); see {notebook or out}")
+    else:
+        record.update(status="done", fingerprint=fingerprint(step))
+        echo(f"{prefix}: done in {time.perf_counter() - start:.1f} s")
+    record.update(finished=provenance.now_utc(), seconds=round(time.perf_counter() - start, 1))
+    provenance.write_record(out, step.id, record)
+    return record["status"]
