@@ -1,0 +1,100 @@
+"""Assignment of proposals to ground truth and the RoI samplers of the box heads.
+
+Every RoI stage first labels its proposals by max-IoU assignment (:func:`assign_max_iou`),
+then picks the RoIs it trains on. Two samplers exist because Decoupled R-CNN samples the two
+tasks differently: the classification branch uses the usual fixed-size random sampler with a
+positive fraction (:func:`random_sample`), the regression branch uses every positive proposal
+(:func:`positive_sample`), so that highly overlapping proposals are not thrown away.
+:func:`sample_rois` chains the three steps for one image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.ops import box_iou
+
+Sampler = Callable[[Tensor], Tensor]
+
+
+class Assignment(NamedTuple):
+    """Per-proposal result of max-IoU assignment (one image)."""
+
+    matched_idxs: Tensor  # (N,) int64 index of the best gt (0 when there is no gt)
+    labels: Tensor  # (N,) int64 gt class for positives, 0 = background
+    max_iou: Tensor  # (N,) IoU with the best gt (0 when there is no gt)
+
+
+class Samples(NamedTuple):
+    """The RoIs one stage trains on (one image)."""
+
+    boxes: Tensor  # (n, 4) sampled RoIs
+    labels: Tensor  # (n,) int64, 0 = background
+    gt_boxes: Tensor  # (n, 4) matched gt box (meaningless for background RoIs)
+    is_gt: Tensor  # (n,) bool, the RoI is a gt box added as a proposal
+
+
+def assign_max_iou(
+    proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, iou_thresh: float
+) -> Assignment:
+    """Label each proposal with its best-overlapping gt: positive if IoU >= t, else background.
+
+    No ignore band and no low-quality matches (torchvision ``Matcher(t, t, False)``). An image
+    without gt (or without proposals) gives all background.
+    """
+    num = proposals.shape[0]
+    if num == 0 or gt_boxes.shape[0] == 0:
+        zeros = torch.zeros(num, dtype=torch.int64, device=proposals.device)
+        return Assignment(zeros, zeros.clone(), proposals.new_zeros(num))
+    iou = box_iou(gt_boxes.to(proposals.dtype), proposals)
+    matches = Matcher(iou_thresh, iou_thresh, allow_low_quality_matches=False)(iou)
+    matched_idxs = matches.clamp(min=0)
+    labels = gt_labels[matched_idxs].to(torch.int64)
+    labels[matches < 0] = 0
+    return Assignment(matched_idxs, labels, iou.max(dim=0).values)
+
+
+def random_sample(labels: Tensor, num: int, pos_fraction: float) -> Tensor:
+    """Indices (sorted) of up to ``num * pos_fraction`` random positives, the rest negatives.
+
+    torchvision's ``BalancedPositiveNegativeSampler``: fewer positives are made up with
+    negatives, so the sample has ``num`` RoIs whenever enough proposals exist.
+    """
+    pos_mask, neg_mask = BalancedPositiveNegativeSampler(num, pos_fraction)([labels])
+    return torch.where(pos_mask[0].bool() | neg_mask[0].bool())[0]
+
+
+def positive_sample(labels: Tensor, num: int) -> Tensor:
+    """Indices (sorted) of every positive when at most ``num``, else of a random ``num`` of them.
+
+    The positive sampler of Decoupled R-CNN's regression branch: no negatives.
+    """
+    positive = torch.where(labels > 0)[0]
+    if positive.numel() > num:
+        keep = torch.randperm(positive.numel(), device=positive.device)[:num]
+        positive = positive[keep].sort().values
+    return positive
+
+
+def sample_rois(
+    proposals: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    iou_thresh: float,
+    sampler: Sampler,
+    add_gt: bool,
+) -> Samples:
+    """Assign ``proposals`` (plus the gt boxes when ``add_gt``) and keep what ``sampler`` picks."""
+    gt_boxes = gt_boxes.to(proposals.dtype)
+    is_gt = torch.zeros(proposals.shape[0], dtype=torch.bool, device=proposals.device)
+    if add_gt:
+        proposals = torch.cat([proposals, gt_boxes])
+        is_gt = torch.cat([is_gt, torch.ones_like(gt_labels, dtype=torch.bool)])
+    assignment = assign_max_iou(proposals, gt_boxes, gt_labels, iou_thresh)
+    keep = sampler(assignment.labels)
+    matched_gt = gt_boxes[assignment.matched_idxs] if gt_boxes.numel() else proposals
+    return Samples(proposals[keep], assignment.labels[keep], matched_gt[keep], is_gt[keep])
