@@ -1,0 +1,122 @@
+"""The fully connected box heads that run on RoIAlign features.
+
+All three flatten a ``(N, C, S, S)`` RoI feature and apply two ReLU fully connected layers, as
+torchvision's ``TwoMLPHead`` does:
+
+- :class:`FastRCNNHead` (Faster / Cascade R-CNN): one shared trunk -> class logits + deltas.
+- :class:`DecoupledHead` (Decoupled R-CNN stage 0): two *unshared* trunks, one for
+  classification and one for class-specific regression, so each branch can run on its own
+  samples (``forward_cls`` / ``forward_reg``).
+- :class:`RefineHead` (Decoupled R-CNN stages 1..N-1): a regression-only trunk with
+  class-agnostic deltas.
+
+Deltas are in the std-normalised units of the stage's ``BoxCoder``. Class ``k`` (1..K) reads its
+deltas from slot ``k`` when the head has a background slot (torchvision ``FastRCNNPredictor``
+layout) and from slot ``k - 1`` otherwise; :meth:`BoxHead.deltas_for_labels` and
+:meth:`BoxHead.foreground_deltas` hide that layout from the RoI heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _two_fc(in_features: int, fc_dim: int) -> tuple[nn.Linear, nn.Linear]:
+    return nn.Linear(in_features, fc_dim), nn.Linear(fc_dim, fc_dim)
+
+
+def _mlp(x: Tensor, fc6: nn.Linear, fc7: nn.Linear) -> Tensor:
+    return F.relu(fc7(F.relu(fc6(x.flatten(start_dim=1)))))
+
+
+def _output_layer(in_features: int, out_features: int, std: float) -> nn.Linear:
+    """A prediction layer initialised normal(0, std) with zero bias (0.01 cls, 0.001 deltas)."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class BoxHead(nn.Module):
+    """Shared delta-layout helpers; subclasses define ``bbox_pred`` and ``background_slot``."""
+
+    background_slot: bool = False
+    bbox_pred: nn.Linear
+
+    @property
+    def class_specific(self) -> bool:
+        return self.bbox_pred.out_features > 4
+
+    def deltas_for_labels(self, deltas: Tensor, labels: Tensor) -> Tensor:
+        """``(N, 4)`` deltas of each row's class ``labels`` (1..K); class-agnostic deltas as is."""
+        if not self.class_specific:
+            return deltas
+        per_class = deltas.unflatten(1, (-1, 4))
+        slots = labels if self.background_slot else labels - 1
+        return per_class[torch.arange(deltas.shape[0], device=deltas.device), slots]
+
+    def foreground_deltas(self, deltas: Tensor) -> Tensor:
+        """``(N, K, 4)`` class-specific deltas of the foreground classes 1..K."""
+        per_class = deltas.unflatten(1, (-1, 4))
+        return per_class[:, 1:] if self.background_slot else per_class
+
+
+class FastRCNNHead(BoxHead):
+    """Shared 2-fc trunk -> ``cls_score`` (K+1 logits) and ``bbox_pred`` (4(K+1) or 4 deltas)."""
+
+    background_slot = True
+
+    def __init__(
+        self, in_features: int, fc_dim: int, num_classes: int, class_agnostic: bool = False
+    ) -> None:
+        super().__init__()
+        self.fc6, self.fc7 = _two_fc(in_features, fc_dim)
+        self.cls_score = _output_layer(fc_dim, num_classes + 1, 0.01)
+        self.bbox_pred = _output_layer(
+            fc_dim, 4 if class_agnostic else 4 * (num_classes + 1), 0.001
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """RoI features -> (class logits, deltas)."""
+        x = _mlp(x, self.fc6, self.fc7)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class DecoupledHead(BoxHead):
+    """Unshared ``cls_fc6/cls_fc7/cls_score`` (K+1) and ``reg_fc6/reg_fc7/bbox_pred`` (4K)."""
+
+    background_slot = False
+
+    def __init__(self, in_features: int, fc_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_fc6, self.cls_fc7 = _two_fc(in_features, fc_dim)
+        self.cls_score = _output_layer(fc_dim, num_classes + 1, 0.01)
+        self.reg_fc6, self.reg_fc7 = _two_fc(in_features, fc_dim)
+        self.bbox_pred = _output_layer(fc_dim, 4 * num_classes, 0.001)
+
+    def forward_cls(self, x: Tensor) -> Tensor:
+        """Classification branch: RoI features -> K+1 logits."""
+        return self.cls_score(_mlp(x, self.cls_fc6, self.cls_fc7))
+
+    def forward_reg(self, x: Tensor) -> Tensor:
+        """Regression branch: RoI features -> 4K class-specific deltas."""
+        return self.bbox_pred(_mlp(x, self.reg_fc6, self.reg_fc7))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Both branches on the same RoIs (inference): (class logits, deltas)."""
+        return self.forward_cls(x), self.forward_reg(x)
+
+
+class RefineHead(BoxHead):
+    """Regression-only refine stage: 2-fc trunk -> 4 class-agnostic deltas."""
+
+    def __init__(self, in_features: int, fc_dim: int) -> None:
+        super().__init__()
+        self.fc6, self.fc7 = _two_fc(in_features, fc_dim)
+        self.bbox_pred = _output_layer(fc_dim, 4, 0.001)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """RoI features -> (N, 4) deltas."""
+        return self.bbox_pred(_mlp(x, self.fc6, self.fc7))
