@@ -17,16 +17,16 @@ SPLITS = ("train", "val")
 
 def split_paths(cfg: DictConfig, split: str) -> tuple[Path, Path]:
     """``(annotation file, image folder)`` of ``split``: relative to ``cfg.data.root`` unless
-    absolute. A missing dataset fails here with the command that creates the synthetic one."""
+    absolute. A missing annotation file fails here with the command that creates the synthetic
+    dataset."""
     if split not in SPLITS:
         raise DrcnnError(f"data split {split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(cfg.data.root)
     ann = root / cfg.data[f"{split}_ann"]
     images = root / cfg.data[f"{split}_images"]
-    if not root.is_dir() or not ann.is_file():
-        missing = root if not root.is_dir() else ann
+    if not ann.is_file():
         raise DrcnnError(
-            f"data.root {root}: {missing} not found; run `drcnn data synth --out {root}` for the "
+            f"data.root {root}: {ann} not found; run `drcnn data synth --out {root}` for the "
             "synthetic dataset or set data.root to a COCO-format dataset"
         )
     return ann, images

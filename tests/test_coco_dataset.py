@@ -1,0 +1,220 @@
+"""COCO dataset: id <-> label mapping, crowd/degenerate/empty handling, image modes, errors,
+and the config-driven dataset/loader builders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+from torchvision import tv_tensors
+
+from drcnn.config import load_config
+from drcnn.data.coco import CocoDetection
+from drcnn.data.loader import build_dataloader, build_dataset
+from drcnn.errors import DrcnnError
+
+GRAY, RGBA, PALETTE_RGB = 128, (10, 200, 30, 77), (250, 5, 90)
+
+
+def _write_images(folder: Path) -> None:
+    """Image 10: grayscale PNG; 11: RGBA PNG; 12: palette PNG; 13: JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (40, 30), GRAY).save(folder / "gray.png")
+    Image.new("RGBA", (40, 30), RGBA).save(folder / "rgba.png")
+    palette = Image.new("P", (40, 30), 3)
+    palette.putpalette([0, 0, 0] * 3 + list(PALETTE_RGB) + [0, 0, 0] * 252)
+    palette.save(folder / "palette.png")
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(folder / "photo.jpg")
+
+
+def _coco(**overrides) -> dict:
+    data = {
+        "images": [
+            {"id": 10, "file_name": "gray.png", "width": 40, "height": 30},
+            {"id": 11, "file_name": "rgba.png", "width": 40, "height": 30},
+            {"id": 12, "file_name": "palette.png", "width": 40, "height": 30},
+            {"id": 13, "file_name": "photo.jpg", "width": 40, "height": 30},
+        ],
+        # non-contiguous, unsorted ids: labels follow sorted ids 2 -> 1, 7 -> 2, 40 -> 3
+        "categories": [{"id": 7, "name": "b"}, {"id": 2, "name": "a"}, {"id": 40, "name": "c"}],
+        "annotations": [
+            {"id": 1, "image_id": 10, "category_id": 40, "bbox": [3, 4, 10, 6], "iscrowd": 0},
+            {"id": 2, "image_id": 10, "category_id": 7, "bbox": [0, 0, 20, 20], "iscrowd": 1},
+            {"id": 3, "image_id": 10, "category_id": 2, "bbox": [5, 5, 0.5, 9], "iscrowd": 0},
+            {"id": 4, "image_id": 10, "category_id": 2, "bbox": [20, 10, 8, 12.5], "iscrowd": 0},
+            {"id": 5, "image_id": 11, "category_id": 7, "bbox": [1, 1, 5, 5], "iscrowd": 1},
+            {"id": 6, "image_id": 13, "category_id": 7, "bbox": [2, 3, 4, 0.2]},
+        ],
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+def handmade(tmp_path: Path) -> tuple[Path, Path]:
+    _write_images(tmp_path / "images")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(_coco()))
+    return ann, tmp_path / "images"
+
+
+def test_category_ids_map_to_contiguous_labels(handmade) -> None:
+    dataset = CocoDetection(*handmade)
+    assert dataset.cat_ids == [2, 7, 40]
+    assert dataset.class_names == ["a", "b", "c"]
+    assert dataset.num_classes == 3
+    assert [dataset.label_to_cat_id(k) for k in (1, 2, 3)] == [2, 7, 40]
+    _, target = dataset[dataset.ids.index(10)]
+    assert isinstance(target["boxes"], tv_tensors.BoundingBoxes)
+    assert target["boxes"].format == tv_tensors.BoundingBoxFormat.XYXY
+    assert target["boxes"].canvas_size == (30, 40)
+    # crowd box (id 2) and the 0.5-pixel-wide box (id 3) are gone; xywh -> xyxy by hand
+    assert target["boxes"].tolist() == [[3, 4, 13, 10], [20, 10, 28, 22.5]]
+    assert target["labels"].tolist() == [3, 1]
+    assert target["labels"].dtype == torch.int64
+    assert target["image_id"] == 10
+
+
+def test_train_skips_images_without_usable_boxes_eval_keeps_them(handmade, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="drcnn"):
+        train = CocoDetection(*handmade, train=True)
+    assert "dropped 2 degenerate boxes" in caplog.text
+    assert train.ids == [10]  # 11: crowd only, 12: nothing, 13: degenerate only
+    evaluation = CocoDetection(*handmade, train=False)
+    assert evaluation.ids == [10, 11, 12, 13]
+    _, target = evaluation[1]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert CocoDetection(*handmade, max_images=2).ids == [10, 11]
+
+
+def test_every_image_mode_becomes_float_rgb(handmade) -> None:
+    dataset = CocoDetection(*handmade)
+    expected = {10: (GRAY,) * 3, 11: RGBA[:3], 12: PALETTE_RGB}
+    for index, image_id in enumerate(dataset.ids):
+        image, _ = dataset[index]
+        assert isinstance(image, tv_tensors.Image)
+        assert image.shape == (3, 30, 40) and image.dtype == torch.float32
+        assert image.min() >= 0 and image.max() <= 1
+        if image_id in expected:
+            want = torch.tensor(expected[image_id], dtype=torch.float32) / 255
+            assert torch.allclose(image[:, 7, 9], want)
+        else:  # JPEG: lossy, but clearly blue
+            assert image[2].mean() > 0.9 and image[0].mean() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"categories": None}, "missing list 'categories'"),
+        ({"images": [{"id": 10}]}, "lacks file_name"),
+        (
+            {"annotations": [{"id": 1, "image_id": 99, "category_id": 2, "bbox": [0, 0, 1, 1]}]},
+            "unknown image_id 99",
+        ),
+        (
+            {"annotations": [{"id": 1, "image_id": 10, "category_id": 5, "bbox": [0, 0, 1, 1]}]},
+            "unknown category_id 5",
+        ),
+        (
+            {"annotations": [{"id": 1, "image_id": 10, "category_id": 2, "bbox": [0, 0, 1]}]},
+            "bbox must be 4 numbers",
+        ),
+    ],
+)
+def test_bad_annotation_files_fail_at_construction(handmade, change, message) -> None:
+    ann, images = handmade
+    ann.write_text(json.dumps({k: v for k, v in _coco(**change).items() if v is not None}))
+    with pytest.raises(DrcnnError, match=message) as info:
+        CocoDetection(ann, images)
+    assert str(ann) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unreadable_annotation_file_and_missing_folder(handmade, tmp_path: Path) -> None:
+    ann, images = handmade
+    with pytest.raises(DrcnnError, match="annotation file not found"):
+        CocoDetection(tmp_path / "nope.json", images)
+    ann.write_text("{not json")
+    with pytest.raises(DrcnnError, match="not a valid JSON"):
+        CocoDetection(ann, images)
+    with pytest.raises(DrcnnError, match="image folder not found"):
+        CocoDetection(ann, tmp_path / "no_images")
+
+
+def test_missing_or_corrupt_image_fails_when_loaded_naming_the_file(handmade) -> None:
+    ann, images = handmade
+    dataset = CocoDetection(ann, images)  # construction does not read images
+    (images / "gray.png").unlink()
+    (images / "rgba.png").write_bytes(b"not a png at all")
+    with pytest.raises(DrcnnError, match=r"gray\.png: image file not found"):
+        dataset[0]
+    with pytest.raises(DrcnnError, match=r"rgba\.png: cannot read image"):
+        dataset[1]
+
+
+def _cfg(root: Path, *overrides: str):
+    return load_config(
+        None, [f"data.root={root}", "model.roi_head.num_classes=8", "data.workers=0", *overrides]
+    )
+
+
+def test_build_dataset_from_config(synthetic_root: Path) -> None:
+    train = build_dataset(_cfg(synthetic_root), "train")
+    assert train.train and train.num_classes == 8
+    assert train.cat_ids == [1, 3, 5, 7, 9, 11, 13, 15]
+    val = build_dataset(_cfg(synthetic_root, "data.max_val_images=3"), "val")
+    assert len(val) == 3 and not val.train
+    # absolute annotation/image paths stay as they are, whatever the root
+    absolute = _cfg(
+        "/nonexistent-root",
+        f"data.val_ann={synthetic_root / 'annotations' / 'instances_val.json'}",
+        f"data.val_images={synthetic_root / 'val'}",
+    )
+    assert len(build_dataset(absolute, "val")) == 8
+
+
+def test_build_dataset_errors(synthetic_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DrcnnError, match=r"8 categories.*num_classes is 80"):
+        build_dataset(_cfg(synthetic_root, "model.roi_head.num_classes=80"), "train")
+    with pytest.raises(
+        DrcnnError, match=re.escape(f"run `drcnn data synth --out {tmp_path / 'x'}`")
+    ):
+        build_dataset(_cfg(tmp_path / "x"), "train")
+    with pytest.raises(DrcnnError, match="expected one of train, val"):
+        build_dataset(_cfg(synthetic_root), "test")
+
+
+def test_dataloader_batches_lists(synthetic_root: Path) -> None:
+    cfg = _cfg(synthetic_root, "data.batch_size=3", "data.test_batch_size=2", "data.flip_prob=0")
+    images, targets = next(iter(build_dataloader(cfg, "train")))
+    assert len(images) == len(targets) == 3
+    assert all(type(image) is torch.Tensor and image.shape == (3, 128, 128) for image in images)
+    assert all(type(t["boxes"]) is torch.Tensor and t["boxes"].shape[1] == 4 for t in targets)
+    loader = build_dataloader(cfg, "val")
+    batches = list(loader)
+    assert [len(b[0]) for b in batches] == [2, 2, 2, 2]
+    # val is not shuffled: image ids come in dataset order
+    assert [t["image_id"] for b in batches for t in b[1]] == loader.dataset.ids
+    # the val loader's images are the dataset's own pixels (no flip, no resize)
+    image, _ = loader.dataset[0]
+    assert torch.equal(batches[0][0][0], image.as_subclass(torch.Tensor))
+
+
+def test_distributed_loader_uses_a_distributed_sampler(synthetic_root: Path, tmp_path) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1
+    )
+    try:
+        loader = build_dataloader(_cfg(synthetic_root), "train", distributed=True)
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.shuffle
+        loader.sampler.set_epoch(1)
+        first = list(loader.sampler)
+        loader.sampler.set_epoch(2)
+        assert sorted(first) == sorted(loader.sampler) == list(range(len(loader.dataset)))
+    finally:
+        torch.distributed.destroy_process_group()
