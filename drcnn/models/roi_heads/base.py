@@ -1,0 +1,235 @@
+"""What every RoI head shares: pooling, per-stage box coders, the regression chain, losses, NMS.
+
+An RoI head is a list of ``stages`` (stage 0 first) on top of one ``box_roi_pool``. At inference
+(and in :meth:`RoIHeadsBase.analyze`) the stages form a chain: each stage looks at its input
+boxes, predicts deltas, and moves the boxes (deltas of one class per box when class-specific,
+decoded with that stage's ``BoxCoder`` and clipped to the image); the moved boxes are the next
+stage's input. The subclasses differ only in how they train and how the final boxes are read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import MultiScaleRoIAlign
+
+from drcnn.models.postprocess import multiclass_nms
+
+Detections = list[dict[str, Tensor]]
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+class StageOutput(NamedTuple):
+    """One stage of the inference chain, rows = all RoIs of the batch in order."""
+
+    inputs: Tensor  # (N, 4) boxes the stage looked at
+    logits: Tensor | None  # (N, K+1) class logits, None for regression-only stages
+    deltas: Tensor  # (N, 4C) raw predicted deltas (C = classes or 1)
+    picked: Tensor  # (N, 4) the deltas used to move each box
+    outputs: Tensor  # (N, 4) moved boxes (the next stage's input)
+
+
+def box_coder(target_stds: Sequence[float]) -> BoxCoder:
+    """torchvision BoxCoder whose weights are the inverse delta stds (0.1, 0.2 -> 10, 5)."""
+    return BoxCoder(tuple(1.0 / s for s in target_stds), bbox_xform_clip=BBOX_XFORM_CLIP)
+
+
+def box_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Summed L1 or smooth L1 (beta 1/9, torchvision's fastrcnn_loss) box loss."""
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    return F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum")
+
+
+def split_proposals(proposals: Any) -> tuple[list[Tensor], list[Tensor]]:
+    """(classification, regression) proposal lists: the RPN's ``ProposalSets`` or one list twice."""
+    if hasattr(proposals, "cls") and hasattr(proposals, "reg"):
+        return list(proposals.cls), list(proposals.reg)
+    return list(proposals), list(proposals)
+
+
+def clip_rows(
+    boxes: Tensor, counts: Sequence[int], image_shapes: Sequence[tuple[int, int]]
+) -> Tensor:
+    """Clip concatenated per-image boxes (``counts`` rows per image) to their ``(H, W)``."""
+    sizes = torch.as_tensor(
+        [[w, h] for h, w in image_shapes], dtype=boxes.dtype, device=boxes.device
+    ).repeat_interleave(torch.as_tensor(counts, device=boxes.device), dim=0)
+    limits = sizes.repeat(1, 2)  # (N, 4): w, h, w, h
+    return torch.minimum(boxes.clamp(min=0), limits)
+
+
+class RoIHeadsBase(nn.Module):
+    """Pool + stages + coders; ``forward`` follows torchvision ``RoIHeads.forward``.
+
+    Subclasses build ``stages`` and implement :meth:`forward_train` (returns the loss dict);
+    they may override :meth:`_stage_predict` and :meth:`_final_boxes`.
+    """
+
+    def __init__(
+        self, cfg: Any, in_channels: int, featmap_names: Sequence[str], stages: nn.ModuleList
+    ) -> None:
+        super().__init__()
+        roi = cfg.model.roi_head
+        self.cfg = OmegaConf.to_object(roi) if OmegaConf.is_config(roi) else roi
+        self.box_roi_pool = MultiScaleRoIAlign(
+            list(featmap_names), roi.roi_size, roi.sampling_ratio
+        )
+        self.stages = stages
+        self.box_coders = [box_coder(stage.target_stds) for stage in roi.stages]
+
+    @staticmethod
+    def in_features(cfg: Any, in_channels: int) -> int:
+        """Width of a flattened RoI feature."""
+        return in_channels * cfg.model.roi_head.roi_size**2
+
+    # ---- torchvision interface ------------------------------------------------------------
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: Any,
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[Detections, dict[str, Tensor]]:
+        """Training: ``([], losses)`` (targets required); inference: ``(detections, {})``."""
+        if self.training:
+            if targets is None:
+                raise ValueError("RoI heads: targets are required in training mode")
+            return [], self.forward_train(features, proposals, image_shapes, targets)
+        return self.predict(features, split_proposals(proposals)[0], image_shapes), {}
+
+    def forward_train(
+        self,
+        features: dict[str, Tensor],
+        proposals: Any,
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # ---- shared pieces ----------------------------------------------------------------------
+    def _pool(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        return self.box_roi_pool(features, boxes, image_shapes)
+
+    def _move(
+        self,
+        stage: int,
+        boxes: Tensor,
+        deltas: Tensor,
+        counts: Sequence[int],
+        image_shapes: Sequence[tuple[int, int]],
+    ) -> Tensor:
+        """Boxes moved by one delta row each with stage ``stage``'s coder, clipped to the image."""
+        moved = self.box_coders[stage].decode_single(deltas.float(), boxes)
+        return clip_rows(moved, counts, image_shapes)
+
+    def _cls_losses(self, stage: int, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy (mean over the sampled RoIs), and the accuracy for stage 0."""
+        weight = self.cfg.stages[stage].loss_weight
+        losses = {f"s{stage}.loss_cls": weight * F.cross_entropy(logits, labels)}
+        if stage == 0:
+            losses["s0.acc"] = (logits.argmax(dim=1) == labels).float().mean().detach()
+        return losses
+
+    def _box_loss(
+        self, stage: int, deltas: Tensor, rois: Tensor, gt_boxes: Tensor, normaliser: float
+    ) -> Tensor:
+        """Box loss of ``deltas`` against the encoded gt, summed, / ``normaliser``, weighted."""
+        targets = self.box_coders[stage].encode_single(gt_boxes, rois)
+        loss = box_loss(deltas.float(), targets, self.cfg.loss_bbox) / max(normaliser, 1)
+        return self.cfg.stages[stage].loss_weight * loss
+
+    # ---- the chain (inference and analysis) -------------------------------------------------
+    def _stage_predict(self, stage: int, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(class logits or None, deltas) of stage ``stage`` on pooled RoI features."""
+        return self.stages[stage](x)
+
+    def _chain(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        labels: Tensor | None = None,
+    ) -> list[StageOutput]:
+        """Run every stage on the previous stage's moved boxes.
+
+        Class-specific deltas are taken for ``labels`` when given (the analysis), else for the
+        arg-max foreground class of the stage's own logits (inference).
+        """
+        counts = [len(b) for b in boxes]
+        inputs = torch.cat(boxes)
+        chosen = labels
+        outs: list[StageOutput] = []
+        for stage, head in enumerate(self.stages):
+            x = self._pool(features, list(inputs.split(counts)), image_shapes)
+            logits, deltas = self._stage_predict(stage, x)
+            if labels is None and logits is not None:
+                chosen = logits[:, 1:].argmax(dim=1) + 1
+            picked = head.deltas_for_labels(deltas, chosen)
+            moved = self._move(stage, inputs, picked, counts, image_shapes).detach()
+            outs.append(StageOutput(inputs, logits, deltas, picked, moved))
+            inputs = moved
+        return outs
+
+    @staticmethod
+    def _class_probs(outs: list[StageOutput]) -> Tensor:
+        """Softmax averaged over the stages that classify (stage 0 only for decoupled)."""
+        probs = [F.softmax(o.logits, dim=1) for o in outs if o.logits is not None]
+        return torch.stack(probs).mean(dim=0)
+
+    def _final_boxes(self, outs: list[StageOutput]) -> Tensor:
+        """Detection boxes: ``(N, K, 4)`` per-class decode of the last stage, or ``(N, 4)``."""
+        last, head = outs[-1], self.stages[-1]
+        if not head.class_specific:
+            return last.outputs
+        per_class = head.foreground_deltas(last.deltas)
+        decoded = self.box_coders[-1].decode_single(per_class.flatten(1).float(), last.inputs)
+        return decoded.reshape(per_class.shape)
+
+    def predict(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> Detections:
+        """Detections per image: chain the stages, average class scores, per-class NMS."""
+        counts = [len(p) for p in proposals]
+        outs = self._chain(features, proposals, image_shapes)
+        scores = self._class_probs(outs)[:, 1:].split(counts)
+        boxes = self._final_boxes(outs).split(counts)
+        detections = []
+        for b, s, shape in zip(boxes, scores, image_shapes, strict=True):
+            det_boxes, det_scores, det_labels = multiclass_nms(b, s, shape, self.cfg.test)
+            detections.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
+        return detections
+
+    def analyze(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        labels: list[Tensor],
+    ) -> dict[str, Any]:
+        """Run the head on given boxes (no sampling, no NMS) for the sensitivity study.
+
+        Class-specific deltas are those of the given (true) ``labels``, so regression is judged
+        apart from classification; ``class_probs`` are the scores inference would use on the
+        boxes each stage sees. Rows: all boxes of all images, in order.
+        """
+        outs = self._chain(features, boxes, image_shapes, torch.cat(labels))
+        return {
+            "class_probs": self._class_probs(outs),
+            "stage_inputs": [o.inputs for o in outs],
+            "stage_boxes": [o.outputs for o in outs],
+            "stage_deltas": [o.picked for o in outs],
+            "box_coders": list(self.box_coders),
+        }

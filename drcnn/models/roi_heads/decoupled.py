@@ -1,0 +1,146 @@
+"""Decoupled R-CNN RoI head: decoupled sampling, an unshared cls/reg head, cascaded regression.
+
+Stage 0 (:class:`DecoupledHead`) trains its classifier on random samples of the classification
+proposals (gt added) and its regressor on *every* positive regression proposal (positive
+sampler, no gt), both pooled in one RoIAlign call. Stages 1..N-1 (:class:`RefineHead`) are
+regression-only: the previous stage's positive RoIs, moved by its predicted deltas, are
+re-assigned at the stage's IoU threshold and all positives are regressed again. At inference the
+class scores come from stage 0 only; each stage moves every proposal once more (stage 0 with the
+deltas of its arg-max class) and the last stage's boxes are the detections.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from drcnn.models.box_heads import DecoupledHead, RefineHead
+from drcnn.models.roi_heads.base import RoIHeadsBase, StageOutput, split_proposals
+from drcnn.models.sampling import (
+    Sampler,
+    Samples,
+    positive_sample,
+    random_sample,
+    sample_rois,
+)
+
+
+class DecoupledRoIHeads(RoIHeadsBase):
+    """Decoupled R-CNN: ``stages`` = [DecoupledHead, RefineHead, ...]."""
+
+    def __init__(self, cfg: Any, in_channels: int, featmap_names=("0", "1", "2", "3")) -> None:
+        roi = cfg.model.roi_head
+        in_features = self.in_features(cfg, in_channels)
+        stages = nn.ModuleList(
+            [DecoupledHead(in_features, roi.fc_dim, roi.num_classes)]
+            + [RefineHead(in_features, roi.fc_dim) for _ in roi.stages[1:]]
+        )
+        super().__init__(cfg, in_channels, featmap_names, stages)
+        self.cls_sampler = partial(
+            random_sample, num=roi.cls_sampler.num, pos_fraction=roi.cls_sampler.pos_fraction
+        )
+        # The positive sampler: every positive up to num (reg_sampler.pos_fraction is not used).
+        self.reg_sampler = partial(positive_sample, num=roi.reg_sampler.num)
+
+    def _stage_predict(self, stage: int, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        return self.stages[0](x) if stage == 0 else (None, self.stages[stage](x))
+
+    def _final_boxes(self, outs: list[StageOutput]) -> Tensor:
+        """The last stage's moved boxes, shared by every class."""
+        return outs[-1].outputs
+
+    def _sample(
+        self,
+        boxes: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        stage: int,
+        sampler: Sampler,
+        add_gt: bool,
+    ) -> list[Samples]:
+        iou = self.cfg.stages[stage].iou_thresh
+        return [
+            sample_rois(b, t["boxes"], t["labels"], iou, sampler, add_gt)
+            for b, t in zip(boxes, targets, strict=True)
+        ]
+
+    def forward_train(
+        self,
+        features: dict[str, Tensor],
+        proposals: Any,
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """Losses ``s0.loss_cls``, ``s0.acc`` and ``s{i}.loss_bbox`` for every stage.
+
+        ``proposals``: ``ProposalSets(cls, reg)`` or one list used for both.
+        """
+        cls_boxes, reg_boxes = split_proposals(proposals)
+        cls_samples = self._sample(
+            cls_boxes, targets, 0, self.cls_sampler, self.cfg.cls_sampler.add_gt
+        )
+        reg_samples = self._sample(
+            reg_boxes, targets, 0, self.reg_sampler, self.cfg.reg_sampler.add_gt
+        )
+        logits, deltas = self._stage0_predict(features, cls_samples, reg_samples, image_shapes)
+
+        cls_labels = torch.cat([s.labels for s in cls_samples])
+        losses = self._cls_losses(0, logits, cls_labels)
+        reg_budget = self.cfg.reg_sampler.num * len(image_shapes)
+        picked = self.stages[0].deltas_for_labels(
+            deltas, torch.cat([s.labels for s in reg_samples])
+        )
+        losses["s0.loss_bbox"] = self._stage_box_loss(
+            0, picked, reg_samples, cls_labels.numel() + reg_budget
+        )
+        samples = reg_samples
+        for stage in range(1, len(self.stages)):
+            moved = self._move_samples(stage - 1, samples, picked.detach(), image_shapes)
+            samples = self._sample(moved, targets, stage, self.reg_sampler, add_gt=False)
+            picked = self.stages[stage](
+                self._pool(features, [s.boxes for s in samples], image_shapes)
+            )
+            losses[f"s{stage}.loss_bbox"] = self._stage_box_loss(stage, picked, samples, reg_budget)
+        return losses
+
+    def _stage0_predict(
+        self,
+        features: dict[str, Tensor],
+        cls_samples: list[Samples],
+        reg_samples: list[Samples],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[Tensor, Tensor]:
+        """Pool cls and reg samples in one RoIAlign call; each branch sees only its own rows."""
+        boxes = [
+            torch.cat([c.boxes, r.boxes]) for c, r in zip(cls_samples, reg_samples, strict=True)
+        ]
+        is_cls = torch.cat(
+            [
+                torch.arange(len(b), device=b.device) < len(c.boxes)
+                for b, c in zip(boxes, cls_samples, strict=True)
+            ]
+        )
+        x = self._pool(features, boxes, image_shapes)
+        head: DecoupledHead = self.stages[0]
+        return head.forward_cls(x[is_cls]), head.forward_reg(x[~is_cls])
+
+    def _stage_box_loss(
+        self, stage: int, picked: Tensor, samples: list[Samples], normaliser: int
+    ) -> Tensor:
+        rois = torch.cat([s.boxes for s in samples])
+        gt_boxes = torch.cat([s.gt_boxes for s in samples])
+        return self._box_loss(stage, picked, rois, gt_boxes, normaliser)
+
+    def _move_samples(
+        self,
+        stage: int,
+        samples: list[Samples],
+        picked: Tensor,
+        image_shapes: list[tuple[int, int]],
+    ) -> list[Tensor]:
+        """The (positive) regression RoIs of ``stage`` moved by its deltas, per image."""
+        counts = [len(s.boxes) for s in samples]
+        rois = torch.cat([s.boxes for s in samples])
+        return list(self._move(stage, rois, picked, counts, image_shapes).split(counts))

@@ -1,0 +1,101 @@
+"""Faster R-CNN RoI head: one shared 2-fc head trained on one random sample per image.
+
+Written as a loop over ``stages`` so that Cascade R-CNN (:mod:`.cascade`) is the same code with
+more stages: each stage samples its RoIs at its own IoU threshold, and the next stage trains on
+this stage's sampled RoIs moved by its (detached) predicted deltas.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from drcnn.errors import DrcnnError
+from drcnn.models.box_heads import FastRCNNHead
+from drcnn.models.roi_heads.base import RoIHeadsBase, split_proposals
+from drcnn.models.sampling import Samples, random_sample, sample_rois
+
+
+class StandardRoIHeads(RoIHeadsBase):
+    """Faster R-CNN: ``stages`` = one :class:`FastRCNNHead`; samples 512 RoIs (25% positive)."""
+
+    max_stages = 1
+
+    def __init__(self, cfg: Any, in_channels: int, featmap_names=("0", "1", "2", "3")) -> None:
+        roi = cfg.model.roi_head
+        if len(roi.stages) > self.max_stages:
+            raise DrcnnError(
+                f"config model.roi_head.stages: the {roi.type} head takes at most "
+                f"{self.max_stages} stage(s), got {len(roi.stages)}"
+            )
+        in_features = self.in_features(cfg, in_channels)
+        stages = nn.ModuleList(
+            FastRCNNHead(in_features, roi.fc_dim, roi.num_classes, roi.reg_class_agnostic)
+            for _ in roi.stages
+        )
+        super().__init__(cfg, in_channels, featmap_names, stages)
+        self.sampler = partial(
+            random_sample, num=roi.cls_sampler.num, pos_fraction=roi.cls_sampler.pos_fraction
+        )
+
+    def forward_train(
+        self,
+        features: dict[str, Tensor],
+        proposals: Any,
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """Losses ``s{i}.loss_cls``, ``s{i}.loss_bbox`` per stage and ``s0.acc``.
+
+        A ``ProposalSets`` input is read through its classification set.
+        """
+        boxes, _ = split_proposals(proposals)
+        losses: dict[str, Tensor] = {}
+        for stage, head in enumerate(self.stages):
+            samples = [
+                sample_rois(
+                    b,
+                    t["boxes"],
+                    t["labels"],
+                    self.cfg.stages[stage].iou_thresh,
+                    self.sampler,
+                    self.cfg.cls_sampler.add_gt,
+                )
+                for b, t in zip(boxes, targets, strict=True)
+            ]
+            rois = torch.cat([s.boxes for s in samples])
+            labels = torch.cat([s.labels for s in samples])
+            gt_boxes = torch.cat([s.gt_boxes for s in samples])
+            logits, deltas = head(self._pool(features, [s.boxes for s in samples], image_shapes))
+            losses.update(self._cls_losses(stage, logits, labels))
+            pos = labels > 0
+            losses[f"s{stage}.loss_bbox"] = self._box_loss(
+                stage,
+                head.deltas_for_labels(deltas[pos], labels[pos]),
+                rois[pos],
+                gt_boxes[pos],
+                labels.numel(),
+            )
+            if stage + 1 < len(self.stages):
+                boxes = self._next_proposals(stage, samples, logits, deltas, image_shapes)
+        return losses
+
+    def _next_proposals(
+        self,
+        stage: int,
+        samples: list[Samples],
+        logits: Tensor,
+        deltas: Tensor,
+        image_shapes: list[tuple[int, int]],
+    ) -> list[Tensor]:
+        """The stage's sampled non-gt RoIs moved by its deltas (gt class, else arg-max class)."""
+        labels = torch.cat([s.labels for s in samples])
+        chosen = torch.where(labels > 0, labels, logits[:, 1:].argmax(dim=1) + 1)
+        picked = self.stages[stage].deltas_for_labels(deltas.detach(), chosen)
+        counts = [len(s.boxes) for s in samples]
+        rois = torch.cat([s.boxes for s in samples])
+        moved = self._move(stage, rois, picked, counts, image_shapes).split(counts)
+        return [m[~s.is_gt] for m, s in zip(moved, samples, strict=True)]
