@@ -151,14 +151,19 @@ def provenance_section(exp_dir: Path) -> Section:
     for model in (spec or {}).get("models", []):
         name = model["name"]
         checkpoint, digest = _checkpoint_cell(exp_dir / "models" / name / "latest.pth")
+        trained = provenance.read_record(exp_dir, f"train-{name}")
+        # the overrides the model really trained with (spec-wide ones included)
+        overrides = (
+            (trained or {}).get("parameters", {}).get("overrides", model.get("overrides", []))
+        )
         rows.append(
             {
                 "model": name,
                 "config": model.get("config"),
-                "overrides": " ".join(model.get("overrides", [])),
+                "overrides": " ".join(overrides),
                 "checkpoint": checkpoint,
                 "sha256": digest,
-                "trained": _record_cell(provenance.read_record(exp_dir, f"train-{name}")),
+                "trained": _record_cell(trained),
                 "tested": _record_cell(provenance.read_record(exp_dir, f"test-{name}")),
             }
         )

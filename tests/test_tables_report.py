@@ -1,0 +1,156 @@
+"""AP table and report on a hand-made experiment directory (no models needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from drcnn.analysis import provenance, tables
+from drcnn.analysis.report import write_report
+from drcnn.errors import DrcnnError
+
+IOUS = [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
+
+
+def _metrics(ap: float, slope: float) -> dict:
+    """COCO-style metrics whose AP per IoU falls linearly from ``ap + 0.2``."""
+    per_iou = {iou: max(ap + 0.2 - slope * i, 0.0) for i, iou in enumerate(IOUS)}
+    return {
+        "AP": ap,
+        "AP50": per_iou["0.50"],
+        "AP75": per_iou["0.75"],
+        "APs": ap / 2,
+        "APm": ap,
+        "APl": ap * 1.5,
+        "AR100": 0.9,
+        "AP_per_iou": per_iou,
+    }
+
+
+def _model(exp: Path, name: str, kind: str, metrics: dict, fps: float | None) -> None:
+    work = exp / "models" / name
+    work.mkdir(parents=True)
+    (work / "metrics.json").write_text(json.dumps(metrics))
+    config = {"model": {"roi_head": {"type": kind}, "backbone": {"arch": "resnet18"}}}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    if fps is not None:
+        (work / "benchmark.json").write_text(json.dumps({"fps": fps}))
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    exp = tmp_path / "exp"
+    _model(exp, "decoupled", "decoupled", _metrics(0.40, 0.03), 5.0)
+    _model(exp, "faster", "standard", _metrics(0.35, 0.04), None)
+    (exp / "models" / "untested").mkdir()  # a model whose test never ran: not in the table
+    spec = {"name": "unit", "models": [{"name": "faster"}, {"name": "decoupled"}]}
+    (exp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return exp
+
+
+def test_ap_table_rows_and_deltas(experiment: Path):
+    table = tables.ap_table(experiment)
+    assert list(table["model"]) == ["faster", "decoupled"]  # the spec's order
+    row = table.set_index("model").loc["decoupled"]
+    # AP per IoU .90 of "decoupled": 0.40 + 0.2 - 0.03 * 8 = 0.36 -> 36 %
+    assert row["AP90"] == pytest.approx(36.0)
+    assert row["AP"] == pytest.approx(40.0)
+    assert row["fps"] == 5.0 and row["type"] == "decoupled" and row["source"] == "measured"
+    # deltas against the standard head: AP 40 - 35; AP90 36 - (0.55 - 0.32) * 100 = 13
+    assert row["dAP"] == pytest.approx(5.0)
+    assert row["dAP90"] == pytest.approx(13.0)
+    base = table.set_index("model").loc["faster"]
+    assert base["dAP"] == 0.0 and math.isnan(base["fps"]) and math.isnan(base["params_M"])
+
+
+def test_explicit_baseline_and_missing_baseline(experiment: Path):
+    table = tables.ap_table(experiment, baseline="decoupled").set_index("model")
+    assert table.loc["faster", "dAP"] == pytest.approx(-5.0)
+    with pytest.raises(DrcnnError, match="baseline model 'nope'"):
+        tables.ap_table(experiment, baseline="nope")
+    with pytest.raises(DrcnnError, match="no model with test metrics"):
+        tables.ap_table(experiment.parent / "empty")
+
+
+def test_reported_rows_are_separate(experiment: Path):
+    table = tables.ap_table(experiment, include_reported=True)
+    reported = table[table["source"] == "reported"]
+    measured = table[table["source"] == "measured"]
+    assert len(measured) == 2 and len(reported) == len(tables.REPORTED_COCO)
+    # measured deltas unchanged by the reported rows
+    assert measured.set_index("model").loc["decoupled", "dAP"] == pytest.approx(5.0)
+    r50 = reported[(reported["backbone"] == "resnet50") & (reported["type"] == "decoupled")]
+    # Decoupled R-CNN R-50 41.5 vs Faster R-CNN R-50 2x 38.4 (METHOD.md)
+    assert r50["AP"].item() == 41.5 and r50["dAP"].item() == pytest.approx(3.1)
+    assert r50["fps"].item() == 6.1
+    assert reported["AP50"].isna().all()
+
+
+def test_markdown_and_written_files(tmp_path: Path):
+    frame = pd.DataFrame({"model": ["a", "b"], "AP": [12.345, math.nan], "n": [1, 2]})
+    assert tables.to_markdown(frame) == (
+        "| model | AP | n |\n|---|---|---|\n| a | 12.3 | 1 |\n| b |  | 2 |\n"
+    )
+    paths = tables.write_table(frame, tmp_path / "t" / "table")
+    assert [p.name for p in paths] == ["table.csv", "table.md", "table.html"]
+    back = pd.read_csv(paths[0])
+    assert back["AP"].iloc[0] == 12.345 and back["AP"].isna().iloc[1]
+    assert "<table" in paths[2].read_text() and "12.3" in paths[2].read_text()
+
+
+def test_ap_per_iou_long_table(experiment: Path):
+    long = tables.ap_per_iou(experiment)
+    assert len(long) == 2 * len(IOUS)
+    faster = long[long["model"] == "faster"].set_index("iou")
+    assert faster.loc[0.95, "AP"] == pytest.approx(100 * (0.55 - 0.04 * 9))
+
+
+def test_report_collects_tables_figures_and_provenance(experiment: Path):
+    table = tables.ap_table(experiment)
+    tables.write_table(table, experiment / "tables" / "ap_table")
+    (experiment / "tables" / "ap_vs_iou.png").write_bytes(b"png")
+    provenance.write_record(
+        experiment,
+        "train-faster",
+        {
+            "step_id": "train-faster",
+            "status": "done",
+            "started": "2026-01-01T00:00:00+00:00",
+            "finished": "2026-01-01T00:01:00+00:00",
+            "git_commit": "abc123",
+            "parameters": {"overrides": ["train.max_iters=7"]},
+        },
+    )
+    provenance.write_record(
+        experiment,
+        "train-decoupled",
+        {
+            "step_id": "train-decoupled",
+            "status": "failed",
+            "started": "2026-01-01T00:02:00+00:00",
+            "git_commit": "abc123",
+            "error": "DrcnnError: override x: unknown config key",
+            "notebook": "notebooks/train-decoupled.ipynb",
+        },
+    )
+    md_path, html_path = write_report(experiment)
+    md, page = md_path.read_text(), html_path.read_text()
+    for text in (md, page):
+        assert "40.0" in text and "35.0" in text  # the AP values (percent)
+        assert "train.max_iters=7" in text and "abc123" in text
+        assert "FAILED" in text and "notebooks/train-decoupled.ipynb" in text
+        assert "Not available: the sensitivity step" in text
+    assert "![AP vs IoU threshold](tables/ap_vs_iou.png)" in md
+    assert '<img src="tables/ap_vs_iou.png"' in page
+    # the sensitivity section appears once its summary exists
+    (experiment / "sensitivity").mkdir()
+    pd.DataFrame({"model": ["faster"], "branch": ["classification"], "slope": [0.125]}).to_csv(
+        experiment / "sensitivity" / "summary.csv", index=False
+    )
+    md = write_report(experiment)[0].read_text()
+    assert "0.125" in md and "Not available: the sensitivity" not in md
