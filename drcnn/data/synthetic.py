@@ -181,9 +181,9 @@ def _low_frequency(rng: np.random.Generator, size: int, cells: int, channels: in
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Muted gradient + low-frequency colour noise, float RGB ``(size, size, 3)`` in 0..255."""
     start, end = rng.uniform(50, 200, size=(2, 3)).astype(np.float32)
-    direction = rng.normal(size=2)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    ramp = direction[0] * xs + direction[1] * ys
+    direction = rng.normal(size=2).astype(np.float32)
+    steps = np.arange(size, dtype=np.float32) / size
+    ramp = direction[0] * steps[None, :] + direction[1] * steps[:, None]
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
     image = start + ramp[..., None] * (end - start)
     image += rng.uniform(10, 40) * _low_frequency(rng, size, int(rng.integers(3, 9)), 3)
@@ -263,7 +263,7 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
         visible = label_map == index + 1
         image[visible] = colour * (1 + rng.uniform(0.05, 0.2) * shading[visible])
         objects.append({"category_id": category[shape], "bbox": bbox, "area": area})
-    image += rng.normal(0, rng.uniform(2, 10), size=image.shape).astype(np.float32)
+    image += rng.uniform(2, 10) * rng.standard_normal(image.shape, dtype=np.float32)
     return Scene(np.clip(image, 0, 255).astype(np.uint8), label_map, placed, objects)
 
 
