@@ -285,6 +285,7 @@ def _make_image(job: tuple[Path, str, int, int, int]) -> tuple[dict, list[dict]]
 
 
 def _coco_file(split: str, results: list[tuple[dict, list[dict]]], seed: int) -> dict:
+    """The COCO instances dict of one split; annotation ids run 1.. in image order."""
     images, annotations = [], []
     for entry, anns in results:
         images.append(entry)
