@@ -14,7 +14,6 @@ from drcnn.config import StageConfig, load_config
 from drcnn.errors import DrcnnError
 from drcnn.models.roi_heads import base as roi_base
 from drcnn.models.roi_heads import build_roi_heads
-from drcnn.models.roi_heads import decoupled as decoupled_module
 
 K = 3  # foreground classes
 CHANNELS = 8
@@ -232,8 +231,8 @@ def test_decoupled_sampling_refinement_and_normalisers(monkeypatch):
         calls.append((proposals, iou_thresh, add_gt, out))
         return out
 
-    roi_sample = decoupled_module.sample_rois
-    monkeypatch.setattr(decoupled_module, "sample_rois", spy)
+    roi_sample = roi_base.sample_rois
+    monkeypatch.setattr(roi_base, "sample_rois", spy)
     deltas = []
     for stage in head.stages:
         stage.bbox_pred.register_forward_hook(lambda m, i, o: deltas.append(o.detach()))

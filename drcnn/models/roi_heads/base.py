@@ -21,6 +21,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import MultiScaleRoIAlign
 
 from drcnn.models.postprocess import multiclass_nms
+from drcnn.models.sampling import Sampler, Samples, sample_rois
 
 Detections = list[dict[str, Tensor]]
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -112,13 +113,30 @@ class RoIHeadsBase(nn.Module):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
+        """Sample RoIs against ``targets`` and return the loss dict (per head type)."""
         raise NotImplementedError
 
     # ---- shared pieces ----------------------------------------------------------------------
     def _pool(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
+        """RoIAlign features ``(sum of boxes, C, S, S)`` of per-image boxes, FPN level by size."""
         return self.box_roi_pool(features, boxes, image_shapes)
+
+    def _sample(
+        self,
+        boxes: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        stage: int,
+        sampler: Sampler,
+        add_gt: bool,
+    ) -> list[Samples]:
+        """Per-image samples of ``boxes`` assigned at stage ``stage``'s IoU threshold."""
+        iou = self.cfg.stages[stage].iou_thresh
+        return [
+            sample_rois(b, t["boxes"], t["labels"], iou, sampler, add_gt)
+            for b, t in zip(boxes, targets, strict=True)
+        ]
 
     def _move(
         self,

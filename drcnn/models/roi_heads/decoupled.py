@@ -19,13 +19,7 @@ from torch import Tensor, nn
 
 from drcnn.models.box_heads import DecoupledHead, RefineHead
 from drcnn.models.roi_heads.base import RoIHeadsBase, StageOutput, split_proposals
-from drcnn.models.sampling import (
-    Sampler,
-    Samples,
-    positive_sample,
-    random_sample,
-    sample_rois,
-)
+from drcnn.models.sampling import Samples, positive_sample, random_sample
 
 
 class DecoupledRoIHeads(RoIHeadsBase):
@@ -46,25 +40,12 @@ class DecoupledRoIHeads(RoIHeadsBase):
         self.reg_sampler = partial(positive_sample, num=roi.reg_sampler.num)
 
     def _stage_predict(self, stage: int, x: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Stage 0 runs both branches; refine stages have no classifier."""
         return self.stages[0](x) if stage == 0 else (None, self.stages[stage](x))
 
     def _final_boxes(self, outs: list[StageOutput]) -> Tensor:
         """The last stage's moved boxes, shared by every class."""
         return outs[-1].outputs
-
-    def _sample(
-        self,
-        boxes: list[Tensor],
-        targets: list[dict[str, Tensor]],
-        stage: int,
-        sampler: Sampler,
-        add_gt: bool,
-    ) -> list[Samples]:
-        iou = self.cfg.stages[stage].iou_thresh
-        return [
-            sample_rois(b, t["boxes"], t["labels"], iou, sampler, add_gt)
-            for b, t in zip(boxes, targets, strict=True)
-        ]
 
     def forward_train(
         self,
@@ -129,6 +110,7 @@ class DecoupledRoIHeads(RoIHeadsBase):
     def _stage_box_loss(
         self, stage: int, picked: Tensor, samples: list[Samples], normaliser: int
     ) -> Tensor:
+        """Box loss of ``picked`` deltas on all rows of ``samples`` (all positive)."""
         rois = torch.cat([s.boxes for s in samples])
         gt_boxes = torch.cat([s.gt_boxes for s in samples])
         return self._box_loss(stage, picked, rois, gt_boxes, normaliser)

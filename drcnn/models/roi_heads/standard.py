@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from drcnn.errors import DrcnnError
 from drcnn.models.box_heads import FastRCNNHead
 from drcnn.models.roi_heads.base import RoIHeadsBase, split_proposals
-from drcnn.models.sampling import Samples, random_sample, sample_rois
+from drcnn.models.sampling import Samples, random_sample
 
 
 class StandardRoIHeads(RoIHeadsBase):
@@ -55,17 +55,7 @@ class StandardRoIHeads(RoIHeadsBase):
         boxes, _ = split_proposals(proposals)
         losses: dict[str, Tensor] = {}
         for stage, head in enumerate(self.stages):
-            samples = [
-                sample_rois(
-                    b,
-                    t["boxes"],
-                    t["labels"],
-                    self.cfg.stages[stage].iou_thresh,
-                    self.sampler,
-                    self.cfg.cls_sampler.add_gt,
-                )
-                for b, t in zip(boxes, targets, strict=True)
-            ]
+            samples = self._sample(boxes, targets, stage, self.sampler, self.cfg.cls_sampler.add_gt)
             rois = torch.cat([s.boxes for s in samples])
             labels = torch.cat([s.labels for s in samples])
             gt_boxes = torch.cat([s.gt_boxes for s in samples])
