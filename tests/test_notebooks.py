@@ -1,0 +1,172 @@
+"""Every notebook executes under papermill on a tiny run and writes its files.
+
+One tiny training (a few iterations on the 128-px ``synthetic_root`` fixture) through
+``notebooks/train.ipynb`` is shared by all tests of this file (session fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from drcnn.analysis.runner import KERNEL, NOTEBOOK_DIR, execute_notebook
+
+CONFIG = (
+    Path(__file__).resolve().parents[1] / "configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml"
+)
+NOTEBOOKS = ["train", "translation_sensitivity", "ap_table", "inference_demo"]
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """A few iterations on 128-px images; no periodic evaluation."""
+    return [
+        f"data.root={root}",
+        "train.max_iters=3",
+        "data.batch_size=2",
+        "data.workers=0",
+        "train.eval_interval=0",
+        "model.transform.min_size=[128]",
+        "model.transform.test_min_size=128",
+        "train.log_interval=1",
+    ]
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
+    """An experiment folder with one model trained and tested by train.ipynb."""
+    exp = tmp_path_factory.mktemp("exp")
+    parameters = {
+        "config": str(CONFIG),
+        "work_dir": str(exp / "models" / "decoupled"),
+        "overrides": tiny_overrides(synthetic_root),
+        "benchmark_images": 2,
+    }
+    execute_notebook("train.ipynb", exp / "notebooks" / "train.ipynb", parameters, exp)
+    return exp
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_are_committed_clean(name: str):
+    """A parameters cell, no outputs, no execution counts."""
+    nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == KERNEL
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_kernel_runs_this_interpreter(tmp_path: Path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
+    target = tmp_path / "executable.txt"
+    nb.cells = [
+        nbformat.v4.new_code_cell(f"import sys; open({str(target)!r}, 'w').write(sys.executable)")
+    ]
+    source = tmp_path / "probe.ipynb"
+    nbformat.write(nb, source)
+    import papermill
+
+    papermill.execute_notebook(
+        str(source), str(tmp_path / "out.ipynb"), kernel_name=KERNEL, progress_bar=False
+    )
+    assert Path(target.read_text()).resolve() == Path(sys.executable).resolve()
+
+
+def test_train_notebook_trains_tests_and_plots(experiment: Path):
+    work = experiment / "models" / "decoupled"
+    for name in (
+        "latest.pth",
+        "config.yaml",
+        "metrics.jsonl",
+        "loss_curves.png",
+        "results.bbox.json",
+        "benchmark.json",
+    ):
+        assert (work / name).is_file(), name
+    log = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert max(entry["iter"] for entry in log) == 3
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert set(metrics["AP_per_iou"]) >= {"0.50", "0.95"}
+
+
+def test_sensitivity_notebook_writes_table_summary_and_figures(
+    experiment: Path, synthetic_root: Path, tmp_path: Path
+):
+    out = tmp_path / "sensitivity"
+    parameters = {
+        "checkpoints": {"decoupled": str(experiment / "models" / "decoupled" / "latest.pth")},
+        "data_overrides": [f"data.root={synthetic_root}"],
+        "out_dir": str(out),
+        "steps": 3,
+        "max_images": 3,
+    }
+    execute_notebook(
+        "translation_sensitivity.ipynb", tmp_path / "executed.ipynb", parameters, tmp_path
+    )
+    for name in (
+        "sensitivity.parquet",
+        "sensitivity.csv",
+        "summary.csv",
+        "summary.md",
+        "confidence_vs_iou.png",
+        "regression_vs_iou.png",
+        "shift_heatmaps.png",
+    ):
+        assert (out / name).is_file(), name
+    table = pd.read_parquet(out / "sensitivity.parquet")
+    # 3 x 3 shifts of every annotated box of the analysed images (counted from the annotations)
+    annotations = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+    boxes = Counter(a["image_id"] for a in annotations["annotations"])
+    rows = table.groupby("image_id").size()
+    assert 1 <= len(rows) <= 3
+    for image_id, count in rows.items():
+        assert count == 9 * boxes[image_id]
+    zero = table[(table["dx"] == 0) & (table["dy"] == 0)]
+    assert len(zero) == sum(boxes[i] for i in rows.index)
+    assert (zero["input_iou"] > 1 - 1e-6).all()
+    # three regression stages for Decoupled R-CNN
+    assert {"iou_s0", "iou_s1", "iou_s2", "final_iou"} <= set(table.columns)
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["branch"]) == {"classification", "regression"}
+
+
+def test_ap_table_notebook(experiment: Path):
+    execute_notebook(
+        "ap_table.ipynb",
+        experiment / "notebooks" / "ap_table.ipynb",
+        {"exp_dir": str(experiment)},
+        experiment,
+    )
+    folder = experiment / "tables"
+    for name in ("ap_table.csv", "ap_table.md", "ap_table.html", "ap_vs_iou.png"):
+        assert (folder / name).is_file(), name
+    table = pd.read_csv(folder / "ap_table.csv")
+    metrics = json.loads((experiment / "models" / "decoupled" / "metrics.json").read_text())
+    assert table["AP"].item() == pytest.approx(100 * metrics["AP"])
+    assert table["params_M"].item() > 1  # a ResNet-18 detector has millions of parameters
+    assert (table["source"] == "measured").all()
+
+
+def test_inference_demo_notebook(experiment: Path, synthetic_root: Path, tmp_path: Path):
+    out = tmp_path / "demo"
+    parameters = {
+        "checkpoint": str(experiment / "models" / "decoupled" / "latest.pth"),
+        "images": [str(synthetic_root / "val")],
+        "max_images": 2,
+        "out_dir": str(out),
+        "score_thr": 0.0,
+    }
+    execute_notebook("inference_demo.ipynb", tmp_path / "executed.ipynb", parameters, tmp_path)
+    entries = json.loads((out / "detections.json").read_text())
+    assert len(entries) == 2
+    for entry in entries:
+        assert (out / f"{Path(entry['file']).stem}.png").is_file()
