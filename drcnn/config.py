@@ -316,7 +316,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise DrcnnError(f"override {key}: unknown config key")
         try:
-            OmegaConf.update(cfg, key, value, merge=False)
+            OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as exc:
             raise DrcnnError(f"override {key}: {str(exc).splitlines()[0]}") from exc
     return cfg

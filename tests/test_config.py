@@ -51,6 +51,20 @@ def test_dotted_overrides_parse_yaml_values():
     assert list(cfg.model.transform.min_size) == [640, 800]
 
 
+def test_override_list_of_stages_and_partial_mapping():
+    cfg = load_config(
+        None,
+        [
+            "model.roi_head.stages=[{iou_thresh: 0.5}, {iou_thresh: 0.6, loss_weight: 0.5}]",
+            "model.roi_head.test={nms: soft_nms_gaussian}",
+        ],
+    )
+    assert [s.iou_thresh for s in cfg.model.roi_head.stages] == [0.5, 0.6]
+    assert list(cfg.model.roi_head.stages[1].target_stds) == [0.1, 0.1, 0.2, 0.2]  # default
+    assert cfg.model.roi_head.test.nms == "soft_nms_gaussian"
+    assert cfg.model.roi_head.test.max_per_image == 100  # untouched field kept
+
+
 def test_single_nms_threshold_is_one_set():
     assert rpn_nms_thresholds(load_config().model.rpn) == (0.7,)
 
