@@ -45,11 +45,21 @@ KERNEL = "python3"
 
 
 @dataclass
+class SyntheticSpec:
+    """How to generate the synthetic dataset when it is missing (ensure_synthetic_dataset)."""
+
+    num_train: int = 1000
+    num_val: int = 200
+    size: int = 256  # image side in pixels
+    seed: int = 0
+    workers: int | None = None  # None: every CPU
+
+
+@dataclass
 class DatasetSpec:
     type: str = "synthetic"  # synthetic (generated when missing) or coco
     root: str = "data/synthetic"  # relative to the working directory; becomes data.root
-    # synthetic only: keyword arguments of ensure_synthetic_dataset (num_train, num_val, ...)
-    generate: dict[str, Any] = field(default_factory=dict)
+    generate: SyntheticSpec = field(default_factory=SyntheticSpec)  # synthetic only
     overrides: list[str] = field(default_factory=list)  # data.* overrides for every model
 
 
@@ -317,7 +327,7 @@ def run_experiment(
         from drcnn.data.synthetic import ensure_synthetic_dataset
 
         echo(f"[dataset] synthetic data in {spec.dataset.root}")
-        ensure_synthetic_dataset(spec.dataset.root, **spec.dataset.generate)
+        ensure_synthetic_dataset(spec.dataset.root, **OmegaConf.to_container(spec.dataset.generate))
     steps = plan(spec, out)
     status: dict[str, str] = {}
     for index, step in enumerate(steps, 1):

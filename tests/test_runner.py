@@ -1,0 +1,184 @@
+"""``drcnn run``: spec validation, step planning, resuming, and failing steps.
+
+One real run (papermill, a few training iterations) checks resume and a failing model end to
+end; the planning logic (dependencies, partial studies, invalidation, --force) is checked with a
+stand-in notebook executor that writes each step's output files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drcnn import cli, load_config
+from drcnn.analysis import runner
+from drcnn.errors import DrcnnError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
+FASTER = str(CONFIGS / "faster_rcnn_r18_fpn_synthetic.yaml")
+DECOUPLED = str(CONFIGS / "decoupled_rcnn_r18_fpn_synthetic.yaml")
+TINY = [
+    "train.max_iters=2",
+    "data.batch_size=2",
+    "data.workers=0",
+    "train.eval_interval=0",
+    "model.transform.min_size=[128]",
+    "model.transform.test_min_size=128",
+]
+
+
+def write_spec(path: Path, root: Path, steps: list[str], **extra) -> Path:
+    spec = {
+        "name": "tiny",
+        "dataset": {"type": "synthetic", "root": str(root)},
+        "overrides": TINY,
+        "models": [
+            {"name": "faster", "config": FASTER},
+            {"name": "broken", "config": DECOUPLED, "overrides": ["train.no_such_key=1"]},
+        ],
+        "steps": steps,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_real_run_resumes_and_reports_the_failing_model(tmp_path, synthetic_root, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", synthetic_root, ["train", "report"])
+    out = tmp_path / "out"
+    assert cli.main(["run", str(spec), "--out", str(out)]) == 1
+    first = capsys.readouterr().out
+    assert "train-faster: done" in first
+    broken_nb = out / "notebooks" / "train-broken.ipynb"
+    assert "train-broken: FAILED (DrcnnError: override train.no_such_key" in first
+    assert str(broken_nb) in first and broken_nb.is_file()
+    checkpoint = out / "models" / "faster" / "latest.pth"
+    stamp = checkpoint.stat().st_mtime_ns
+    assert (out / "report.md").is_file() and "FAILED" in (out / "report.md").read_text()
+    # second run: the finished model is skipped, the broken one fails again
+    assert cli.main(["run", str(spec), "--out", str(out)]) == 1
+    second = capsys.readouterr().out
+    assert "train-faster: skipped" in second and "train-broken: FAILED" in second
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert yaml.safe_load((out / "spec.yaml").read_text())["name"] == "tiny"
+
+
+class FakeExecutor:
+    """Stands in for papermill: loads the model config like the real notebook (so a bad
+    override fails) and writes each step's output files."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, notebook: str, executed: Path, parameters: dict, cwd: Path) -> None:
+        step = executed.stem
+        self.calls.append((step, parameters))
+        executed.parent.mkdir(parents=True, exist_ok=True)
+        executed.write_text("{}")
+        if notebook == "train.ipynb":
+            load_config(parameters["config"], parameters["overrides"])
+            work = Path(parameters["work_dir"])
+            work.mkdir(parents=True, exist_ok=True)
+            name = "latest.pth" if parameters["run_train"] else "metrics.json"
+            (work / name).write_text("x")
+        elif notebook == "translation_sensitivity.ipynb":
+            out = Path(parameters["out_dir"])
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("sensitivity.parquet", "summary.csv"):
+                (out / name).write_text("x")
+        else:
+            (cwd / "tables").mkdir(exist_ok=True)
+            (cwd / "tables" / "ap_table.csv").write_text("model\n")
+
+    def steps(self) -> list[str]:
+        return [step for step, _ in self.calls]
+
+
+def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, monkeypatch):
+    fake = FakeExecutor()
+    monkeypatch.setattr(runner, "execute_notebook", fake)
+    spec = write_spec(tmp_path / "spec.yaml", synthetic_root, list(runner.STEP_KINDS))
+    out = tmp_path / "out"
+    status = runner.run_experiment(spec, out, echo=lambda line: None)
+    assert status == {
+        "train-faster": "done",
+        "train-broken": "failed",
+        "test-faster": "done",
+        "test-broken": "blocked",
+        "sensitivity": "done",
+        "ap_table": "done",
+        "report": "done",
+    }
+    study = dict(fake.calls)["sensitivity"]
+    assert list(study["checkpoints"]) == ["faster"]  # only the model that trained
+    # overrides: dataset root, spec-wide, then the model's own (the model's win)
+    train = dict(fake.calls)["train-broken"]
+    assert train["overrides"][0] == f"data.root={synthetic_root.resolve()}"
+    assert train["overrides"][-1] == "train.no_such_key=1"
+    record = json.loads((out / "steps" / "train-broken.json").read_text())
+    assert record["status"] == "failed" and "no_such_key" in record["error"]
+    assert record["notebook"] == str(out / "notebooks" / "train-broken.ipynb")
+
+    # resume: only the failed model is tried again
+    fake.calls.clear()
+    status = runner.run_experiment(spec, out, echo=lambda line: None)
+    assert fake.steps() == ["train-broken"]
+    assert status["test-faster"] == "skipped" and status["sensitivity"] == "skipped"
+
+    # a new checkpoint invalidates what was computed from it (and, through the new metrics
+    # file, the AP table), not the training itself
+    fake.calls.clear()
+    checkpoint = out / "models" / "faster" / "latest.pth"
+    checkpoint.write_text("retrained")
+    stat = checkpoint.stat()
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    runner.run_experiment(spec, out, echo=lambda line: None)
+    assert fake.steps() == ["train-broken", "test-faster", "sensitivity", "ap_table"]
+
+    # --force redoes everything
+    fake.calls.clear()
+    runner.run_experiment(spec, out, force=True, echo=lambda line: None)
+    assert fake.steps() == [
+        "train-faster",
+        "train-broken",
+        "test-faster",
+        "sensitivity",
+        "ap_table",
+    ]
+
+
+def test_missing_outputs_fail_the_step(tmp_path, synthetic_root, monkeypatch):
+    monkeypatch.setattr(runner, "execute_notebook", lambda *args: None)
+    spec = write_spec(tmp_path / "spec.yaml", synthetic_root, ["train"])
+    status = runner.run_experiment(spec, tmp_path / "out", echo=lambda line: None)
+    assert status == {"train-faster": "failed", "train-broken": "failed"}
+    record = json.loads((tmp_path / "out" / "steps" / "train-faster.json").read_text())
+    assert "without writing" in record["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"unknown_key": 1}, "unknown_key"),
+        ({"steps": ["train", "deploy"]}, "steps: 'deploy'"),
+        ({"models": [{"name": "a", "config": FASTER}, {"name": "a", "config": FASTER}]}, "unique"),
+        ({"models": [{"name": "a/b", "config": FASTER}]}, "model name 'a/b'"),
+        ({"models": [{"name": "a", "config": "nope.yaml"}]}, "config nope.yaml not found"),
+        ({"models": []}, "at least one model"),
+        ({"dataset": {"type": "voc"}}, "dataset.type"),
+        ({"sensitivity": {"models": ["zzz"]}}, "sensitivity.models"),
+    ],
+)
+def test_bad_specs_are_one_line_errors(tmp_path, synthetic_root, change, message, capsys):
+    spec = {"name": "bad", "models": [{"name": "a", "config": FASTER}], **change}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DrcnnError, match=message.replace("(", r"\(")):
+        runner.load_spec(path)
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: spec ") and err.count("\n") == 1
