@@ -84,7 +84,11 @@ def shift_heatmaps(table: pd.DataFrame, path: str | Path) -> Path:
     models = list(dict.fromkeys(data["model"]))
     values = [("true_prob", "true-class probability"), ("final_iou", "final output IoU")]
     fig, axes = plt.subplots(
-        len(values), len(models), figsize=(3.6 * len(models), 6.4), squeeze=False
+        len(values),
+        len(models),
+        figsize=(3.6 * len(models), 6.4),
+        squeeze=False,
+        constrained_layout=True,
     )
     for col, model in enumerate(models):
         rows = data[data["model"] == model]
@@ -93,8 +97,8 @@ def shift_heatmaps(table: pd.DataFrame, path: str | Path) -> Path:
             ax = axes[row, col]
             sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=col == len(models) - 1)
             ax.set_title(f"{model}: {label}", fontsize=9)
-            ax.set_xticklabels([f"{float(t.get_text()):.1f}" for t in ax.get_xticklabels()])
-            ax.set_yticklabels([f"{float(t.get_text()):.1f}" for t in ax.get_yticklabels()])
+            ax.set_xticklabels([f"{float(t.get_text()):g}" for t in ax.get_xticklabels()])
+            ax.set_yticklabels([f"{float(t.get_text()):g}" for t in ax.get_yticklabels()])
     return save(fig, path)
 
 
