@@ -1,0 +1,159 @@
+"""Training loop: loss falls, schedule and lr scaling, exact resume, checkpoint rotation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from drcnn.config import load_config
+from drcnn.data.loader import build_dataloader
+from drcnn.engine.checkpoint import load_checkpoint
+from drcnn.engine.train import (
+    StepContext,
+    build_optimizer,
+    build_schedule,
+    scaled_lr,
+    total_loss,
+    train,
+    train_step,
+)
+from drcnn.models.detector import build_detector
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
+FASTER = CONFIGS / "faster_rcnn_r18_fpn_synthetic.yaml"
+DECOUPLED = CONFIGS / "decoupled_rcnn_r18_fpn_synthetic.yaml"
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """CPU-sized settings for the 128-px synthetic dataset of the ``synthetic_root`` fixture."""
+    return [
+        f"data.root={root}",
+        "data.workers=0",
+        "data.batch_size=2",
+        "data.test_batch_size=4",
+        "model.transform.min_size=[128]",
+        "model.transform.test_min_size=128",
+        "model.transform.max_size=128",
+        "model.rpn.pre_nms_top_n_train=200",
+        "model.rpn.post_nms_top_n_train=100",
+        "model.rpn.pre_nms_top_n_test=100",
+        "model.rpn.post_nms_top_n_test=50",
+        "model.roi_head.cls_sampler.num=64",
+        "model.roi_head.reg_sampler.num=64",
+        "train.eval_interval=0",
+        "train.log_interval=1",
+        "train.warmup_iters=3",
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_total_loss_sums_only_loss_entries():
+    losses = {
+        "rpn.loss_cls": torch.tensor(1.0),
+        "s0.loss_bbox": torch.tensor(2.0),
+        "s0.acc": torch.tensor(100.0),
+        "loss_extra": torch.tensor(0.5),
+        "s1.losses_aux": torch.tensor(0.25),
+    }
+    assert total_loss(losses).item() == pytest.approx(1.0 + 2.0 + 0.5 + 0.25)
+
+
+def test_loss_falls_on_a_fixed_batch(synthetic_root):
+    cfg = load_config(
+        FASTER,
+        [
+            *tiny_overrides(synthetic_root),
+            "train.lr=0.08",  # 0.02 for the batch of 2
+            "data.flip_prob=0",
+            "model.backbone.norm=frozen_bn",  # batch statistics of 2 images are too noisy
+        ],
+    )
+    torch.manual_seed(0)
+    batch = next(iter(build_dataloader(cfg, "train", shuffle=False)))
+    model = build_detector(cfg).train()
+    ctx = StepContext(
+        model,
+        build_optimizer(model, cfg),
+        torch.amp.GradScaler("cuda", enabled=False),
+        torch.device("cpu"),
+        "none",
+        grad_clip=10.0,
+    )
+    losses = [train_step(ctx, [batch], i)["loss"] for i in range(12)]
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+
+def test_schedule_units_and_linear_scaling(synthetic_root):
+    cfg = load_config(
+        FASTER,
+        [
+            *tiny_overrides(synthetic_root),
+            "train.epochs=5",
+            "train.max_iters=null",
+            "train.lr_steps=[2,4]",
+            "train.lr_step_unit=epoch",
+            "train.accumulate=2",
+            "train.lr=0.04",
+            "train.reference_batch_size=8",
+        ],
+    )
+    schedule = build_schedule(cfg, dataset_size=17)  # 17 // (2 images x 2 accumulated) = 4
+    assert (schedule.iters_per_epoch, schedule.total_iters, schedule.steps) == (4, 20, [8, 16])
+    assert scaled_lr(cfg) == pytest.approx(0.04 * 4 / 8)
+    assert schedule.lr_factor(7) == 1.0 and schedule.lr_factor(8) == pytest.approx(0.1)
+    assert schedule.lr_factor(16) == pytest.approx(0.01)
+
+
+def test_logged_learning_rates_follow_warmup_and_steps(synthetic_root, tmp_path):
+    overrides = [
+        *tiny_overrides(synthetic_root),
+        "train.max_iters=6",
+        "train.lr=0.08",
+        "train.warmup_ratio=0.25",
+        "train.lr_steps=[4]",
+        "train.lr_step_unit=iter",
+        "train.gamma=0.5",
+        "train.checkpoint_unit=iter",
+        "train.checkpoint_interval=100",
+    ]
+    train(load_config(FASTER, overrides), tmp_path, device="cpu")
+    logged = [entry["lr"] for entry in read_jsonl(tmp_path / "metrics.jsonl")]
+    base = 0.08 * 2 / 8  # batch 2 of the reference 8
+    expected = [base * 0.25, base * 0.5, base * 0.75, base, base * 0.5, base * 0.5]
+    assert logged == pytest.approx(expected)
+
+
+def test_resume_reproduces_the_uninterrupted_run(synthetic_root, tmp_path):
+    """10 iterations straight vs 5, stop, resume to 10 (across the epoch end at 8)."""
+    overrides = [
+        *tiny_overrides(synthetic_root),
+        "train.checkpoint_unit=iter",
+        "train.checkpoint_interval=2",
+        "train.keep_checkpoints=2",
+    ]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(DECOUPLED, [*overrides, "train.max_iters=10"]), straight, device="cpu")
+    train(load_config(DECOUPLED, [*overrides, "train.max_iters=5"]), split, device="cpu")
+    assert load_checkpoint(split / "latest.pth")["iter"] == 5
+    cfg = load_config(DECOUPLED, [*overrides, "train.max_iters=10"])
+    summary = train(cfg, split, resume=split / "latest.pth", device="cpu")
+    assert summary["iter"] == 10
+
+    runs = [read_jsonl(run / "metrics.jsonl") for run in (straight, split)]
+    assert [e["iter"] for e in runs[1]] == list(range(1, 11))
+    for key in ("loss", "rpn.loss_cls", "s0.loss_cls", "s0.loss_bbox", "lr"):
+        assert [e[key] for e in runs[0]] == [e[key] for e in runs[1]], key
+    first, second = (load_checkpoint(run / "latest.pth")["model"] for run in (straight, split))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    names = sorted(p.name for p in straight.glob("*.pth"))
+    assert names == ["iter_10.pth", "iter_8.pth", "latest.pth"]
+    assert load_config(straight / "config.yaml") == load_config(
+        DECOUPLED, [*overrides, "train.max_iters=10"]
+    )
