@@ -1,0 +1,102 @@
+"""Checkpoints: weights_only round trip, RNG states, config-only rebuild, clean rejections."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from test_train import DECOUPLED, FASTER, tiny_overrides
+
+from drcnn.config import load_config, to_dict
+from drcnn.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_model,
+    restore_rng_state,
+    save_checkpoint,
+)
+from drcnn.errors import DrcnnError
+from drcnn.models.detector import build_detector
+
+
+def draws() -> tuple:
+    return (
+        random.random(),
+        float(np.random.rand()),
+        float(np.random.randn()),
+        torch.rand(3).tolist(),
+    )
+
+
+def save_model(path, cfg) -> torch.nn.Module:
+    torch.manual_seed(1)
+    model = build_detector(cfg)
+    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "iter": 7})
+    return model.eval()
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    np.random.randn()  # leave a cached gaussian in numpy's state
+    save_checkpoint(tmp_path / "c.pth", {"model": {}, "rng": [capture_rng_state()]})
+    expected = draws()
+    draws()
+    state = torch.load(tmp_path / "c.pth", weights_only=True)  # the safe loader accepts it
+    restore_rng_state(state["rng"][0])
+    assert draws() == expected
+
+
+def test_load_model_rebuilds_from_the_stored_config(synthetic_root, tmp_path):
+    cfg = load_config(FASTER, tiny_overrides(synthetic_root))
+    original = save_model(tmp_path / "m.pth", cfg)
+    loaded, stored_cfg = load_model(tmp_path / "m.pth")
+    assert stored_cfg == cfg
+    image = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        expected, got = original(image)[0], loaded(image)[0]
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(expected[key], got[key])
+
+
+def test_other_architecture_names_the_first_mismatching_key(synthetic_root, tmp_path):
+    faster = load_config(FASTER, tiny_overrides(synthetic_root))
+    decoupled = load_config(DECOUPLED, tiny_overrides(synthetic_root))
+    save_model(tmp_path / "faster.pth", faster)
+    stored = load_checkpoint(tmp_path / "faster.pth")["model"]
+    wanted = build_detector(decoupled).state_dict()
+    first = next(k for k in wanted if k not in stored or stored[k].shape != wanted[k].shape)
+    with pytest.raises(DrcnnError, match=f"'{first}'"):
+        load_model(tmp_path / "faster.pth", decoupled)
+
+
+@pytest.mark.parametrize("content", ["text", "tensor", "plain_state_dict"])
+def test_files_that_are_not_checkpoints_are_rejected(tmp_path, content):
+    path = tmp_path / "bad.pth"
+    if content == "text":
+        path.write_text("not a checkpoint\n")
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(DrcnnError, match="not a drcnn checkpoint"):
+        load_checkpoint(path)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "iter": 1})
+    real_save = torch.save
+
+    def disk_full(obj, handle, *args, **kwargs):
+        real_save(obj, handle, *args, **kwargs)
+        handle.truncate(10)  # half-written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(DrcnnError, match="previous checkpoint is kept"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "iter": 2})
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["iter"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
