@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.io import encode_png
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
@@ -71,8 +70,8 @@ def draw_detections(
 
 def save_png(image: Tensor, path: Path) -> Path:
     """Write a uint8 ``(3, H, W)`` tensor as PNG (atomically)."""
-    data = encode_png(image.cpu()).numpy().tobytes()
-    return atomic_write(path, lambda handle: handle.write(data))
+    pixels = Image.fromarray(image.cpu().permute(1, 2, 0).numpy())
+    return atomic_write(path, lambda handle: pixels.save(handle, format="PNG"))
 
 
 def describe(detection: dict[str, Tensor], names: Sequence[str], score_thr: float) -> list[dict]:
