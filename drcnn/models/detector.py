@@ -1,0 +1,122 @@
+"""The two-stage detector: transform -> backbone/FPN -> RPN -> RoI heads (torchvision layout).
+
+``Detector`` is torchvision's ``GeneralizedRCNN`` (so training returns a loss dict and
+evaluation returns per-image ``boxes/scores/labels`` in input-image pixels) plus
+``analyze_boxes``, which runs the RoI heads on given boxes for the translation-sensitivity
+study. ``build_detector(cfg)`` assembles Faster R-CNN, Cascade R-CNN or Decoupled R-CNN from
+the config; the RoI-head type alone tells them apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+from drcnn.models.backbone import build_backbone
+from drcnn.models.roi_heads import build_roi_heads
+from drcnn.models.rpn import build_rpn
+
+Size = tuple[int, int]
+
+
+class DetectorTransform(GeneralizedRCNNTransform):
+    """``GeneralizedRCNNTransform`` with a separate test-time short side.
+
+    torchvision draws the training short side from ``min_size`` per image and tests at
+    ``min_size[-1]``; here ``min_size`` reads as the training choices in training mode and as
+    ``(test_min_size,)`` in eval mode, so multi-scale training can test at any scale.
+    """
+
+    def __init__(self, min_size: Sequence[int], test_min_size: int, **kwargs: Any) -> None:
+        super().__init__(min_size=tuple(min_size), **kwargs)
+        self.test_min_size = int(test_min_size)
+
+    @property
+    def min_size(self) -> tuple[int, ...]:
+        return self.train_min_size if self.training else (self.test_min_size,)
+
+    @min_size.setter
+    def min_size(self, sizes: Sequence[int]) -> None:
+        self.train_min_size = tuple(int(s) for s in sizes)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily put ``module`` in eval mode, restoring its training flag afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def rescale_per_image(
+    boxes: Tensor, counts: Sequence[int], sizes_from: Sequence[Size], sizes_to: Sequence[Size]
+) -> Tensor:
+    """Rescale concatenated per-image boxes (``counts[i]`` rows for image ``i``) between frames."""
+    parts = boxes.split(list(counts))
+    return torch.cat(
+        [resize_boxes(b, src, dst) for b, src, dst in zip(parts, sizes_from, sizes_to, strict=True)]
+    )
+
+
+class Detector(GeneralizedRCNN):
+    """Faster / Cascade / Decoupled R-CNN with torchvision's ``GeneralizedRCNN`` interface."""
+
+    @torch.no_grad()
+    def analyze_boxes(
+        self, images: list[Tensor], boxes: list[Tensor], labels: list[Tensor]
+    ) -> dict[str, Any]:
+        """Run the RoI heads on given boxes (input-image pixels) without RPN, sampling or NMS.
+
+        Images go through the eval-mode transform; the boxes are scaled into the resized frame,
+        analysed by ``roi_heads.analyze``, and the returned ``stage_inputs`` / ``stage_boxes``
+        are mapped back to input-image pixels (``class_probs``, ``stage_deltas`` and
+        ``box_coders`` are scale-free and passed through).
+        """
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        with eval_mode(self):
+            image_list, _ = self.transform(images)
+            resized_sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
+            scaled = [
+                resize_boxes(b, src, dst)
+                for b, src, dst in zip(boxes, original_sizes, resized_sizes, strict=True)
+            ]
+            features = self.backbone(image_list.tensors)
+            result = dict(self.roi_heads.analyze(features, scaled, resized_sizes, labels))
+        counts = [len(b) for b in boxes]
+        for key in ("stage_inputs", "stage_boxes"):
+            result[key] = [
+                rescale_per_image(stage, counts, resized_sizes, original_sizes)
+                for stage in result[key]
+            ]
+        return result
+
+
+def build_transform(cfg: DictConfig) -> DetectorTransform:
+    """Resize (per-image short side), normalise and pad, as set in ``cfg.model.transform``."""
+    tcfg = cfg.model.transform
+    return DetectorTransform(
+        min_size=list(tcfg.min_size),
+        test_min_size=tcfg.test_min_size,
+        max_size=tcfg.max_size,
+        image_mean=list(tcfg.image_mean),
+        image_std=list(tcfg.image_std),
+        size_divisible=tcfg.size_divisible,
+    )
+
+
+def build_detector(cfg: DictConfig) -> Detector:
+    """The detector of ``cfg.model``: backbone + FPN, RPN, RoI heads of ``roi_head.type``."""
+    backbone = build_backbone(cfg)
+    rpn = build_rpn(cfg, backbone.out_channels)
+    roi_heads = build_roi_heads(cfg, backbone.out_channels)
+    return Detector(backbone, rpn, roi_heads, build_transform(cfg))
