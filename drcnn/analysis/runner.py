@@ -149,90 +149,90 @@ def _validate(spec: Any, path: Path) -> None:
         raise DrcnnError(f"spec {path}: sensitivity.models: unknown models {sorted(unknown)}")
 
 
+def data_overrides(spec: Any) -> list[str]:
+    """The dataset part of every model's overrides: its root (absolute), then the spec's."""
+    return [f"data.root={Path(spec.dataset.root).resolve()}", *spec.dataset.overrides]
+
+
 def model_overrides(spec: Any, model: Any) -> list[str]:
-    """The overrides a model trains with: dataset root, dataset, spec-wide, then its own."""
-    root = Path(spec.dataset.root).resolve()
-    return [f"data.root={root}", *spec.dataset.overrides, *spec.overrides, *model.overrides]
+    """The overrides a model trains with: dataset, spec-wide, then its own (which win)."""
+    return [*data_overrides(spec), *spec.overrides, *model.overrides]
+
+
+def _model_steps(spec: Any, out: Path, kind: str) -> list[Step]:
+    """``train-<model>`` or ``test-<model>`` for every model (both run notebooks/train.ipynb)."""
+    steps = []
+    for model in spec.models:
+        work = out / "models" / model.name
+        params = {
+            "config": str(Path(model.config).resolve()),
+            "work_dir": str(work),
+            "overrides": model_overrides(spec, model),
+            "device": spec.device,
+            "run_train": kind == "train",
+            "run_test": kind == "test",
+        }
+        if kind == "train":
+            steps.append(
+                Step(f"train-{model.name}", kind, "train.ipynb", params, [work / "latest.pth"])
+            )
+            continue
+        needs = [f"train-{model.name}"] if "train" in spec.steps else []
+        outputs, inputs = [work / "metrics.json"], [work / "latest.pth"]
+        steps.append(
+            Step(f"test-{model.name}", kind, "train.ipynb", params, outputs, inputs, needs)
+        )
+    return steps
+
+
+def _sensitivity_step(spec: Any, out: Path) -> Step:
+    """The study over the chosen models' final checkpoints."""
+    names = list(spec.sensitivity.models or [m.name for m in spec.models])
+    checkpoints = {n: str(out / "models" / n / "latest.pth") for n in names}
+    params = {
+        "checkpoints": checkpoints,
+        "out_dir": str(out / "sensitivity"),
+        "low": spec.sensitivity.low,
+        "high": spec.sensitivity.high,
+        "steps": spec.sensitivity.steps,
+        "scales": list(spec.sensitivity.scales),
+        "max_images": spec.sensitivity.max_images,
+        "data_overrides": data_overrides(spec),
+        "device": spec.device,
+    }
+    outputs = [out / "sensitivity" / "sensitivity.parquet", out / "sensitivity" / "summary.csv"]
+    inputs = [Path(p) for p in checkpoints.values()]
+    needs = [f"train-{n}" for n in names] if "train" in spec.steps else []
+    notebook = "translation_sensitivity.ipynb"
+    return Step("sensitivity", "sensitivity", notebook, params, outputs, inputs, needs, True)
+
+
+def _ap_table_step(spec: Any, out: Path) -> Step:
+    """The AP table over every tested model (published rows for COCO by default)."""
+    include = spec.ap_table.include_reported
+    params = {
+        "exp_dir": str(out),
+        "include_reported": spec.dataset.type == "coco" if include is None else include,
+        "baseline": spec.ap_table.baseline,
+    }
+    names = [m.name for m in spec.models]
+    inputs = [out / "models" / n / "metrics.json" for n in names]
+    needs = [f"test-{n}" for n in names] if "test" in spec.steps else []
+    outputs = [out / "tables" / "ap_table.csv"]
+    return Step("ap_table", "ap_table", "ap_table.ipynb", params, outputs, inputs, needs, True)
 
 
 def plan(spec: Any, out: Path) -> list[Step]:
     """The spec's steps in execution order (train all, test all, studies, report)."""
     steps: list[Step] = []
-    wanted = set(spec.steps)
-    work = {m.name: out / "models" / m.name for m in spec.models}
-    for kind, flags in (("train", (True, False)), ("test", (False, True))):
-        if kind not in wanted:
-            continue
-        for model in spec.models:
-            checkpoint = work[model.name] / "latest.pth"
-            params = {
-                "config": str(Path(model.config).resolve()),
-                "work_dir": str(work[model.name]),
-                "overrides": model_overrides(spec, model),
-                "device": spec.device,
-                "run_train": flags[0],
-                "run_test": flags[1],
-            }
-            output = checkpoint if kind == "train" else work[model.name] / "metrics.json"
-            needs = [f"train-{model.name}"] if kind == "test" and "train" in wanted else []
-            inputs = [checkpoint] if kind == "test" else []
-            steps.append(
-                Step(f"{kind}-{model.name}", kind, "train.ipynb", params, [output], inputs, needs)
-            )
-    if "sensitivity" in wanted:
-        names = list(spec.sensitivity.models or work)
-        checkpoints = {n: str(work[n] / "latest.pth") for n in names}
-        params = {
-            "checkpoints": checkpoints,
-            "out_dir": str(out / "sensitivity"),
-            "low": spec.sensitivity.low,
-            "high": spec.sensitivity.high,
-            "steps": spec.sensitivity.steps,
-            "scales": list(spec.sensitivity.scales),
-            "max_images": spec.sensitivity.max_images,
-            "data_overrides": [
-                f"data.root={Path(spec.dataset.root).resolve()}",
-                *spec.dataset.overrides,
-            ],
-            "device": spec.device,
-        }
-        outputs = [out / "sensitivity" / "sensitivity.parquet", out / "sensitivity" / "summary.csv"]
-        needs = [f"train-{n}" for n in names] if "train" in wanted else []
-        inputs = [Path(p) for p in checkpoints.values()]
-        steps.append(
-            Step(
-                "sensitivity",
-                "sensitivity",
-                "translation_sensitivity.ipynb",
-                params,
-                outputs,
-                inputs,
-                needs,
-                True,
-            )
-        )
-    if "ap_table" in wanted:
-        include = spec.ap_table.include_reported
-        params = {
-            "exp_dir": str(out),
-            "include_reported": spec.dataset.type == "coco" if include is None else include,
-            "baseline": spec.ap_table.baseline,
-        }
-        needs = [f"test-{n}" for n in work] if "test" in wanted else []
-        inputs = [w / "metrics.json" for w in work.values()]
-        steps.append(
-            Step(
-                "ap_table",
-                "ap_table",
-                "ap_table.ipynb",
-                params,
-                [out / "tables" / "ap_table.csv"],
-                inputs,
-                needs,
-                True,
-            )
-        )
-    if "report" in wanted:
+    for kind in ("train", "test"):
+        if kind in spec.steps:
+            steps += _model_steps(spec, out, kind)
+    if "sensitivity" in spec.steps:
+        steps.append(_sensitivity_step(spec, out))
+    if "ap_table" in spec.steps:
+        steps.append(_ap_table_step(spec, out))
+    if "report" in spec.steps:
         steps.append(Step("report", "report", None, {"exp_dir": str(out)}, [out / "report.html"]))
     return steps
 
