@@ -15,6 +15,7 @@ import nbformat
 import pandas as pd
 import pytest
 
+from drcnn import cli
 from drcnn.analysis.runner import KERNEL, NOTEBOOK_DIR, execute_notebook
 
 CONFIG = (
@@ -170,3 +171,21 @@ def test_inference_demo_notebook(experiment: Path, synthetic_root: Path, tmp_pat
     assert len(entries) == 2
     for entry in entries:
         assert (out / f"{Path(entry['file']).stem}.png").is_file()
+
+
+def test_sensitivity_and_report_commands(
+    experiment: Path, synthetic_root: Path, tmp_path: Path, capsys
+):
+    checkpoint = experiment / "models" / "decoupled" / "latest.pth"
+    out = tmp_path / "cli"
+    argv = ["sensitivity", f"dec={checkpoint}", "--out", str(out), "--range", "-0.2", "0.2", "3"]
+    argv += ["--max-images", "2", "--data", f"data.root={synthetic_root}"]
+    assert cli.main(argv) == 0
+    table = pd.read_csv(out / "sensitivity.csv")
+    assert set(table["model"]) == {"dec"} and sorted(set(table["dx"])) == [-0.2, 0.0, 0.2]
+    assert "classification" in capsys.readouterr().out
+    assert cli.main(["sensitivity", str(checkpoint), "--out", str(out)]) == 2
+    assert "expected NAME=PATH" in capsys.readouterr().err
+    assert cli.main(["report", str(experiment)]) == 0
+    assert (experiment / "report.html").is_file() and (experiment / "report.md").is_file()
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
