@@ -1,0 +1,153 @@
+"""Training-step time of drcnn's Faster R-CNN and Decoupled R-CNN against torchvision's.
+
+    .venv/bin/python benchmarks/train_step.py [--device cpu|cuda] [--steps 5] [--warmup 2]
+
+One training step = zero_grad, forward with targets, summed losses, backward, SGD step. All
+three models use a randomly initialised ResNet-50 + FPN, the same batch of random images with
+random boxes, and the same resize setting, measured in the same run: torchvision's
+``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)``, drcnn with
+``configs/baselines/faster_rcnn_r50_fpn_torchvision.yaml`` (the same hyper-parameters) and
+drcnn with ``configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml``. Default size: 2
+images of 320 px on the CPU, 2 images of 800x1333 on CUDA, where the inference fps of the R-50
+Decoupled R-CNN COCO config is measured too (``drcnn.engine.benchmark``). Prints a table and
+writes ``benchmarks/results/train_step.json`` with the median times and their ratios to
+torchvision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+from drcnn.config import load_config
+from drcnn.engine.benchmark import benchmark, synchronize
+from drcnn.engine.distributed import resolve_device
+from drcnn.io import atomic_write_json
+from drcnn.models.detector import build_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
+DRCNN_CONFIGS = {
+    "drcnn_faster_rcnn": ROOT / "configs/baselines/faster_rcnn_r50_fpn_torchvision.yaml",
+    "drcnn_decoupled_rcnn": ROOT / "configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml",
+}
+
+
+def random_batch(
+    batch: int, height: int, width: int, num_classes: int, device: torch.device
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Random images, each with 5 random boxes (at least 16 px) and labels."""
+    generator = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.rand(3, height, width, generator=generator).to(device))
+        xy = torch.rand(5, 2, generator=generator) * torch.tensor([width - 48, height - 48])
+        wh = 16 + torch.rand(5, 2, generator=generator) * 32
+        boxes = torch.cat([xy, xy + wh], dim=1).to(device)
+        labels = torch.randint(1, num_classes + 1, (5,), generator=generator).to(device)
+        targets.append({"boxes": boxes, "labels": labels})
+    return images, targets
+
+
+def drcnn_overrides(height: int, width: int) -> list[str]:
+    """Random init and the benchmark's resize setting for the drcnn configs."""
+    return [
+        "model.backbone.pretrained=null",
+        f"model.transform.min_size=[{min(height, width)}]",
+        f"model.transform.test_min_size={min(height, width)}",
+        f"model.transform.max_size={max(height, width)}",
+    ]
+
+
+def build_models(height: int, width: int) -> dict[str, tuple[torch.nn.Module, int]]:
+    """name -> (model, number of foreground classes)."""
+    torch.manual_seed(0)
+    models = {
+        "torchvision_faster_rcnn": (
+            fasterrcnn_resnet50_fpn(
+                weights=None,
+                weights_backbone=None,
+                min_size=min(height, width),
+                max_size=max(height, width),
+            ),
+            90,
+        )
+    }
+    for name, path in DRCNN_CONFIGS.items():
+        cfg = load_config(path, drcnn_overrides(height, width))
+        models[name] = (build_detector(cfg), cfg.model.roi_head.num_classes)
+    return models
+
+
+def step_times(model: torch.nn.Module, batch: tuple, steps: int, warmup: int) -> list[float]:
+    """Seconds per training step (after ``warmup`` untimed steps)."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = batch[0][0].device
+    times = []
+    for index in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        losses = model(*batch)
+        sum(v for k, v in losses.items() if k.rsplit(".", 1)[-1].startswith("loss")).backward()
+        optimizer.step()
+        synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    height, width = args.size or ((800, 1333) if device.type == "cuda" else (320, 320))
+    rows = {}
+    for name, (model, num_classes) in build_models(height, width).items():
+        batch = random_batch(args.batch, height, width, num_classes, device)
+        times = step_times(model.to(device), batch, args.steps, args.warmup)
+        rows[name] = {"median_s": statistics.median(times), "times_s": times}
+        model.cpu()
+    reference = rows["torchvision_faster_rcnn"]["median_s"]
+    for row in rows.values():
+        row["ratio_to_torchvision"] = row["median_s"] / reference
+    result = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "batch": args.batch,
+        "input_size": [height, width],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": torch.get_num_threads(),
+        "models": rows,
+    }
+    if device.type == "cuda":
+        cfg = load_config(DRCNN_CONFIGS["drcnn_decoupled_rcnn"], ["model.backbone.pretrained=null"])
+        fps_out = args.out.with_name("decoupled_r50_fps.json")
+        result["decoupled_r50_coco_inference"] = benchmark(
+            cfg, images=50, device=str(device), size=(800, 1333), out=fps_out
+        )
+    atomic_write_json(args.out, result)
+    print(f"{'model':<26}{'median step (s)':>16}{'x torchvision':>15}")
+    for name, row in rows.items():
+        print(f"{name:<26}{row['median_s']:>16.3f}{row['ratio_to_torchvision']:>15.2f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
