@@ -69,7 +69,7 @@ def test_two_process_ddp_matches_single_process(synthetic_root, tmp_path):
     ddp_dir = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29561", str(launcher), "train", str(FASTER), "--work-dir",
+        "--standalone", str(launcher), "train", str(FASTER), "--work-dir",
         str(ddp_dir), "--device", "cpu", "--set", *overrides, "data.batch_size=2",
         str(tmp_path),  # popped by the launcher: where ranks dump their parameters
     ]  # fmt: skip
