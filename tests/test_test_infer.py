@@ -106,3 +106,21 @@ def test_benchmark_writes_fps(tmp_path):
     assert result["input_size"] == [96, 128] and result["images"] == 3
     assert result["fps"] == pytest.approx(1000 / result["median_ms"])
     assert result["peak_memory_mb"] > 0
+
+
+def test_max_val_images_evaluates_only_the_images_run(
+    synthetic_root, checkpoint, tmp_path, coco_reference
+):
+    """With data.max_val_images the images not run must not count as misses."""
+    out = tmp_path / "results.bbox.json"
+    argv = ["test", FASTER, checkpoint, "--out", out, "--device", "cpu",
+            "--set", *tiny_overrides(synthetic_root), "data.max_val_images=3"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    ann_file = synthetic_root / "annotations" / "instances_val.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        first_three = sorted(COCO(str(ann_file)).getImgIds())[:3]
+    assert {r["image_id"] for r in json.loads(out.read_text())} <= set(first_three)
+    reference = coco_reference(ann_file, out, imgIds=first_three)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["AP50"] == pytest.approx(max(reference.stats[1], 0.0))
+    assert metrics["AR100"] == pytest.approx(max(reference.stats[8], 0.0))

@@ -72,7 +72,7 @@ def write_results(
     atomic_write_json(out, results, indent=None)
     if not compute_metrics:
         return {}
-    metrics = evaluate_coco(dataset.coco, results)
+    metrics = evaluate_coco(dataset.coco, results, image_ids=dataset.ids)
     atomic_write_json(out.parent / "metrics.json", metrics)
     return metrics
 
