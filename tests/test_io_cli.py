@@ -1,6 +1,8 @@
 """Atomic writes keep the old file on failure; every sub-command answers --help."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -14,6 +16,15 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_json(target, {"AP": 0.75})
     assert json.loads(target.read_text()) == {"AP": 0.75}
     assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        target = atomic_write_json(tmp_path / "metrics.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
 def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path):
