@@ -38,6 +38,7 @@ ROI_HEAD_TYPES = ("standard", "cascade", "decoupled")
 NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
 BOX_LOSSES = ("l1", "smooth_l1")
 AMP_MODES = ("none", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 SCHEDULE_UNITS = ("epoch", "iter")
 
 
@@ -172,6 +173,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 24
     max_iters: int | None = None  # caps a run (smoke runs, quick experiments)
+    optimizer: str = "sgd"  # "sgd" (official, uses momentum) or "adamw"
     lr: float = 0.01
     reference_batch_size: int = 8  # total batch that `lr` is for; scaled linearly otherwise
     momentum: float = 0.9
@@ -255,6 +257,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_choice(cfg.model.roi_head.loss_bbox, "model.roi_head.loss_bbox", BOX_LOSSES)
     _check_choice(cfg.model.rpn.loss_bbox, "model.rpn.loss_bbox", BOX_LOSSES)
     _check_choice(cfg.train.amp, "train.amp", AMP_MODES)
+    _check_choice(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
     _check_choice(cfg.train.lr_step_unit, "train.lr_step_unit", SCHEDULE_UNITS)
     _check_choice(cfg.train.checkpoint_unit, "train.checkpoint_unit", SCHEDULE_UNITS)
     rpn_nms_thresholds(cfg.model.rpn)

@@ -158,3 +158,20 @@ def test_resume_reproduces_the_uninterrupted_run(synthetic_root, tmp_path):
     assert names == ["iter_6.pth", "iter_8.pth", "latest.pth"]
     assert load_checkpoint(straight / "latest.pth")["iter"] == 9
     assert load_config(straight / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(("name", "kind"), [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_choice_and_its_scaled_lr(name, kind):
+    cfg = load_config(
+        None,
+        [f"train.optimizer={name}", "train.lr=0.004", "data.batch_size=4",
+         "train.reference_batch_size=8", "train.weight_decay=0.05"],
+    )  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model[0].weight.requires_grad_(False)
+    optimizer = build_optimizer(model, cfg)
+    assert type(optimizer) is kind
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.002)  # 0.004 * 4 / 8
+    assert group["weight_decay"] == 0.05
+    assert len(group["params"]) == 3  # the frozen weight is left out
