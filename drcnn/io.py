@@ -14,6 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from drcnn.errors import DrcnnError
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse the JSON file ``path`` (a ``what``, e.g. "annotation file").
+
+    A missing or malformed file is a one-line ``DrcnnError`` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DrcnnError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DrcnnError(f"{path}: not a valid JSON {what} ({exc})") from exc
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it to ``path``."""

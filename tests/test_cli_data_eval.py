@@ -87,7 +87,7 @@ def _bad_files(tmp_path: Path, ann: dict) -> dict[str, Path]:
         ("unknown_category", "good", "unknown category_id 4"),
         ("unknown_image", "good", "unknown image_id 999"),
         ("good", "missing", "results file not found"),
-        ("good", "not_json", "not valid JSON"),
+        ("good", "not_json", "not a valid JSON results file"),
         ("good", "results_not_list", "expected a JSON list"),
         ("good", "results_missing_score", "entry 0 must have"),
         ("good", "results_unknown_image", "image_id 999"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from drcnn.errors import DrcnnError
+from drcnn.io import read_json
 
 logger = logging.getLogger("drcnn")
 
@@ -36,12 +36,7 @@ REQUIRED_KEYS = {
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DrcnnError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DrcnnError(f"{path}: not a valid JSON annotation file ({exc})") from exc
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise DrcnnError(f"{path}: expected a JSON object with images/annotations/categories")
     return data

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from drcnn.data.coco import is_number, load_coco
 from drcnn.errors import DrcnnError
+from drcnn.io import read_json
 
 # metric name -> index into COCOeval.stats
 SUMMARY_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
@@ -59,12 +59,7 @@ def load_results(results: str | Path | list[dict]) -> list[dict]:
     source = results if not isinstance(results, list) else "results"
     if not isinstance(results, list):
         path = Path(results)
-        if not path.is_file():
-            raise DrcnnError(f"{path}: results file not found")
-        try:
-            results = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DrcnnError(f"{path}: not valid JSON ({exc})") from exc
+        results = read_json(path, "results file")
         if not isinstance(results, list):
             raise DrcnnError(f"{path}: expected a JSON list of COCO results")
     for i, entry in enumerate(results):
