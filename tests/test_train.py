@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,25 @@ def test_optimizer_choice_and_its_scaled_lr(name, kind):
     assert group["lr"] == pytest.approx(0.002)  # 0.004 * 4 / 8
     assert group["weight_decay"] == 0.05
     assert len(group["params"]) == 3  # the frozen weight is left out
+
+
+def test_bf16_autocast_step_on_cpu(synthetic_root):
+    """train.amp=bf16 runs the forward under CPU autocast and still gives finite fp32 losses."""
+    cfg = load_config(DECOUPLED, [*tiny_overrides(synthetic_root), "train.amp=bf16"])
+    torch.manual_seed(0)
+    batch = next(iter(build_dataloader(cfg, "train", shuffle=False)))
+    model = build_detector(cfg).train()
+    seen = []
+    model.backbone.register_forward_hook(lambda module, args, out: seen.append(out["0"].dtype))
+    ctx = StepContext(
+        model,
+        build_optimizer(model, cfg),
+        torch.amp.GradScaler("cuda", enabled=False),
+        torch.device("cpu"),
+        "bf16",
+        grad_clip=10.0,
+    )
+    logged = train_step(ctx, [batch], 0)
+    assert seen == [torch.bfloat16]
+    assert all(math.isfinite(v) for v in logged.values()), logged
+    assert all(p.dtype == torch.float32 for p in model.parameters())

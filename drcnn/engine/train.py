@@ -246,10 +246,15 @@ class StepContext:
 
 
 def autocast(ctx: StepContext) -> Any:
-    """bf16/fp16 autocast on CUDA when ``train.amp`` asks for it; a no-op otherwise."""
-    if ctx.amp == "none" or ctx.device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if ctx.amp == "bf16" else torch.float16)
+    """Autocast as ``train.amp`` asks: bf16 on CUDA or CPU, fp16 on CUDA; else a no-op.
+
+    fp16 needs the GradScaler, which only CUDA has, so ``fp16`` on a CPU trains in fp32.
+    """
+    if ctx.amp == "bf16" and ctx.device.type in ("cuda", "cpu"):
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    if ctx.amp == "fp16" and ctx.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
 
 
 def train_step(ctx: StepContext, micro_batches: list[Batch], iteration: int) -> dict[str, float]:
