@@ -15,7 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from drcnn.config import load_config
 from drcnn.errors import DrcnnError
-from drcnn.models.backbone import build_backbone
+from drcnn.models.backbone import FusedFrozenBatchNorm2d, build_backbone
 
 
 def small_cfg(*overrides: str):
@@ -184,3 +184,20 @@ def test_pretrained_wrong_architecture_names_the_key(tmp_path: Path):
     torch.save(wide, path)
     with pytest.raises(DrcnnError, match=r"conv1\.weight.*\(32, 3, 7, 7\)"):
         build_backbone(small_cfg(f"model.backbone.pretrained={path}"))
+
+
+def test_fused_frozen_batch_norm_equals_torchvision_frozen_bn():
+    torch.manual_seed(0)
+    reference = FrozenBatchNorm2d(16)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(reference, name).normal_()
+    reference.running_var.uniform_(0.1, 2.0)
+    fused = FusedFrozenBatchNorm2d(16)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+    fused.double(), reference.double()
+    torch.testing.assert_close(fused(x), reference(x))
+    (grad_fused,) = torch.autograd.grad(fused(x).square().sum(), x)
+    (grad_ref,) = torch.autograd.grad(reference(x).square().sum(), x)
+    torch.testing.assert_close(grad_fused, grad_ref)
+    assert not any(p.requires_grad for p in fused.parameters())
