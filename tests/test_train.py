@@ -50,6 +50,13 @@ def tiny_overrides(root: Path) -> list[str]:
     ]
 
 
+def cpu_step_context(model: torch.nn.Module, cfg, amp: str) -> StepContext:
+    """A CPU training context with the config's optimizer, no loss scaling, clip 10."""
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    optimizer = build_optimizer(model, cfg)
+    return StepContext(model, optimizer, scaler, torch.device("cpu"), amp, grad_clip=10.0)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -78,14 +85,7 @@ def test_loss_falls_on_a_fixed_batch(synthetic_root):
     torch.manual_seed(0)
     batch = next(iter(build_dataloader(cfg, "train", shuffle=False)))
     model = build_detector(cfg).train()
-    ctx = StepContext(
-        model,
-        build_optimizer(model, cfg),
-        torch.amp.GradScaler("cuda", enabled=False),
-        torch.device("cpu"),
-        "none",
-        grad_clip=10.0,
-    )
+    ctx = cpu_step_context(model, cfg, "none")
     losses = [train_step(ctx, [batch], i)["loss"] for i in range(12)]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
 
@@ -186,14 +186,7 @@ def test_bf16_autocast_step_on_cpu(synthetic_root):
     model = build_detector(cfg).train()
     seen = []
     model.backbone.register_forward_hook(lambda module, args, out: seen.append(out["0"].dtype))
-    ctx = StepContext(
-        model,
-        build_optimizer(model, cfg),
-        torch.amp.GradScaler("cuda", enabled=False),
-        torch.device("cpu"),
-        "bf16",
-        grad_clip=10.0,
-    )
+    ctx = cpu_step_context(model, cfg, "bf16")
     logged = train_step(ctx, [batch], 0)
     assert seen == [torch.bfloat16]
     assert all(math.isfinite(v) for v in logged.values()), logged

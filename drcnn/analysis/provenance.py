@@ -19,26 +19,19 @@ from drcnn.io import atomic_write_json
 STEPS_DIR = "steps"
 
 
+def _git(*args: str) -> str:
+    """Output of ``git ARGS`` run in the drcnn source tree."""
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+
+
 def git_commit() -> str:
     """The commit of the drcnn source tree (``+dirty`` if it has local changes), or ``unknown``."""
-    root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "drcnn", "notebooks"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        commit = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "drcnn", "notebooks")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}+dirty" if dirty else commit
