@@ -11,9 +11,11 @@ import torch
 
 from drcnn.config import load_config
 from drcnn.data.loader import build_dataloader
+from drcnn.engine import train as train_module
 from drcnn.engine.checkpoint import load_checkpoint
 from drcnn.engine.train import (
     StepContext,
+    amp_notice,
     build_optimizer,
     build_schedule,
     scaled_lr,
@@ -176,6 +178,18 @@ def test_optimizer_choice_and_its_scaled_lr(name, kind):
     assert group["lr"] == pytest.approx(0.002)  # 0.004 * 4 / 8
     assert group["weight_decay"] == 0.05
     assert len(group["params"]) == 3  # the frozen weight is left out
+
+
+def test_amp_notice_names_the_setting_that_will_not_help(monkeypatch):
+    """fp16 off CUDA and bf16 on a CPU without native bf16 get a notice; useful settings none."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "train.amp=fp16" in amp_notice("fp16", cpu)
+    assert amp_notice("fp16", cuda) is None and amp_notice("none", cpu) is None
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    assert "train.amp=bf16" in amp_notice("bf16", cpu)
+    assert amp_notice("bf16", cuda) is None
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert amp_notice("bf16", cpu) is None
 
 
 def test_bf16_autocast_step_on_cpu(synthetic_root):

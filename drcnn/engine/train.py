@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -255,6 +256,23 @@ def autocast(ctx: StepContext) -> Any:
     if ctx.amp == "fp16" and ctx.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX), as oneDNN needs."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def amp_notice(amp: str, device: torch.device) -> str | None:
+    """Why ``train.amp`` will not speed this run up on ``device``, or None when it should."""
+    if amp == "fp16" and device.type != "cuda":
+        return "train.amp=fp16 needs CUDA (GradScaler): this run trains in fp32; bf16 works on CPU"
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        return (
+            "train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
+            "can be slower than fp32: set train.amp=none if steps are slow"
+        )
+    return None
 
 
 def train_step(ctx: StepContext, micro_batches: list[Batch], iteration: int) -> dict[str, float]:
@@ -496,6 +514,9 @@ def train(
         "cuda", enabled=cfg.train.amp == "fp16" and torch_device.type == "cuda"
     )
     ctx = StepContext(model, optimizer, scaler, torch_device, cfg.train.amp, cfg.train.grad_clip)
+    notice = amp_notice(cfg.train.amp, torch_device)
+    if notice and dist.is_main_process():
+        warnings.warn(notice, stacklevel=2)
     trainer = Trainer(
         cfg=cfg,
         work_dir=work_dir,
