@@ -65,7 +65,8 @@ def test_notebooks_are_committed_clean(name: str):
             assert cell.outputs == [] and cell.execution_count is None
 
 
-def test_kernel_runs_this_interpreter(tmp_path: Path):
+def test_kernel_runs_this_interpreter_over_private_sockets(tmp_path: Path, capfd):
+    """The kernel is this interpreter, reached without TCP (so ipykernel prints no warning)."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
     target = tmp_path / "executable.txt"
@@ -74,12 +75,14 @@ def test_kernel_runs_this_interpreter(tmp_path: Path):
     ]
     source = tmp_path / "probe.ipynb"
     nbformat.write(nb, source)
-    import papermill
-
-    papermill.execute_notebook(
-        str(source), str(tmp_path / "out.ipynb"), kernel_name=KERNEL, progress_bar=False
-    )
+    execute_notebook(str(source), tmp_path / "out.ipynb", {}, tmp_path)
     assert Path(target.read_text()).resolve() == Path(sys.executable).resolve()
+    assert "without encryption" not in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "executable.txt",
+        "out.ipynb",
+        "probe.ipynb",
+    ]
 
 
 def test_train_notebook_trains_tests_and_plots(experiment: Path):

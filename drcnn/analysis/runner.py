@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,8 +259,29 @@ def is_complete(step: Step, out: Path) -> bool:
     )
 
 
+def ipc_kernel_manager() -> type | None:
+    """A kernel manager that talks to the kernel over Unix sockets in a private temp folder.
+
+    The default (TCP on localhost, unencrypted) opens ports and makes ipykernel print a warning
+    into every run; Unix sockets need neither. None (papermill's default) off POSIX systems.
+    """
+    if os.name != "posix":
+        return None
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._sockets = tempfile.TemporaryDirectory(prefix="drcnn-kernel-")
+            self.transport = "ipc"
+            self.ip = os.path.join(self._sockets.name, "kernel")
+
+    return IPCKernelManager
+
+
 def execute_notebook(notebook: str, executed: Path, parameters: dict[str, Any], cwd: Path) -> None:
-    """Run ``notebooks/<notebook>`` with papermill; the executed copy goes to ``executed``."""
+    """Run ``notebooks/<notebook>`` (or a notebook at an absolute path) with papermill; the
+    executed copy goes to ``executed``."""
     import papermill
 
     source = NOTEBOOK_DIR / notebook
@@ -275,6 +298,7 @@ def execute_notebook(notebook: str, executed: Path, parameters: dict[str, Any], 
         cwd=str(cwd),
         progress_bar=False,
         log_output=False,
+        kernel_manager_class=ipc_kernel_manager(),
     )
 
 
