@@ -26,6 +26,7 @@ from torchvision.models.detection.rpn import (
 from torchvision.ops import boxes as box_ops
 
 from drcnn.config import rpn_nms_thresholds
+from drcnn.models.threads import thread_map
 
 
 class ProposalSets(NamedTuple):
@@ -123,11 +124,12 @@ class DecoupledRPN(RegionProposalNetwork):
     def nms_proposals(self, candidates: list[Candidates], thresh: float) -> list[Tensor]:
         """Per-level NMS at ``thresh``, then the ``post_nms_top_n`` best boxes of each image."""
         limit = self.post_nms_top_n()
-        out = []
-        for cand in candidates:
-            keep = box_ops.batched_nms(cand.boxes, cand.scores, cand.levels, thresh)[:limit]
-            out.append(cand.boxes[keep])
-        return out
+
+        def keep(cand: Candidates) -> Tensor:
+            return cand.boxes[box_ops.batched_nms(cand.boxes, cand.scores, cand.levels, thresh)]
+
+        run = thread_map if candidates and candidates[0].boxes.device.type == "cpu" else map
+        return [boxes[:limit] for boxes in run(keep, candidates)]
 
     def compute_loss(
         self,

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import MultiScaleRoIAlign
 
 from drcnn.models.postprocess import multiclass_nms
+from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign
 from drcnn.models.sampling import Sampler, Samples, sample_rois
 
 Detections = list[dict[str, Tensor]]
@@ -80,7 +80,7 @@ class RoIHeadsBase(nn.Module):
         super().__init__()
         roi = cfg.model.roi_head
         self.cfg = OmegaConf.to_object(roi) if OmegaConf.is_config(roi) else roi
-        self.box_roi_pool = MultiScaleRoIAlign(
+        self.box_roi_pool = ThreadedMultiScaleRoIAlign(
             list(featmap_names), roi.roi_size, roi.sampling_ratio
         )
         self.stages = stages

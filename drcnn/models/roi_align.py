@@ -1,0 +1,149 @@
+"""Multi-scale RoIAlign that spreads torchvision's single-threaded CPU kernels over threads.
+
+torchvision's CPU ``roi_align`` kernels (forward and backward) run on one core whatever
+``torch.get_num_threads()`` says, so on a CPU the RoI heads' pooling leaves the other cores
+idle; with the official ``sampling_ratio: 0`` (adaptive sampling, work growing with box size)
+and three pooling rounds per image, Decoupled R-CNN spent 40% of its CPU inference time there.
+The kernels release the GIL, so :class:`ThreadedMultiScaleRoIAlign` cuts each FPN level's RoIs
+into contiguous chunks and runs the same torchvision kernels on them in threads
+(:func:`drcnn.models.threads.thread_map`). Every
+output value is computed by the same kernel from the same box, so the forward result is
+bit-identical to torchvision's; the input gradient is the sum of the chunks' gradients (equal up
+to float rounding where two chunks share an image). On CUDA, with one thread, or for few RoIs it
+is exactly :class:`torchvision.ops.MultiScaleRoIAlign`.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torchvision.ops import MultiScaleRoIAlign
+
+# torchvision's own set-up of the per-level scales and the box -> level mapper (the same
+# calls MultiScaleRoIAlign.forward makes), so the levels match torchvision's exactly.
+from torchvision.ops.poolers import _filter_input, _setup_scales
+
+from drcnn.models.threads import thread_map
+
+MIN_ROIS_PER_CHUNK = 32
+
+
+def chunk_bounds(rois: Tensor, chunks: int) -> list[tuple[int, int, int, int]]:
+    """``(first_row, end_row, first_image, end_image)`` of ``chunks`` contiguous row ranges.
+
+    ``rois`` rows are ``(image_index, x1, y1, x2, y2)`` sorted by image index, so each chunk
+    only touches the images ``first_image..end_image - 1``.
+    """
+    edges = torch.linspace(0, len(rois), chunks + 1).round().long().tolist()
+    images = rois[:, 0].long()
+    bounds = []
+    for start, end in pairwise(edges):
+        if end > start:
+            bounds.append((start, end, int(images[start]), int(images[end - 1]) + 1))
+    return bounds
+
+
+class _ThreadedRoIAlign(torch.autograd.Function):
+    """torchvision ``roi_align`` (forward and backward) on row chunks of ``rois`` in threads."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        features: Tensor,
+        rois: Tensor,
+        scale: float,
+        size: tuple[int, int],
+        sampling_ratio: int,
+        chunks: int,
+    ) -> Tensor:
+        bounds = chunk_bounds(rois, chunks)
+        # torchvision's autocast rule for roi_align: compute in fp32, return the input's dtype
+        feats = features.float()
+
+        def run(bound: tuple[int, int, int, int]) -> Tensor:
+            start, end, first, last = bound
+            part = rois[start:end].float().clone()
+            part[:, 0] -= first
+            return torch.ops.torchvision.roi_align(
+                feats[first:last], part, scale, *size, sampling_ratio, False
+            )
+
+        out = torch.cat(thread_map(run, bounds))
+        ctx.save_for_backward(rois)
+        ctx.shape, ctx.dtype = features.shape, features.dtype
+        ctx.args = (scale, size, sampling_ratio, bounds)
+        return out.to(features.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (rois,) = ctx.saved_tensors
+        scale, size, sampling_ratio, bounds = ctx.args
+        _, channels, height, width = ctx.shape
+        grad_out = grad_out.float()
+
+        def run(bound: tuple[int, int, int, int]) -> Tensor:
+            start, end, first, last = bound
+            part = rois[start:end].float().clone()
+            part[:, 0] -= first
+            return torch.ops.torchvision._roi_align_backward(
+                grad_out[start:end].contiguous(),
+                part,
+                scale,
+                *size,
+                last - first,
+                channels,
+                height,
+                width,
+                sampling_ratio,
+                False,
+            )
+
+        grad = grad_out.new_zeros(ctx.shape)
+        for (_, _, first, last), part in zip(bounds, thread_map(run, bounds), strict=True):
+            grad[first:last] += part
+        return grad.to(ctx.dtype), None, None, None, None, None
+
+
+class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """:class:`torchvision.ops.MultiScaleRoIAlign` whose CPU work runs on all intra-op threads."""
+
+    def forward(
+        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """``(sum of boxes, C, S, S)`` RoI features, rows in the order of ``boxes``."""
+        threads = torch.get_num_threads()
+        total = sum(len(b) for b in boxes)
+        features = _filter_input(x, self.featmap_names)
+        if (
+            features[0].device.type != "cpu"
+            or threads < 2
+            or total < 2 * MIN_ROIS_PER_CHUNK
+            or len(features) < 2
+            or torch.jit.is_scripting()
+        ):
+            return super().forward(x, boxes, image_shapes)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = torch.cat(
+            [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
+        )
+        levels = self.map_levels(boxes)
+        size = tuple(self.output_size)
+        result = features[0].new_zeros((total, features[0].shape[1], *size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+            rows = torch.where(levels == level)[0]
+            if len(rows) == 0:
+                continue
+            chunks = max(1, min(threads, len(rows) // MIN_ROIS_PER_CHUNK))
+            pooled = _ThreadedRoIAlign.apply(
+                feature, rois[rows], scale, size, self.sampling_ratio, chunks
+            )
+            result[rows] = pooled.to(result.dtype)
+        return result

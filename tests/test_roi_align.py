@@ -1,0 +1,93 @@
+"""Threaded multi-scale RoIAlign against torchvision's MultiScaleRoIAlign (the reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+
+from drcnn.models.roi_align import MIN_ROIS_PER_CHUNK, ThreadedMultiScaleRoIAlign, chunk_bounds
+
+NAMES = ["0", "1", "2", "3"]
+SHAPES = [(256, 320), (256, 320), (256, 320)]
+
+
+@pytest.fixture
+def two_threads():
+    """The threaded path needs at least two intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def features(grad: bool) -> dict[str, torch.Tensor]:
+    """Four FPN levels (strides 4..32) of a batch of three 256x320 images."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        name: torch.randn(3, 8, 64 >> i, 80 >> i, generator=gen).requires_grad_(grad)
+        for i, name in enumerate(NAMES)
+    }
+
+
+def boxes(per_image: int = 120) -> list[torch.Tensor]:
+    """Boxes of 2..300 px, so every FPN level gets some; a different count per image."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(len(SHAPES)):
+        n = per_image + 17 * i
+        xy = torch.rand(n, 2, generator=gen) * torch.tensor([300.0, 240.0])
+        wh = torch.rand(n, 2, generator=gen) ** 2 * 300 + 2
+        out.append(torch.cat([xy, xy + wh], dim=1))
+    return out
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_forward_is_bit_identical_and_gradients_match(two_threads, sampling_ratio):
+    x, rois = features(grad=True), boxes()
+    reference = MultiScaleRoIAlign(NAMES, 7, sampling_ratio)
+    threaded = ThreadedMultiScaleRoIAlign(NAMES, 7, sampling_ratio)
+    expected, got = reference(x, rois, SHAPES), threaded(x, rois, SHAPES)
+    assert "IndexPut" in type(got.grad_fn).__name__  # the threaded path ran, not the fallback
+    assert torch.equal(got, expected)
+    weights = torch.randn_like(expected)
+    inputs = list(x.values())
+    want = torch.autograd.grad((expected * weights).sum(), inputs, allow_unused=True)
+    have = torch.autograd.grad((got * weights).sum(), inputs, allow_unused=True)
+    used = 0
+    for w, h in zip(want, have, strict=True):
+        if h is None:  # a level without boxes: torchvision's gradient there is zero
+            assert w is None or not w.any()
+            continue
+        used += 1
+        torch.testing.assert_close(h, w, rtol=1e-5, atol=1e-5)
+    assert used >= 3
+
+
+def test_autocast_bf16_matches_torchvision(two_threads):
+    x, rois = features(grad=False), boxes()
+    bf16 = {k: v.bfloat16() for k, v in x.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = MultiScaleRoIAlign(NAMES, 7, 0)(bf16, rois, SHAPES)
+        got = ThreadedMultiScaleRoIAlign(NAMES, 7, 0)(bf16, rois, SHAPES)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+
+
+def test_few_rois_fall_back_to_torchvision_itself(two_threads, monkeypatch):
+    """The fallback is torchvision's own forward (no threads, no custom autograd)."""
+    calls = []
+    monkeypatch.setattr(
+        MultiScaleRoIAlign, "forward", lambda self, *args: calls.append(len(args[1][0]))
+    )
+    ThreadedMultiScaleRoIAlign(NAMES, 7, 0)(features(False), [boxes()[0][:5]], SHAPES[:1])
+    assert calls == [5]
+
+
+def test_chunk_bounds_follow_image_boundaries():
+    images = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2], dtype=torch.float32)
+    rois = torch.cat([images[:, None], torch.zeros(10, 4)], dim=1)
+    assert chunk_bounds(rois, 2) == [(0, 5, 0, 2), (5, 10, 2, 3)]
+    assert chunk_bounds(rois, 3) == [(0, 3, 0, 1), (3, 7, 1, 3), (7, 10, 2, 3)]
+    assert chunk_bounds(rois[:1], 2) == [(0, 1, 0, 1)]  # no empty chunks
+    assert MIN_ROIS_PER_CHUNK > 1
