@@ -1,10 +1,16 @@
 """Inference cost of drcnn's detectors against torchvision's Faster R-CNN, measured in one run.
 
-Times the median per-image forward pass (eval mode, no grad) of torchvision's
-``fasterrcnn_resnet50_fpn``, drcnn's torchvision-compatible Faster R-CNN, Cascade R-CNN R-50 and
-Decoupled R-CNN R-50 on the same random image, with random weights (cost does not depend on the
-weights, apart from how many boxes survive to NMS). Reports time ratios to torchvision,
-parameter counts and a FLOP estimate (``torch.utils.flop_counter.FlopCounterMode``), prints a
+Times the median per-image forward pass (eval mode, no grad, models timed in interleaved
+rounds) of torchvision's ``fasterrcnn_resnet50_fpn`` and drcnn's R-50 detectors (the
+torchvision-compatible and the official Faster R-CNN, Cascade R-CNN, Decoupled R-CNN, and
+Decoupled R-CNN with torchvision's RoIAlign sampling) on the same random image, with random
+weights. The drcnn models take torchvision's backbone, FPN and RPN weights (same parameter
+names) and its RPN ``min_size``, so all of them see the same 1000 proposals (checked:
+``same_proposals_as_torchvision``) and differ only in their RoI heads. With independent random
+weights the proposals differed from model to model, and with them the cost of adaptive
+RoIAlign, whose work grows with box size: the ratios swung by tens of percent from one
+initialisation to the next. Reports time ratios to torchvision, parameter counts and a FLOP
+estimate (``torch.utils.flop_counter.FlopCounterMode``; RoIAlign is not counted), prints a
 table and writes ``benchmarks/results/inference.json``.
 
     python benchmarks/inference.py --size 320x512 --repeats 5          # quick CPU run
@@ -17,6 +23,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,11 +36,29 @@ from drcnn.io import atomic_write_json
 from drcnn.models.detector import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
+# name -> (config, extra overrides). The official (mmdetection) configs pool with adaptive
+# RoIAlign (sampling_ratio 0: about (box side / 7 / stride)^2 points per bin, 4 to 16 for most
+# boxes); torchvision uses 2 (4 points). The two extra rows separate that setting from the
+# architecture: Faster R-CNN with the official setting, Decoupled R-CNN with torchvision's.
 DRCNN_MODELS = {
-    "drcnn_faster_rcnn_torchvision": "configs/baselines/faster_rcnn_r50_fpn_torchvision.yaml",
-    "drcnn_cascade_rcnn_r50": "configs/baselines/cascade_rcnn_r50_fpn_20e_coco.yaml",
-    "drcnn_decoupled_rcnn_r50": "configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml",
+    "drcnn_faster_rcnn_torchvision": (
+        "configs/baselines/faster_rcnn_r50_fpn_torchvision.yaml",
+        [],
+    ),
+    "drcnn_faster_rcnn_r50": ("configs/baselines/faster_rcnn_r50_fpn_2x_coco.yaml", []),
+    "drcnn_cascade_rcnn_r50": ("configs/baselines/cascade_rcnn_r50_fpn_20e_coco.yaml", []),
+    "drcnn_decoupled_rcnn_r50": (
+        "configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml",
+        [],
+    ),
+    "drcnn_decoupled_rcnn_r50_sampling2": (
+        "configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml",
+        ["model.roi_head.sampling_ratio=2"],
+    ),
 }
+
+
+SHARED_PREFIXES = ("backbone.", "rpn.")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -48,7 +73,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_models(size: tuple[int, int]) -> dict[str, nn.Module]:
-    """The four detectors, all resizing to ``size`` (short side, long side)."""
+    """torchvision's Faster R-CNN and the drcnn models, all resizing to ``size`` (short, long)."""
     short, long = min(size), max(size)
     torch.manual_seed(0)
     models = {
@@ -58,12 +83,23 @@ def build_models(size: tuple[int, int]) -> dict[str, nn.Module]:
     }
     overrides = [
         "model.backbone.pretrained=null",
+        "model.rpn.min_size=0.001",  # torchvision's: drops degenerate boxes, so proposals match
         f"model.transform.min_size=[{short}]",
         f"model.transform.test_min_size={short}",
         f"model.transform.max_size={long}",
     ]
-    for name, config in DRCNN_MODELS.items():
-        models[name] = build_detector(load_config(ROOT / config, overrides))
+    shared = {
+        k: v
+        for k, v in models["torchvision_faster_rcnn"].state_dict().items()
+        if k.startswith(SHARED_PREFIXES) and not k.endswith("num_batches_tracked")
+    }
+    for name, (config, extra) in DRCNN_MODELS.items():
+        model = build_detector(load_config(ROOT / config, [*overrides, *extra]))
+        own = [k for k in model.state_dict() if k.startswith(SHARED_PREFIXES)]
+        if sorted(own) != sorted(shared):
+            raise RuntimeError(f"{name}: backbone/RPN keys differ from torchvision's")
+        model.load_state_dict(shared, strict=False)
+        models[name] = model
     return models
 
 
@@ -72,17 +108,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``run`` over ``repeats`` calls, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
+def interleaved_medians(
+    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median wall time of each run over ``repeats`` rounds, after one warm-up call each.
+
+    Every round times each model once, so slow spells of a shared machine hit all models
+    alike instead of whichever model happened to be measured then.
+    """
+    for run in runs.values():
         run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def proposals(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The RPN's proposals for ``image`` (eval mode: one set), in the resized image's pixels."""
+    images, _ = model.transform([image])
+    boxes, _ = model.rpn(images, model.backbone(images.tensors))
+    return boxes[0]
 
 
 def count_flops(run: Callable[[], object]) -> int:
@@ -95,20 +147,21 @@ def count_flops(run: Callable[[], object]) -> int:
 def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict:
     """Per-model median seconds per image, ratio to torchvision, parameters and GFLOPs."""
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    models = {name: m.to(device).eval() for name, m in build_models(size).items()}
+    runs = {name: torch.no_grad()(partial(model, [image])) for name, model in models.items()}
+    reference = proposals(models["torchvision_faster_rcnn"], image)
     rows = {}
-    for name, model in build_models(size).items():
-        model = model.to(device).eval()
-
-        @torch.no_grad()
-        def run(model: nn.Module = model) -> object:
-            return model([image])
-
+    for name, model in models.items():
+        boxes = proposals(model, image)
         rows[name] = {
-            "seconds_per_image": median_seconds(run, repeats, device),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "gflops": count_flops(run) / 1e9,
+            "gflops": count_flops(runs[name]) / 1e9,
+            "proposals": len(boxes),
+            "same_proposals_as_torchvision": boxes.shape == reference.shape
+            and bool(torch.allclose(boxes, reference, atol=1e-3)),
         }
-        del model
+    for name, seconds in interleaved_medians(runs, repeats, device).items():
+        rows[name]["seconds_per_image"] = seconds
     base = rows["torchvision_faster_rcnn"]["seconds_per_image"]
     for row in rows.values():
         row["time_ratio_to_torchvision"] = row["seconds_per_image"] / base
@@ -118,6 +171,7 @@ def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict
         "threads": torch.get_num_threads(),
         "image_size": list(size),
         "repeats": repeats,
+        "timing": "interleaved rounds, median per model",
         "torch": torch.__version__,
         "models": rows,
     }
@@ -125,13 +179,14 @@ def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{'model':32s} {'ms/img':>9s} {'ratio':>6s} {'params(M)':>10s} {'GFLOPs':>8s}",
+        f"{'model':36s} {'ms/img':>9s} {'ratio':>6s} {'params(M)':>10s} {'GFLOPs':>8s} "
+        f"{'same proposals':>14s}",
     ]
     for name, row in result["models"].items():
         lines.append(
-            f"{name:32s} {row['seconds_per_image'] * 1e3:9.1f} "
+            f"{name:36s} {row['seconds_per_image'] * 1e3:9.1f} "
             f"{row['time_ratio_to_torchvision']:6.2f} {row['parameters'] / 1e6:10.2f} "
-            f"{row['gflops']:8.1f}"
+            f"{row['gflops']:8.1f} {row['same_proposals_as_torchvision']!s:>14s}"
         )
     return "\n".join(lines)
 
