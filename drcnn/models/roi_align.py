@@ -50,6 +50,14 @@ def chunk_bounds(rois: Tensor, chunks: int) -> list[tuple[int, int, int, int]]:
     return bounds
 
 
+def chunk_rois(rois: Tensor, bound: tuple[int, int, int, int]) -> Tensor:
+    """The chunk's rows of ``rois``, image indices made relative to its first image."""
+    start, end, first, _ = bound
+    part = rois[start:end].float().clone()
+    part[:, 0] -= first
+    return part
+
+
 class _ThreadedRoIAlign(torch.autograd.Function):
     """torchvision ``roi_align`` (forward and backward) on row chunks of ``rois`` in threads."""
 
@@ -68,11 +76,9 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         feats = features.float()
 
         def run(bound: tuple[int, int, int, int]) -> Tensor:
-            start, end, first, last = bound
-            part = rois[start:end].float().clone()
-            part[:, 0] -= first
+            _, _, first, last = bound
             return torch.ops.torchvision.roi_align(
-                feats[first:last], part, scale, *size, sampling_ratio, False
+                feats[first:last], chunk_rois(rois, bound), scale, *size, sampling_ratio, False
             )
 
         out = torch.cat(thread_map(run, bounds))
@@ -91,11 +97,9 @@ class _ThreadedRoIAlign(torch.autograd.Function):
 
         def run(bound: tuple[int, int, int, int]) -> Tensor:
             start, end, first, last = bound
-            part = rois[start:end].float().clone()
-            part[:, 0] -= first
             return torch.ops.torchvision._roi_align_backward(
                 grad_out[start:end].contiguous(),
-                part,
+                chunk_rois(rois, bound),
                 scale,
                 *size,
                 last - first,
