@@ -53,6 +53,8 @@ def test_real_run_resumes_and_reports_the_failing_model(tmp_path, synthetic_root
     assert cli.main(["run", str(spec), "--out", str(out)]) == 1
     first = capsys.readouterr().out
     assert "train-faster: done" in first
+    running = f"train-faster: running (notebook saved as it goes: {out / 'notebooks'}"
+    assert first.index(running) < first.index("train-faster: done")
     broken_nb = out / "notebooks" / "train-broken.ipynb"
     assert "train-broken: FAILED (DrcnnError: override train.no_such_key" in first
     assert str(broken_nb) in first and broken_nb.is_file()

@@ -9,7 +9,8 @@ the device and the steps. The runner
    ``sensitivity`` (``translation_sensitivity.ipynb``), ``ap_table`` (``ap_table.ipynb``) and
    ``report`` (:func:`drcnn.analysis.report.write_report`);
 3. executes each notebook with papermill (kernel ``python3``, i.e. this interpreter), keeping
-   the executed copy in ``OUT/notebooks/<step>.ipynb``, and prints one progress line per step.
+   the executed copy in ``OUT/notebooks/<step>.ipynb``, and prints a line when each step starts
+   and when it ends.
 
 Resuming: a step whose record (``OUT/steps/<step>.json``) says ``done`` with the same
 parameters and inputs (checkpoint / metrics file modification times) and whose output files
@@ -384,6 +385,8 @@ def _execute(
         "git_commit": provenance.git_commit(),
         "started": provenance.now_utc(),
     }
+    # a line before each step too: a training step can run for many minutes without output
+    echo(f"{prefix}: running" + (f" (notebook saved as it goes: {notebook})" if notebook else ""))
     sys.stdout.flush()
     start = time.perf_counter()
     try:
