@@ -149,16 +149,16 @@ def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict
     image = torch.rand(3, *size, generator=torch.Generator().manual_seed(0)).to(device)
     models = {name: m.to(device).eval() for name, m in build_models(size).items()}
     runs = {name: torch.no_grad()(partial(model, [image])) for name, model in models.items()}
-    reference = proposals(models["torchvision_faster_rcnn"], image)
+    boxes = {name: proposals(model, image) for name, model in models.items()}
+    reference = boxes["torchvision_faster_rcnn"]
     rows = {}
     for name, model in models.items():
-        boxes = proposals(model, image)
         rows[name] = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "gflops": count_flops(runs[name]) / 1e9,
-            "proposals": len(boxes),
-            "same_proposals_as_torchvision": boxes.shape == reference.shape
-            and bool(torch.allclose(boxes, reference, atol=1e-3)),
+            "proposals": len(boxes[name]),
+            "same_proposals_as_torchvision": boxes[name].shape == reference.shape
+            and bool(torch.allclose(boxes[name], reference, atol=1e-3)),
         }
     for name, seconds in interleaved_medians(runs, repeats, device).items():
         rows[name]["seconds_per_image"] = seconds

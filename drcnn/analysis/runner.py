@@ -21,6 +21,7 @@ and executed notebook; the steps that need it are skipped, the others still run,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -260,6 +261,7 @@ def is_complete(step: Step, out: Path) -> bool:
     )
 
 
+@functools.cache
 def ipc_kernel_manager() -> type | None:
     """A kernel manager that talks to the kernel over Unix sockets in a private temp folder.
 
