@@ -9,9 +9,20 @@ names) and its RPN ``min_size``, so all of them see the same 1000 proposals (che
 ``same_proposals_as_torchvision``) and differ only in their RoI heads. With independent random
 weights the proposals differed from model to model, and with them the cost of adaptive
 RoIAlign, whose work grows with box size: the ratios swung by tens of percent from one
-initialisation to the next. Reports time ratios to torchvision, parameter counts and a FLOP
-estimate (``torch.utils.flop_counter.FlopCounterMode``; RoIAlign is not counted), prints a
-table and writes ``benchmarks/results/inference.json``.
+initialisation to the next.
+
+The proposals' shapes still set the cost of adaptive RoIAlign (``sampling_ratio: 0``), so every
+model is timed under two proposal regimes, one after the other:
+
+- ``anchors``: the RPN's box-regression layer is zeroed, so the proposals are anchors (sides 32
+  to 512 px, aspect ratios 0.5 to 2) picked by random objectness: shaped like a trained RPN's.
+- ``random``: the random RPN's deltas move the anchors by up to e^4 in scale, which leaves many
+  proposals as slivers under a pixel thick or as wide as the image (none of which a trained RPN
+  emits); adaptive RoIAlign samples such a box's long side at up to 48 points per bin.
+
+Reports time ratios to torchvision, parameter counts, a FLOP estimate
+(``torch.utils.flop_counter.FlopCounterMode``; RoIAlign is not counted) and the proposals'
+shapes per regime, prints a table and writes ``benchmarks/results/inference.json``.
 
     python benchmarks/inference.py --size 320x512 --repeats 5          # quick CPU run
     python benchmarks/inference.py --device cuda                        # 800x1333, 20 repeats
@@ -32,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from drcnn.config import load_config
+from drcnn.engine.benchmark import use_anchor_proposals
 from drcnn.io import atomic_write_json
 from drcnn.models.detector import build_detector
 
@@ -144,10 +156,25 @@ def count_flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict:
+REGIMES = ("anchors", "random")
+
+
+def proposal_shapes(boxes: torch.Tensor) -> dict[str, float]:
+    """Median width/height (px), median long/short side ratio, share with a side < 4 px."""
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    short, long = torch.minimum(width, height), torch.maximum(width, height)
+    return {
+        "median_width": width.median().item(),
+        "median_height": height.median().item(),
+        "median_aspect": (long / short.clamp(min=1e-3)).median().item(),
+        "share_thinner_than_4px": (short < 4).float().mean().item(),
+    }
+
+
+def measure(
+    models: dict[str, nn.Module], image: torch.Tensor, repeats: int, device: torch.device
+) -> dict:
     """Per-model median seconds per image, ratio to torchvision, parameters and GFLOPs."""
-    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(0)).to(device)
-    models = {name: m.to(device).eval() for name, m in build_models(size).items()}
     runs = {name: torch.no_grad()(partial(model, [image])) for name, model in models.items()}
     boxes = {name: proposals(model, image) for name, model in models.items()}
     reference = boxes["torchvision_faster_rcnn"]
@@ -165,6 +192,17 @@ def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict
     base = rows["torchvision_faster_rcnn"]["seconds_per_image"]
     for row in rows.values():
         row["time_ratio_to_torchvision"] = row["seconds_per_image"] / base
+    return {"proposal_shapes": proposal_shapes(reference.cpu()), "models": rows}
+
+
+def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict:
+    """:func:`measure` under the ``random`` proposals, then under ``anchors`` (see the top)."""
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    models = {name: m.to(device).eval() for name, m in build_models(size).items()}
+    regimes = {"random": measure(models, image, repeats, device)}
+    for model in models.values():
+        use_anchor_proposals(model)
+    regimes["anchors"] = measure(models, image, repeats, device)
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -173,20 +211,32 @@ def benchmark(size: tuple[int, int], repeats: int, device: torch.device) -> dict
         "repeats": repeats,
         "timing": "interleaved rounds, median per model",
         "torch": torch.__version__,
-        "models": rows,
+        "regimes": {name: regimes[name] for name in REGIMES},
     }
 
 
 def format_table(result: dict) -> str:
-    lines = [
-        f"{'model':36s} {'ms/img':>9s} {'ratio':>6s} {'params(M)':>10s} {'GFLOPs':>8s} "
-        f"{'same proposals':>14s}",
-    ]
-    for name, row in result["models"].items():
+    """One row per model: ms/image and ratio under each proposal regime, params, GFLOPs."""
+    regimes = result["regimes"]
+    header = f"{'model':36s}"
+    for regime in regimes:
+        header += f" {regime + ' ms':>12s} {'ratio':>6s}"
+    lines = [header + f" {'params(M)':>10s} {'GFLOPs':>8s} {'same proposals':>14s}"]
+    first = next(iter(regimes.values()))["models"]
+    for name, row in first.items():
+        line = f"{name:36s}"
+        for regime in regimes.values():
+            ms = regime["models"][name]["seconds_per_image"] * 1e3
+            line += f" {ms:12.1f} {regime['models'][name]['time_ratio_to_torchvision']:6.2f}"
+        same = all(r["models"][name]["same_proposals_as_torchvision"] for r in regimes.values())
+        lines.append(line + f" {row['parameters'] / 1e6:10.2f} {row['gflops']:8.1f} {same!s:>14s}")
+    for regime, data in regimes.items():
+        shapes = data["proposal_shapes"]
         lines.append(
-            f"{name:36s} {row['seconds_per_image'] * 1e3:9.1f} "
-            f"{row['time_ratio_to_torchvision']:6.2f} {row['parameters'] / 1e6:10.2f} "
-            f"{row['gflops']:8.1f} {row['same_proposals_as_torchvision']!s:>14s}"
+            f"{regime}: {data['models']['torchvision_faster_rcnn']['proposals']} proposals, "
+            f"median {shapes['median_width']:.0f}x"
+            f"{shapes['median_height']:.0f} px, median aspect {shapes['median_aspect']:.1f}, "
+            f"{shapes['share_thinner_than_4px']:.0%} thinner than 4 px"
         )
     return "\n".join(lines)
 

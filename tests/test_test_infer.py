@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from test_train import FASTER, tiny_overrides
+from torchvision.ops import clip_boxes_to_image
 
 from drcnn.cli import main
 from drcnn.config import load_config, to_dict
+from drcnn.engine.benchmark import use_anchor_proposals
 from drcnn.engine.checkpoint import load_model, save_checkpoint
 from drcnn.models.detector import build_detector
 
@@ -106,6 +108,30 @@ def test_benchmark_writes_fps(tmp_path):
     assert result["input_size"] == [96, 128] and result["images"] == 3
     assert result["fps"] == pytest.approx(1000 / result["median_ms"])
     assert result["peak_memory_mb"] > 0
+    assert result["proposals"].startswith("anchors")
+
+
+def rpn_proposals_and_anchors(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode proposals of one random image and the anchors clipped to it (resized pixels)."""
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images, _ = model.transform([image])
+        features = model.backbone(images.tensors)
+        proposals = model.rpn(images, features)[0][0]
+        anchors = model.rpn.anchor_generator(images, list(features.values()))[0]
+    return proposals, clip_boxes_to_image(anchors, images.image_sizes[0])
+
+
+def test_anchor_proposals_are_clipped_anchors():
+    """Zeroing the RPN's regression layer leaves every proposal an anchor; without it, not."""
+    torch.manual_seed(0)
+    model = build_detector(load_config(FASTER, ["model.backbone.pretrained=null"])).eval()
+    proposals, anchors = rpn_proposals_and_anchors(model)
+    assert torch.cdist(proposals, anchors).min(dim=1).values.max() > 1.0
+    use_anchor_proposals(model)
+    proposals, anchors = rpn_proposals_and_anchors(model)
+    assert len(proposals) > 0
+    assert torch.cdist(proposals, anchors).min(dim=1).values.max() < 1e-3
 
 
 def test_max_val_images_evaluates_only_the_images_run(

@@ -1,10 +1,15 @@
 """Inference speed: median frames per second and peak memory of one detector on one device.
 
 The model (random weights, or a checkpoint's) runs on fixed random images of one size, one image
-per forward pass as in the paper's fps column. After ``warmup`` passes, each pass is timed (CUDA
-synchronised); fps is ``1 / median time``. Peak memory: CUDA ``max_memory_allocated`` during the
-timed passes, or on the CPU the process's maximum resident set size (which includes everything
-the process allocated before).
+per forward pass as in the paper's fps column. With random weights the RPN's box-regression
+layer is zeroed (:func:`use_anchor_proposals`): a random RPN turns many anchors into slivers
+under a pixel thick or as wide as the image, which no trained RPN emits and which adaptive
+RoIAlign (``sampling_ratio: 0``) samples at up to 48 points per bin along their long side, so
+the fps of an untrained model would understate a trained one's.
+
+After ``warmup`` passes, each pass is timed (CUDA synchronised); fps is ``1 / median time``.
+Peak memory: CUDA ``max_memory_allocated`` during the timed passes, or on the CPU the process's
+maximum resident set size (which includes everything the process allocated before).
 """
 
 from __future__ import annotations
@@ -26,6 +31,18 @@ from drcnn.io import atomic_write_json
 from drcnn.models.detector import build_detector
 
 DISTINCT_INPUTS = 4  # different random images cycled through (avoid caching effects)
+RPN_DELTA_LAYER = "rpn.head.bbox_pred"
+
+
+def use_anchor_proposals(model: torch.nn.Module) -> None:
+    """Zero the RPN's box-regression layer, so the proposals are anchors picked by objectness.
+
+    Anchors (sides 32-512 px, aspect ratios 0.5-2 in the COCO configs) are shaped like a
+    trained RPN's proposals; a random regression layer's deltas are not.
+    """
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            model.get_parameter(f"{RPN_DELTA_LAYER}.{name}").zero_()
 
 
 def default_size(cfg: DictConfig) -> tuple[int, int]:
@@ -73,6 +90,7 @@ def benchmark(
         model, cfg = load_model(checkpoint, cfg, torch_device)
     else:
         model = build_detector(cfg).to(torch_device).eval()
+        use_anchor_proposals(model)
     height, width = size or default_size(cfg)
     generator = torch.Generator().manual_seed(0)
     inputs = [
@@ -87,6 +105,9 @@ def benchmark(
         "arch": cfg.model.backbone.arch,
         "roi_head": cfg.model.roi_head.type,
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        "proposals": "from the checkpoint's RPN"
+        if checkpoint is not None
+        else "anchors (random weights, RPN box regression zeroed)",
         "device": torch.cuda.get_device_name(torch_device)
         if torch_device.type == "cuda"
         else platform.processor() or "cpu",

@@ -143,7 +143,8 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         )
         levels = self.map_levels(boxes)
         size = tuple(self.output_size)
-        result = features[0].new_zeros((total, features[0].shape[1], *size))
+        # every RoI maps to exactly one level, so every row is written below
+        result = features[0].new_empty((total, features[0].shape[1], *size))
         for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
             rows = torch.where(levels == level)[0]
             if len(rows) == 0:
