@@ -1,7 +1,9 @@
-"""thread_map: order, caller's thread-local torch state in the workers, serial with one thread."""
+"""thread_map: order, caller's thread-local torch state in the workers, no OpenMP teams of their
+own, serial with one thread."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -46,3 +48,28 @@ def test_one_thread_runs_in_the_caller(threads):
     threads(1)
     got = thread_map(state, [1, 2])
     assert [g[3] for g in got] == [threading.current_thread().name] * 2
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_workers_start_no_openmp_threads_and_leave_the_thread_count_alone(threads):
+    """An intra-op-parallel op in a worker must not give the worker an OpenMP team: extra teams
+    put the main thread's idle OpenMP threads to sleep between ops (slower from then on)."""
+    threads(2)
+    big = torch.rand(1 << 20)
+    big + 1  # the main thread's own OpenMP team exists from here on
+    both = threading.Barrier(2, timeout=10)
+    thread_map(lambda _: both.wait(), [0, 1])  # both pool threads exist from here on
+    before = os_threads()
+    sums = thread_map(lambda _: (big + 1).sum(), [0, 1])
+    assert os_threads() == before
+    assert torch.stack(sums).tolist() == pytest.approx([float((big + 1).sum())] * 2)
+    assert torch.get_num_threads() == 2
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert seen == [2]  # new threads still start with the caller's setting
