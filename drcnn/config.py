@@ -56,6 +56,9 @@ class BackboneConfig:
     # "frozen_bn" (official: statistics and affine frozen) or "bn" (trainable BatchNorm).
     norm: str = "frozen_bn"
     fpn_channels: int = 256
+    # Convolutions in channels-last (NHWC) layout: about 1.4x faster on CPU (oneDNN); the GPU
+    # effect is unmeasured here. false: PyTorch's default NCHW layout.
+    channels_last: bool = True
 
 
 @dataclass

@@ -201,3 +201,32 @@ def test_fused_frozen_batch_norm_equals_torchvision_frozen_bn():
     (grad_ref,) = torch.autograd.grad(reference(x).square().sum(), x)
     torch.testing.assert_close(grad_fused, grad_ref)
     assert not any(p.requires_grad for p in fused.parameters())
+
+
+def features_and_input_grad(backbone, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    features = backbone(x)
+    loss = sum(f.square().sum() for f in features.values())
+    return features, torch.autograd.grad(loss, x)[0]
+
+
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_channels_last_backbone_equals_the_nchw_one(norm):
+    """Same weights in both layouts: same features and input gradient; NCHW features out."""
+    torch.manual_seed(0)
+    common = (f"model.backbone.norm={norm}", "model.backbone.frozen_stages=0")
+    nhwc = build_backbone(small_cfg(*common))
+    nchw = build_backbone(small_cfg(*common, "model.backbone.channels_last=false"))
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 96, 64)
+    got, got_grad = features_and_input_grad(nhwc, x)
+    expected, expected_grad = features_and_input_grad(nchw, x)
+    assert all(f.is_contiguous() for f in got.values())
+    # fp32 convolutions in another layout sum in another order: compare on each tensor's scale
+    for name, feature in expected.items():
+        scale = feature.abs().max().item()
+        torch.testing.assert_close(got[name], feature, rtol=0, atol=1e-5 * scale)
+    scale = expected_grad.abs().max().item()
+    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-5 * scale)

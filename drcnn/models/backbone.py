@@ -4,6 +4,12 @@ The module tree is torchvision's ``BackboneWithFPN`` (``body`` = the ResNet trun
 pyramid with a max-pooled P6), so parameter names equal those of torchvision's
 ``fasterrcnn_resnet50_fpn`` backbone and its state dicts load directly. Output: an ordered dict
 with keys ``"0".."3"`` (P2-P5, strides 4-32) and ``"pool"`` (P6, stride 64).
+
+With ``channels_last`` (the default) the convolution weights and the activations inside the
+backbone are stored channels-last (NHWC), the layout oneDNN's CPU convolutions work in; in
+PyTorch's default layout every convolution converts its input and output. Measured on 2 CPU
+cores, R-50-FPN at 800x1344: 1.59 s -> 1.13 s per image. The returned features are ordinary
+contiguous (NCHW) tensors, as the RPN and torchvision's RoIAlign expect.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ class ResNetFPN(BackboneWithFPN):
     BatchNorm statistics fixed when the model is put in training mode.
     """
 
-    def __init__(self, trunk: ResNet, frozen_stages: int, out_channels: int) -> None:
+    def __init__(
+        self, trunk: ResNet, frozen_stages: int, out_channels: int, channels_last: bool = True
+    ) -> None:
         stage_channels = [trunk.inplanes // 8 * 2**i for i in range(4)]
         super().__init__(
             trunk,
@@ -67,7 +75,14 @@ class ResNetFPN(BackboneWithFPN):
         self.frozen_names = frozen
         for name in frozen:
             self.body[name].requires_grad_(False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
         self.train()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """FPN features (NCHW) of a batch ``x``, computed in the backbone's memory format."""
+        features = super().forward(x.contiguous(memory_format=self.memory_format))
+        return {name: f.contiguous() for name, f in features.items()}
 
     def train(self, mode: bool = True) -> ResNetFPN:
         """Switch modes, but leave the frozen stages in eval mode."""
@@ -110,7 +125,7 @@ def build_backbone(cfg: DictConfig) -> ResNetFPN:
     trunk = build_trunk(bcfg.arch, bcfg.norm)
     if bcfg.pretrained:
         load_trunk_weights(trunk, read_pretrained(str(bcfg.pretrained)), str(bcfg.pretrained))
-    return ResNetFPN(trunk, bcfg.frozen_stages, bcfg.fpn_channels)
+    return ResNetFPN(trunk, bcfg.frozen_stages, bcfg.fpn_channels, bcfg.channels_last)
 
 
 def read_pretrained(source: str) -> dict[str, torch.Tensor]:
