@@ -1,19 +1,35 @@
 """Shared fixtures: a small synthetic COCO-format dataset, and an independent pycocotools
-reference evaluation (for checking drcnn's evaluation against the library itself)."""
+reference evaluation (for checking drcnn's evaluation against the library itself).
+
+Under pytest-xdist each worker process gets an equal share of the cores for its intra-op
+threads (and the processes it starts, through ``OMP_NUM_THREADS``). With every worker using all
+cores, idle OpenMP threads spinning in one process took the cores another needed: on 2 cores
+with 2 workers the suite ran 2.7x longer. Tests of multi-threaded code set their thread count.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from drcnn.data.synthetic import generate_synthetic_coco
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ["OMP_NUM_THREADS"] = str(share)
 
 
 @pytest.fixture(scope="session")
