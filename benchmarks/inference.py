@@ -5,8 +5,10 @@ rounds) of torchvision's ``fasterrcnn_resnet50_fpn`` and drcnn's R-50 detectors 
 torchvision-compatible and the official Faster R-CNN, Cascade R-CNN, Decoupled R-CNN, and
 Decoupled R-CNN with torchvision's RoIAlign sampling) on the same random image, with random
 weights. The drcnn models take torchvision's backbone, FPN and RPN weights (same parameter
-names) and its RPN ``min_size``, so all of them see the same 1000 proposals (checked:
-``same_proposals_as_torchvision``) and differ only in their RoI heads. With independent random
+names) and its RPN ``min_size``, so all of them see the same 1000 proposals up to float rounding
+(drcnn's channels-last backbone sums in another order) and differ only in their RoI heads
+(checked: ``proposals_shared_with_torchvision``, the share of a model's proposals within 1 px of
+one of torchvision's). With independent random
 weights the proposals differed from model to model, and with them the cost of adaptive
 RoIAlign, whose work grows with box size: the ratios swung by tens of percent from one
 initialisation to the next.
@@ -159,6 +161,14 @@ def count_flops(run: Callable[[], object]) -> int:
 REGIMES = ("anchors", "random")
 
 
+def shared_share(boxes: torch.Tensor, reference: torch.Tensor, tolerance: float = 1.0) -> float:
+    """Share of ``boxes`` whose corners all lie within ``tolerance`` px of one reference box."""
+    if len(boxes) == 0 or len(reference) == 0:
+        return 0.0
+    distance = (boxes[:, None, :] - reference[None, :, :]).abs().amax(dim=2).amin(dim=1)
+    return (distance <= tolerance).float().mean().item()
+
+
 def proposal_shapes(boxes: torch.Tensor) -> dict[str, float]:
     """Median width/height (px), median long/short side ratio, share with a side < 4 px."""
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -184,8 +194,7 @@ def measure(
             "parameters": sum(p.numel() for p in model.parameters()),
             "gflops": count_flops(runs[name]) / 1e9,
             "proposals": len(boxes[name]),
-            "same_proposals_as_torchvision": boxes[name].shape == reference.shape
-            and bool(torch.allclose(boxes[name], reference, atol=1e-3)),
+            "proposals_shared_with_torchvision": shared_share(boxes[name], reference),
         }
     for name, seconds in interleaved_medians(runs, repeats, device).items():
         rows[name]["seconds_per_image"] = seconds
@@ -221,15 +230,17 @@ def format_table(result: dict) -> str:
     header = f"{'model':36s}"
     for regime in regimes:
         header += f" {regime + ' ms':>12s} {'ratio':>6s}"
-    lines = [header + f" {'params(M)':>10s} {'GFLOPs':>8s} {'same proposals':>14s}"]
+    lines = [header + f" {'params(M)':>10s} {'GFLOPs':>8s} {'shared props':>12s}"]
     first = next(iter(regimes.values()))["models"]
     for name, row in first.items():
         line = f"{name:36s}"
         for regime in regimes.values():
             ms = regime["models"][name]["seconds_per_image"] * 1e3
             line += f" {ms:12.1f} {regime['models'][name]['time_ratio_to_torchvision']:6.2f}"
-        same = all(r["models"][name]["same_proposals_as_torchvision"] for r in regimes.values())
-        lines.append(line + f" {row['parameters'] / 1e6:10.2f} {row['gflops']:8.1f} {same!s:>14s}")
+        shared = min(
+            r["models"][name]["proposals_shared_with_torchvision"] for r in regimes.values()
+        )
+        lines.append(line + f" {row['parameters'] / 1e6:10.2f} {row['gflops']:8.1f} {shared:12.1%}")
     for regime, data in regimes.items():
         shapes = data["proposal_shapes"]
         lines.append(
