@@ -29,9 +29,10 @@ from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from drcnn.models.threads import thread_map
 
-# Work (RoIs x channels) below which a chunk is not worth a thread: handing small calls to a
-# thread while PyTorch's OpenMP threads still spin after the previous op made inference on small
-# inputs slower (synthetic R-18 model, 300 RoIs of 64 channels: 37 -> 48 ms per image).
+# Work (RoIs x channels) below which a chunk is not worth a thread: small calls handed to a
+# thread compete for the cores with PyTorch's OpenMP threads, still spinning after the previous
+# op. Synthetic R-18 model, 300 RoIs of 64 channels, threshold 512 instead: median 32 ms per
+# image in most runs, 42 ms in 2 of 5 (with 16384: 31-33 ms in all 5; 2 cores, commit c7795c1).
 MIN_WORK_PER_CHUNK = 16384
 
 
