@@ -135,6 +135,9 @@ class RoIHeadConfig:
     num_classes: int = 80  # foreground classes
     roi_size: int = 7
     sampling_ratio: int = 0
+    # RoIAlign pixel model: true = mmcv's (and the official code's), box edges on pixel edges;
+    # false = torchvision's detection models (sampling half a pixel later).
+    aligned: bool = False
     fc_dim: int = 1024
     # Stage 0 first. decoupled: stage 0 = decoupled cls+reg head, later = regression-only
     # refine stages; cascade: every stage a full cls+reg head.

@@ -48,6 +48,8 @@ def test_config_builds(path):
         "resnet18": 512,
     }[cfg.model.backbone.arch]
     assert model.backbone.body.layer4[-1].conv1.in_channels == arch
+    # RoIAlign's pixel model: torchvision's for the torchvision-compatible config, else mmcv's
+    assert model.roi_heads.box_roi_pool.aligned == ("torchvision" not in path.stem)
 
 
 @pytest.mark.parametrize("path", DECOUPLED, ids=lambda p: p.stem)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from drcnn.models import roi_align as roi_align_module
 from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign, chunk_bounds
@@ -30,13 +30,13 @@ def small_chunks(two_threads, monkeypatch):
 
 def graph_nodes(tensor: torch.Tensor) -> set[str]:
     """Names of the autograd nodes behind ``tensor``."""
-    seen, stack = set(), [tensor.grad_fn]
+    seen, stack = {}, [tensor.grad_fn]
     while stack:
         node = stack.pop()
-        if node is not None and type(node).__name__ not in seen:
-            seen.add(type(node).__name__)
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
             stack.extend(n for n, _ in node.next_functions)
-    return seen
+    return set(seen.values())
 
 
 def features(grad: bool) -> dict[str, torch.Tensor]:
@@ -80,6 +80,52 @@ def test_forward_is_bit_identical_and_gradients_match(small_chunks, sampling_rat
         used += 1
         torch.testing.assert_close(h, w, rtol=1e-5, atol=1e-5)
     assert used >= 3
+
+
+def mmdet_levels(rois: list[torch.Tensor]) -> torch.Tensor:
+    """mmdetection's level rule, written out: floor(log2(sqrt(area) / 56)) clamped to 0..3."""
+    box = torch.cat(rois)
+    side = ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])).sqrt()
+    return torch.floor(torch.log2(side / 56 + 1e-6)).clamp(0, 3).long()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_aligned_matches_per_level_roi_align(small_chunks, threads):
+    """aligned=True against torchvision's roi_align run per level, levels by mmdet's rule."""
+    torch.set_num_threads(threads)
+    x, rois = features(grad=True), boxes()
+    got = ThreadedMultiScaleRoIAlign(NAMES, 7, 0, aligned=True)(x, rois, SHAPES)
+    assert ("_ThreadedRoIAlignBackward" in graph_nodes(got)) == (threads > 1)
+    indexed = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(rois)])
+    levels = mmdet_levels(rois)
+    expected = torch.zeros_like(got)
+    for level, name in enumerate(NAMES):
+        rows = levels == level
+        expected[rows] = roi_align(x[name], indexed[rows], 7, 1 / 4 / 2**level, 0, True)
+    used = sorted(set(levels.tolist()))
+    assert len(used) >= 3
+    assert torch.equal(got, expected)
+    weights = torch.randn_like(got)
+    inputs = [x[NAMES[level]] for level in used]
+    want = torch.autograd.grad((expected * weights).sum(), inputs)
+    have = torch.autograd.grad((got * weights).sum(), inputs)
+    for w, h in zip(want, have, strict=True):
+        torch.testing.assert_close(h, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_aligned_shifts_samples_by_half_a_pixel(small_chunks, threads, aligned):
+    """Hand-worked: on a feature map whose value is its column index, a 7x7 bin's average is
+    the bin centre's column, x1 + (j + 0.5) * w / 7, half a pixel less when aligned."""
+    torch.set_num_threads(threads)
+    columns = torch.arange(80.0).expand(3, 8, 64, 80)
+    x = {"0": columns, "1": columns[..., ::2, ::2].contiguous()}  # two levels: threaded path
+    rois = [torch.tensor([[40.0, 40.0, 96.0, 68.0]]).repeat(40, 1)] * 3  # 56x28 px: level 0
+    got = ThreadedMultiScaleRoIAlign(["0", "1"], 7, 2, aligned=aligned)(x, rois, SHAPES)
+    x1, width = 40 / 4, 56 / 4
+    centres = x1 + (torch.arange(7.0) + 0.5) * width / 7 - (0.5 if aligned else 0.0)
+    torch.testing.assert_close(got, centres.expand_as(got), rtol=0, atol=1e-5)
 
 
 def test_autocast_bf16_matches_torchvision(small_chunks):

@@ -11,6 +11,11 @@ output value is computed by the same kernel from the same box, so the forward re
 bit-identical to torchvision's; the input gradient is the sum of the chunks' gradients (equal up
 to float rounding where two chunks share an image). On CUDA, with one thread, or for little work
 it is exactly :class:`torchvision.ops.MultiScaleRoIAlign`.
+
+``aligned=True`` samples half a pixel earlier (a box edge is a pixel edge, not a pixel centre),
+as mmcv's RoIAlign does by default and so the official mmdetection 2.4 code; torchvision's
+detection models use ``aligned=False``. torchvision's ``MultiScaleRoIAlign`` has no such
+switch, so with ``aligned=True`` every path pools each level with ``torchvision.ops.roi_align``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 # torchvision's own set-up of the per-level scales and the box -> level mapper (the same
 # calls MultiScaleRoIAlign.forward makes), so the levels match torchvision's exactly.
@@ -70,6 +75,7 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         scale: float,
         size: tuple[int, int],
         sampling_ratio: int,
+        aligned: bool,
         chunks: int,
     ) -> Tensor:
         bounds = chunk_bounds(rois, chunks)
@@ -79,20 +85,20 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         def run(bound: tuple[int, int, int, int]) -> Tensor:
             _, _, first, last = bound
             return torch.ops.torchvision.roi_align(
-                feats[first:last], chunk_rois(rois, bound), scale, *size, sampling_ratio, False
+                feats[first:last], chunk_rois(rois, bound), scale, *size, sampling_ratio, aligned
             )
 
         out = torch.cat(thread_map(run, bounds))
         ctx.save_for_backward(rois)
         ctx.shape, ctx.dtype = features.shape, features.dtype
-        ctx.args = (scale, size, sampling_ratio, bounds)
+        ctx.args = (scale, size, sampling_ratio, aligned, bounds)
         return out.to(features.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (rois,) = ctx.saved_tensors
-        scale, size, sampling_ratio, bounds = ctx.args
+        scale, size, sampling_ratio, aligned, bounds = ctx.args
         _, channels, height, width = ctx.shape
         grad_out = grad_out.float()
 
@@ -108,17 +114,29 @@ class _ThreadedRoIAlign(torch.autograd.Function):
                 height,
                 width,
                 sampling_ratio,
-                False,
+                aligned,
             )
 
         grad = grad_out.new_zeros(ctx.shape)
         for (_, _, first, last), part in zip(bounds, thread_map(run, bounds), strict=True):
             grad[first:last] += part
-        return grad.to(ctx.dtype), None, None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None, None
 
 
 class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """:class:`torchvision.ops.MultiScaleRoIAlign` whose CPU work runs on all intra-op threads."""
+    """:class:`torchvision.ops.MultiScaleRoIAlign` whose CPU work runs on all intra-op threads,
+    with mmcv's ``aligned`` switch."""
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | tuple[int, int],
+        sampling_ratio: int,
+        *,
+        aligned: bool = False,
+    ) -> None:
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        self.aligned = aligned
 
     def forward(
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
@@ -127,13 +145,14 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         threads = torch.get_num_threads()
         total = sum(len(b) for b in boxes)
         features = _filter_input(x, self.featmap_names)
-        if (
-            features[0].device.type != "cpu"
-            or threads < 2
-            or total * features[0].shape[1] < 2 * MIN_WORK_PER_CHUNK
-            or len(features) < 2
-            or torch.jit.is_scripting()
-        ):
+        threaded = (
+            features[0].device.type == "cpu"
+            and threads >= 2
+            and total * features[0].shape[1] >= 2 * MIN_WORK_PER_CHUNK
+            and len(features) >= 2
+            and not torch.jit.is_scripting()
+        )
+        if not threaded and not self.aligned:
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(
@@ -151,9 +170,14 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
             if len(rows) == 0:
                 continue
             work = len(rows) * feature.shape[1]
-            chunks = max(1, min(threads, work // MIN_WORK_PER_CHUNK))
-            pooled = _ThreadedRoIAlign.apply(
-                feature, rois[rows], scale, size, self.sampling_ratio, chunks
-            )
+            chunks = max(1, min(threads, work // MIN_WORK_PER_CHUNK)) if threaded else 1
+            if chunks > 1:
+                pooled = _ThreadedRoIAlign.apply(
+                    feature, rois[rows], scale, size, self.sampling_ratio, self.aligned, chunks
+                )
+            else:
+                pooled = roi_align(
+                    feature, rois[rows], size, scale, self.sampling_ratio, self.aligned
+                )
             result[rows] = pooled.to(result.dtype)
         return result

@@ -81,7 +81,7 @@ class RoIHeadsBase(nn.Module):
         roi = cfg.model.roi_head
         self.cfg = OmegaConf.to_object(roi) if OmegaConf.is_config(roi) else roi
         self.box_roi_pool = ThreadedMultiScaleRoIAlign(
-            list(featmap_names), roi.roi_size, roi.sampling_ratio
+            list(featmap_names), roi.roi_size, roi.sampling_ratio, aligned=roi.aligned
         )
         self.stages = stages
         self.box_coders = [box_coder(stage.target_stds) for stage in roi.stages]
