@@ -13,16 +13,8 @@ from drcnn.config import load_config
 from drcnn.data.loader import build_dataloader
 from drcnn.engine import train as train_module
 from drcnn.engine.checkpoint import load_checkpoint
-from drcnn.engine.train import (
-    StepContext,
-    amp_notice,
-    build_optimizer,
-    build_schedule,
-    scaled_lr,
-    total_loss,
-    train,
-    train_step,
-)
+from drcnn.engine.optim import build_optimizer, build_schedule, scaled_lr
+from drcnn.engine.train import StepContext, amp_notice, total_loss, train, train_step
 from drcnn.models.detector import build_detector
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"

@@ -3,14 +3,10 @@
 One process or many (``torchrun --nproc_per_node N -m drcnn train ...``): each rank trains on its
 shard of every global batch, DDP averages the gradients, rank 0 alone logs and writes files.
 
-Reproducibility and exact resume. The data order of epoch ``e`` is a permutation drawn from
-``(train.seed, e)``; every sample's random augmentation is drawn from its own generator seeded
-by ``(train.seed, e, index)`` (inside ``torch.random.fork_rng``, so neither the worker count nor
-the model's own random sampling changes it). A checkpoint stores the iteration counter and the
-RNG states of every rank, so a resumed run skips the batches already done in the epoch, restores
-the RNGs and continues with exactly the losses the uninterrupted run would have had (on the CPU,
-bit for bit). The global batch of iteration ``i`` is the same whatever the number of processes:
-rank ``r`` takes every ``world``-th sample of it.
+Exact resume. A checkpoint stores the iteration counter and the RNG states of every rank, so a
+resumed run skips the batches already done in the epoch (the data order depends only on the seed
+and the epoch, see :mod:`drcnn.engine.data_order`), restores the RNGs and continues with exactly
+the losses the uninterrupted run would have had (on the CPU, bit for bit).
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from drcnn.config import to_dict, to_yaml
@@ -45,177 +40,14 @@ from drcnn.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from drcnn.engine.data_order import epoch_loader, mix_seed
 from drcnn.engine.evaluate import evaluate
+from drcnn.engine.optim import Schedule, build_optimizer, build_schedule
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write_text
 from drcnn.models.detector import build_detector
 
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
-
-
-# ----------------------------------------------------------------------------- data order
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (numpy's SeedSequence hashing)."""
-    return int(
-        np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1
-    )
-
-
-class EpochSeededDataset(Dataset):
-    """Draws each sample's augmentation from a generator seeded by ``(seed, epoch, index)``."""
-
-    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
-            return self.dataset[index]
-
-
-class GlobalBatchSampler(Sampler[int]):
-    """This rank's samples of an epoch, in global-batch order, from batch ``start_batch`` on.
-
-    The epoch's permutation comes from ``(seed, epoch)``; global batch ``b`` is
-    ``perm[b * global_batch : (b + 1) * global_batch]`` and rank ``r`` gets its elements
-    ``r, r + world, ...``. Only complete global batches are used.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        per_rank: int,
-        rank: int,
-        world: int,
-        seed: int,
-        epoch: int,
-        start_batch: int,
-    ) -> None:
-        self.per_rank, self.rank, self.world = per_rank, rank, world
-        generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
-        self.perm = torch.randperm(size, generator=generator).tolist()
-        self.num_batches = size // (per_rank * world)
-        self.start_batch = start_batch
-
-    def __iter__(self) -> Iterator[int]:
-        global_batch = self.per_rank * self.world
-        for b in range(self.start_batch, self.num_batches):
-            yield from self.perm[b * global_batch + self.rank : (b + 1) * global_batch : self.world]
-
-    def __len__(self) -> int:
-        return (self.num_batches - self.start_batch) * self.per_rank
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed python/numpy in a loader worker from the torch seed the loader gave it."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def epoch_loader(
-    base: DataLoader, cfg: DictConfig, epoch: int, start_batch: int, device: torch.device
-) -> DataLoader:
-    """The training loader of ``epoch`` starting at (per-rank) batch ``start_batch``.
-
-    Reuses the dataset, collate function and worker count of the data part's loader ``base``
-    and replaces only the order and the seeding (see the module docstring).
-    """
-    seed = cfg.train.seed
-    sampler = GlobalBatchSampler(
-        len(base.dataset),
-        cfg.data.batch_size,
-        dist.get_rank(),
-        dist.get_world_size(),
-        seed,
-        epoch,
-        start_batch,
-    )
-    return DataLoader(
-        EpochSeededDataset(base.dataset, seed, epoch),
-        batch_size=cfg.data.batch_size,
-        sampler=sampler,
-        collate_fn=base.collate_fn,
-        num_workers=base.num_workers,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(mix_seed(seed, epoch, dist.get_rank())),
-        pin_memory=device.type == "cuda",
-    )
-
-
-# ----------------------------------------------------------------------------- schedule
-@dataclass
-class Schedule:
-    """Iteration plan and learning-rate factor.
-
-    ``lr_factor(i)`` is the multiplier of the base lr at iteration ``i`` (0-based): a linear warm-up
-    from ``warmup_ratio`` to 1 over ``warmup_iters``, times ``gamma`` for every decay step already
-    reached (``steps`` in iterations).
-    """
-
-    iters_per_epoch: int
-    total_iters: int
-    warmup_iters: int
-    warmup_ratio: float
-    steps: list[int]
-    gamma: float
-
-    def lr_factor(self, iteration: int) -> float:
-        warmup = 1.0
-        if iteration < self.warmup_iters:
-            warmup = self.warmup_ratio + (1 - self.warmup_ratio) * iteration / self.warmup_iters
-        return warmup * self.gamma ** sum(iteration >= step for step in self.steps)
-
-
-def build_schedule(cfg: DictConfig, dataset_size: int) -> Schedule:
-    """Iterations per epoch (complete global batches only), total iterations, decay steps."""
-    tcfg = cfg.train
-    samples_per_iter = cfg.data.batch_size * dist.get_world_size() * tcfg.accumulate
-    iters_per_epoch = dataset_size // samples_per_iter
-    if iters_per_epoch < 1:
-        raise DrcnnError(
-            f"config data.batch_size: {dataset_size} training images are fewer than one global "
-            f"batch of {samples_per_iter} (batch_size x processes x train.accumulate)"
-        )
-    total = tcfg.epochs * iters_per_epoch
-    if tcfg.max_iters is not None:
-        total = min(total, tcfg.max_iters)
-    unit = iters_per_epoch if tcfg.lr_step_unit == "epoch" else 1
-    return Schedule(
-        iters_per_epoch=iters_per_epoch,
-        total_iters=total,
-        warmup_iters=tcfg.warmup_iters,
-        warmup_ratio=tcfg.warmup_ratio,
-        steps=[int(step) * unit for step in tcfg.lr_steps],
-        gamma=tcfg.gamma,
-    )
-
-
-def scaled_lr(cfg: DictConfig) -> float:
-    """The linear scaling rule: ``lr * total_batch / reference_batch_size``.
-
-    ``train.lr`` is the learning rate of a total batch of ``train.reference_batch_size`` images
-    (the official recipe: 0.01 for 8); the run's total batch is ``data.batch_size`` x number of
-    processes x ``train.accumulate``, and the learning rate scales in proportion.
-    """
-    total_batch = cfg.data.batch_size * dist.get_world_size() * cfg.train.accumulate
-    return cfg.train.lr * total_batch / cfg.train.reference_batch_size
-
-
-def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the official recipe) or AdamW (``train.optimizer``).
-
-    AdamW serves the from-scratch CPU configs, where it converges in far fewer iterations.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=scaled_lr(cfg), weight_decay=cfg.train.weight_decay)
-    return torch.optim.SGD(
-        params, lr=scaled_lr(cfg), momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
-    )
 
 
 # ----------------------------------------------------------------------------- one step
