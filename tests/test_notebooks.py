@@ -7,6 +7,7 @@ One tiny training (a few iterations on the 128-px ``synthetic_root`` fixture) th
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -158,6 +159,22 @@ def test_ap_table_notebook(experiment: Path):
     assert table["AP"].item() == pytest.approx(100 * metrics["AP"])
     assert table["params_M"].item() > 1  # a ResNet-18 detector has millions of parameters
     assert (table["source"] == "measured").all()
+
+
+def test_ap_table_notebook_averages_seed_runs(experiment: Path, tmp_path: Path):
+    """Two ``<model>-seed<k>`` runs (copies of one trained model): a means-over-seeds table."""
+    for seed in (0, 1):
+        shutil.copytree(
+            experiment / "models" / "decoupled", tmp_path / "models" / f"dec-seed{seed}"
+        )
+    execute_notebook(
+        "ap_table.ipynb", tmp_path / "executed.ipynb", {"exp_dir": str(tmp_path)}, tmp_path
+    )
+    seeds = pd.read_csv(tmp_path / "tables" / "ap_table_seeds.csv")
+    metrics = json.loads((experiment / "models" / "decoupled" / "metrics.json").read_text())
+    assert seeds["model"].tolist() == ["dec"] and seeds["runs"].item() == 2
+    assert seeds["AP"].item() == pytest.approx(100 * metrics["AP"])
+    assert seeds["AP_std"].item() == 0
 
 
 def test_inference_demo_notebook(experiment: Path, synthetic_root: Path, tmp_path: Path):

@@ -153,6 +153,38 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
     ]
 
 
+def test_seeds_train_every_model_once_per_seed(tmp_path, synthetic_root, monkeypatch):
+    fake = FakeExecutor()
+    monkeypatch.setattr(runner, "execute_notebook", fake)
+    models = [
+        {"name": "faster", "config": FASTER},
+        {"name": "dec", "config": DECOUPLED, "overrides": ["train.seed=5"]},
+    ]
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        synthetic_root,
+        ["train", "test", "sensitivity", "ap_table"],
+        models=models,
+        seeds=[0, 3],
+        sensitivity={"models": ["dec"]},
+    )
+    status = runner.run_experiment(spec, tmp_path / "out", echo=lambda line: None)
+    runs = ["faster-seed0", "faster-seed3", "dec-seed0", "dec-seed3"]
+    assert list(status) == [
+        *(f"train-{r}" for r in runs),
+        *(f"test-{r}" for r in runs),
+        "sensitivity",
+        "ap_table",
+    ]
+    assert set(status.values()) == {"done"}
+    calls = dict(fake.calls)
+    # the seed comes last, so it wins over the model's own train.seed
+    assert calls["train-dec-seed3"]["overrides"][-2:] == ["train.seed=5", "train.seed=3"]
+    assert calls["test-faster-seed0"]["overrides"][-1] == "train.seed=0"
+    assert calls["train-dec-seed3"]["work_dir"] == str(tmp_path / "out" / "models" / "dec-seed3")
+    assert list(calls["sensitivity"]["checkpoints"]) == ["dec-seed0", "dec-seed3"]
+
+
 def test_missing_outputs_fail_the_step(tmp_path, synthetic_root, monkeypatch):
     monkeypatch.setattr(runner, "execute_notebook", lambda *args: None)
     spec = write_spec(tmp_path / "spec.yaml", synthetic_root, ["train"])
@@ -173,6 +205,7 @@ def test_missing_outputs_fail_the_step(tmp_path, synthetic_root, monkeypatch):
         ({"models": []}, "at least one model"),
         ({"dataset": {"type": "voc"}}, "dataset.type"),
         ({"sensitivity": {"models": ["zzz"]}}, "sensitivity.models"),
+        ({"seeds": [1, 2, 1]}, "seeds: expected distinct seeds"),
     ],
 )
 def test_bad_specs_are_one_line_errors(tmp_path, synthetic_root, change, message, capsys):

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -154,3 +155,53 @@ def test_report_collects_tables_figures_and_provenance(experiment: Path):
     )
     md = write_report(experiment)[0].read_text()
     assert "0.125" in md and "Not available: the sensitivity" not in md
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> Path:
+    """Two models, three seed runs each (AP of each run below), as ``drcnn run`` with seeds."""
+    exp = tmp_path / "seeded"
+    aps = {"faster": [0.30, 0.34, 0.29], "decoupled": [0.41, 0.38, 0.45]}
+    for model, values in aps.items():
+        kind = "standard" if model == "faster" else "decoupled"
+        for seed, ap in zip((0, 1, 10), values, strict=True):
+            _model(exp, f"{model}-seed{seed}", kind, _metrics(ap, 0.03), 10.0 + seed)
+    spec = {"name": "unit", "models": [{"name": "faster"}, {"name": "decoupled"}]}
+    (exp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return exp
+
+
+def test_seed_runs_keep_the_spec_order_then_seed_order(seeded: Path):
+    names = [d.name for d in tables.model_dirs(seeded)]
+    assert names == [f"{m}-seed{s}" for m in ("faster", "decoupled") for s in (0, 1, 10)]
+
+
+def test_mean_over_seeds_against_numpy(seeded: Path):
+    table = tables.ap_table(seeded)
+    means = tables.mean_over_seeds(table).set_index("model")
+    assert list(means.index) == ["faster", "decoupled"]
+    for model, values in {"faster": [30, 34, 29], "decoupled": [41, 38, 45]}.items():
+        row = means.loc[model]
+        assert row["runs"] == 3 and row["type"] == (
+            "standard" if model == "faster" else "decoupled"
+        )
+        assert row["AP"] == pytest.approx(np.mean(values))
+        assert row["AP_std"] == pytest.approx(np.std(values, ddof=1))
+        assert row["fps"] == pytest.approx(np.mean([10.0, 11.0, 20.0]))
+        # AP75 = 100 * (AP + 0.2 - 5 * 0.03) per run, so its spread is AP's
+        assert row["AP75_std"] == pytest.approx(row["AP_std"])
+
+
+def test_mean_over_seeds_needs_two_runs_of_a_model(experiment: Path):
+    assert tables.mean_over_seeds(tables.ap_table(experiment)) is None
+    reported_only = pd.DataFrame(tables.reported_rows()).reindex(columns=tables.COLUMNS)
+    assert tables.mean_over_seeds(reported_only) is None
+
+
+def test_report_shows_the_means_over_seeds(seeded: Path):
+    table = tables.ap_table(seeded)
+    tables.write_table(table, seeded / "tables" / "ap_table")
+    tables.write_table(tables.mean_over_seeds(table), seeded / "tables" / "ap_table_seeds")
+    md = write_report(seeded)[0].read_text()
+    assert "Over seeds" in md and "AP_std" in md
+    assert f"{np.mean([41, 38, 45]):.1f}" in md  # decoupled's mean AP

@@ -92,7 +92,7 @@ def _missing(what: str) -> tuple:
 
 
 def ap_section(exp_dir: Path) -> Section:
-    """The AP table (``tables/ap_table.csv``) and the AP-vs-IoU figure."""
+    """The AP table (``tables/ap_table.csv``), its means over seeds, the AP-vs-IoU figure."""
     section = Section("AP table (COCO-style box AP, %)")
     csv = exp_dir / "tables" / "ap_table.csv"
     if not csv.is_file():
@@ -106,6 +106,16 @@ def ap_section(exp_dir: Path) -> Section:
         )
     )
     section.blocks.append(("table", pd.read_csv(csv), 1))
+    seeds = exp_dir / "tables" / "ap_table_seeds.csv"
+    if seeds.is_file():
+        section.blocks.append(
+            (
+                "text",
+                "Over seeds: one row per model, the mean of its `runs` seed runs and the sample "
+                "standard deviation (`*_std`).",
+            )
+        )
+        section.blocks.append(("table", pd.read_csv(seeds), 1))
     if (exp_dir / "tables" / "ap_vs_iou.png").is_file():
         section.blocks.append(("image", "tables/ap_vs_iou.png", "AP vs IoU threshold"))
     return section

@@ -1,7 +1,9 @@
 """``drcnn run SPEC.yaml``: an experiment spec -> trained models, studies, tables and a report.
 
 A spec (YAML, schema :class:`Spec`) names the dataset, the models (name, config, overrides),
-the device and the steps. The runner
+the device, the steps and, optionally, seeds: with ``seeds: [0, 1, 2]`` every model trains once
+per seed, as the run ``<model>-seed<k>`` (``train.seed=k``), and the AP table step adds the mean
+and spread over seeds (:func:`drcnn.analysis.tables.mean_over_seeds`). The runner
 
 1. writes the resolved spec to ``OUT/spec.yaml`` and, for a synthetic dataset, generates it if
    missing (``drcnn.data.synthetic.ensure_synthetic_dataset``);
@@ -97,6 +99,8 @@ class Spec:
     device: str = "cpu"
     models: list[ModelSpec] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # for every model, before its own
+    # empty: one run per model; else one run per model and seed, <model>-seed<k>, train.seed=k
+    seeds: list[int] = field(default_factory=list)
     steps: list[str] = field(default_factory=lambda: list(STEP_KINDS))
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
     ap_table: ApTableSpec = field(default_factory=ApTableSpec)
@@ -151,6 +155,8 @@ def _validate(spec: Any, path: Path) -> None:
     unknown = set(spec.sensitivity.models or []) - set(names)
     if unknown:
         raise DrcnnError(f"spec {path}: sensitivity.models: unknown models {sorted(unknown)}")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise DrcnnError(f"spec {path}: seeds: expected distinct seeds, got {list(spec.seeds)}")
 
 
 def data_overrides(spec: Any) -> list[str]:
@@ -163,35 +169,59 @@ def model_overrides(spec: Any, model: Any) -> list[str]:
     return [*data_overrides(spec), *spec.overrides, *model.overrides]
 
 
-def _model_steps(spec: Any, out: Path, kind: str) -> list[Step]:
-    """``train-<model>`` or ``test-<model>`` for every model (both run notebooks/train.ipynb)."""
-    steps = []
+@dataclass
+class Run:
+    """One training run of a model: the model itself, or one of its seeds."""
+
+    name: str  # the folder under OUT/models/ and the step names' suffix
+    model: Any  # its ModelSpec
+    overrides: list[str]
+
+
+def model_runs(spec: Any, models: list[str] | None = None) -> list[Run]:
+    """The runs of ``models`` (default: all), in spec order and, within a model, seed order."""
+    runs = []
     for model in spec.models:
-        work = out / "models" / model.name
+        if models is not None and model.name not in models:
+            continue
+        overrides = model_overrides(spec, model)
+        if not spec.seeds:
+            runs.append(Run(model.name, model, overrides))
+        for seed in spec.seeds:
+            # last, so that it wins over a train.seed among the spec's or the model's overrides
+            runs.append(Run(f"{model.name}-seed{seed}", model, [*overrides, f"train.seed={seed}"]))
+    return runs
+
+
+def _model_steps(spec: Any, out: Path, kind: str) -> list[Step]:
+    """``train-<run>`` or ``test-<run>`` for every run (both run notebooks/train.ipynb)."""
+    steps = []
+    for run in model_runs(spec):
+        model = run.model
+        work = out / "models" / run.name
         params = {
             "config": str(Path(model.config).resolve()),
             "work_dir": str(work),
-            "overrides": model_overrides(spec, model),
+            "overrides": run.overrides,
             "device": spec.device,
             "run_train": kind == "train",
             "run_test": kind == "test",
         }
         if kind == "train":
             steps.append(
-                Step(f"train-{model.name}", kind, "train.ipynb", params, [work / "latest.pth"])
+                Step(f"train-{run.name}", kind, "train.ipynb", params, [work / "latest.pth"])
             )
             continue
-        needs = [f"train-{model.name}"] if "train" in spec.steps else []
+        needs = [f"train-{run.name}"] if "train" in spec.steps else []
         outputs, inputs = [work / "metrics.json"], [work / "latest.pth"]
-        steps.append(
-            Step(f"test-{model.name}", kind, "train.ipynb", params, outputs, inputs, needs)
-        )
+        steps.append(Step(f"test-{run.name}", kind, "train.ipynb", params, outputs, inputs, needs))
     return steps
 
 
 def _sensitivity_step(spec: Any, out: Path) -> Step:
-    """The study over the chosen models' final checkpoints."""
-    names = list(spec.sensitivity.models or [m.name for m in spec.models])
+    """The study over the final checkpoints of the chosen models' runs."""
+    chosen = spec.sensitivity.models
+    names = [run.name for run in model_runs(spec, None if chosen is None else list(chosen))]
     checkpoints = {n: str(out / "models" / n / "latest.pth") for n in names}
     params = {
         "checkpoints": checkpoints,
@@ -219,7 +249,7 @@ def _ap_table_step(spec: Any, out: Path) -> Step:
         "include_reported": spec.dataset.type == "coco" if include is None else include,
         "baseline": spec.ap_table.baseline,
     }
-    names = [m.name for m in spec.models]
+    names = [run.name for run in model_runs(spec)]
     inputs = [out / "models" / n / "metrics.json" for n in names]
     needs = [f"test-{n}" for n in names] if "test" in spec.steps else []
     outputs = [out / "tables" / "ap_table.csv"]

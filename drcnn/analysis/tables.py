@@ -8,12 +8,17 @@ count; layout in docs/design.md). AP values are percentages. Each AP column also
 METHOD.md) can be appended as rows whose ``source`` is ``reported``; their deltas are taken
 against the reported Faster R-CNN (2x) number with the same backbone, never against a measured
 row.
+
+An experiment run with several seeds has one work dir per model and seed, ``<model>-seed<k>``;
+:func:`mean_over_seeds` turns their rows into one row per model: the mean and the sample standard
+deviation over its seeds.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +32,7 @@ IOU_COLUMNS = {"AP80": "0.80", "AP85": "0.85", "AP90": "0.90", "AP95": "0.95"}
 AP_COLUMNS = ["AP", "AP50", "AP75", *IOU_COLUMNS, "APs", "APm", "APl"]
 DELTA_OF = ["AP", "AP50", "AP75", *IOU_COLUMNS]
 COLUMNS = ["model", "source", "type", "backbone", *AP_COLUMNS, "fps", "params_M"]
+SEED_RUN = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")  # the runner's <model>-seed<k>
 
 # Published COCO val2017 box AP (METHOD.md): Decoupled R-CNN (official, 2x, fps on a TITAN X)
 # and the mmdetection baselines.
@@ -59,10 +65,44 @@ def model_dirs(exp_dir: str | Path) -> list[Path]:
     spec = exp_dir / "spec.yaml"
     if spec.is_file():
         order = [m["name"] for m in (yaml.safe_load(spec.read_text()) or {}).get("models", [])]
-        names = [n for n in order if n in names] + [n for n in names if n not in order]
+        names = sorted(names, key=lambda n: spec_position(n, order))
     return [
         exp_dir / "models" / n for n in names if (exp_dir / "models" / n / "metrics.json").is_file()
     ]
+
+
+def model_of(run: str) -> str:
+    """The model a run belongs to: ``a-seed3`` -> ``a``; a run without a seed is its model."""
+    match = SEED_RUN.match(run)
+    return match["model"] if match else run
+
+
+def spec_position(run: str, order: list[str]) -> tuple[int, int]:
+    """Sort key of a run: its model's place in the spec (unknown models last), then its seed."""
+    match = SEED_RUN.match(run)
+    if run in order or match is None:
+        return (order.index(run) if run in order else len(order), -1)
+    model = match["model"]
+    return (order.index(model) if model in order else len(order), int(match["seed"]))
+
+
+def mean_over_seeds(table: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per model of the measured rows: mean and sample std (``<column>_std``) of every
+    AP column and fps over the model's seed runs, and their number (``runs``).
+
+    None when no model has more than one run (nothing to average).
+    """
+    measured = table[table["source"] == "measured"]
+    groups = measured.groupby(measured["model"].map(model_of), sort=False)
+    if measured.empty or groups.size().max() < 2:
+        return None
+    values = [*AP_COLUMNS, "fps"]
+    mean, std = groups[values].mean(), groups[values].std(ddof=1)
+    out = groups[["type", "backbone"]].first()
+    out.insert(0, "runs", groups.size())
+    for column in values:
+        out[column], out[f"{column}_std"] = mean[column], std[column]
+    return out.rename_axis("model").reset_index()
 
 
 def measured_row(work_dir: Path) -> dict:
