@@ -192,6 +192,15 @@ def test_mean_over_seeds_against_numpy(seeded: Path):
         assert row["AP75_std"] == pytest.approx(row["AP_std"])
 
 
+def test_a_seeded_baseline_is_its_lowest_seed_run(seeded: Path):
+    table = tables.ap_table(seeded, baseline="faster").set_index("model")
+    base = table.loc["faster-seed0", "AP"]
+    assert table.loc["decoupled-seed10", "dAP"] == pytest.approx(45 - base)
+    assert table.loc["faster-seed0", "dAP"] == 0
+    with pytest.raises(DrcnnError, match="baseline model 'fast'"):
+        tables.ap_table(seeded, baseline="fast")
+
+
 def test_mean_over_seeds_needs_two_runs_of_a_model(experiment: Path):
     assert tables.mean_over_seeds(tables.ap_table(experiment)) is None
     reported_only = pd.DataFrame(tables.reported_rows()).reindex(columns=tables.COLUMNS)

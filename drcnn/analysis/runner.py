@@ -40,6 +40,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from drcnn.analysis import provenance
+from drcnn.analysis.tables import seed_run
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write_text
 
@@ -189,7 +190,8 @@ def model_runs(spec: Any, models: list[str] | None = None) -> list[Run]:
             runs.append(Run(model.name, model, overrides))
         for seed in spec.seeds:
             # last, so that it wins over a train.seed among the spec's or the model's overrides
-            runs.append(Run(f"{model.name}-seed{seed}", model, [*overrides, f"train.seed={seed}"]))
+            name = seed_run(model.name, seed)
+            runs.append(Run(name, model, [*overrides, f"train.seed={seed}"]))
     return runs
 
 

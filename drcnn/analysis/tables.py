@@ -32,7 +32,7 @@ IOU_COLUMNS = {"AP80": "0.80", "AP85": "0.85", "AP90": "0.90", "AP95": "0.95"}
 AP_COLUMNS = ["AP", "AP50", "AP75", *IOU_COLUMNS, "APs", "APm", "APl"]
 DELTA_OF = ["AP", "AP50", "AP75", *IOU_COLUMNS]
 COLUMNS = ["model", "source", "type", "backbone", *AP_COLUMNS, "fps", "params_M"]
-SEED_RUN = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")  # the runner's <model>-seed<k>
+SEED_RUN = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")  # what seed_run names
 
 # Published COCO val2017 box AP (METHOD.md): Decoupled R-CNN (official, 2x, fps on a TITAN X)
 # and the mmdetection baselines.
@@ -69,6 +69,11 @@ def model_dirs(exp_dir: str | Path) -> list[Path]:
     return [
         exp_dir / "models" / n for n in names if (exp_dir / "models" / n / "metrics.json").is_file()
     ]
+
+
+def seed_run(model: str, seed: int) -> str:
+    """The name of ``model``'s run with ``train.seed=seed`` (its folder under ``models/``)."""
+    return f"{model}-seed{seed}"
 
 
 def model_of(run: str) -> str:
@@ -155,7 +160,10 @@ def _add_deltas(table: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
         table[f"d{column}"] = math.nan
     measured = table["source"] == "measured"
     if measured.any():
-        pick = table["model"] == baseline if baseline else table["type"] == "standard"
+        if baseline:  # a model, or a model with seed runs (then its lowest seed's run)
+            pick = (table["model"] == baseline) | (table["model"].map(model_of) == baseline)
+        else:
+            pick = table["type"] == "standard"
         base = table[measured & pick]
         if baseline and base.empty:
             raise DrcnnError(f"ap table: baseline model {baseline!r} has no test metrics")
