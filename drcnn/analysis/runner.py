@@ -31,7 +31,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +179,7 @@ class Run:
     overrides: list[str]
 
 
-def model_runs(spec: Any, models: list[str] | None = None) -> list[Run]:
+def model_runs(spec: Any, models: Sequence[str] | None = None) -> list[Run]:
     """The runs of ``models`` (default: all), in spec order and, within a model, seed order."""
     runs = []
     for model in spec.models:
@@ -222,8 +222,7 @@ def _model_steps(spec: Any, out: Path, kind: str) -> list[Step]:
 
 def _sensitivity_step(spec: Any, out: Path) -> Step:
     """The study over the final checkpoints of the chosen models' runs."""
-    chosen = spec.sensitivity.models
-    names = [run.name for run in model_runs(spec, None if chosen is None else list(chosen))]
+    names = [run.name for run in model_runs(spec, spec.sensitivity.models)]
     checkpoints = {n: str(out / "models" / n / "latest.pth") for n in names}
     params = {
         "checkpoints": checkpoints,

@@ -84,11 +84,9 @@ def model_of(run: str) -> str:
 
 def spec_position(run: str, order: list[str]) -> tuple[int, int]:
     """Sort key of a run: its model's place in the spec (unknown models last), then its seed."""
-    match = SEED_RUN.match(run)
-    if run in order or match is None:
-        return (order.index(run) if run in order else len(order), -1)
-    model = match["model"]
-    return (order.index(model) if model in order else len(order), int(match["seed"]))
+    model = run if run in order else model_of(run)
+    seed = int(SEED_RUN.match(run)["seed"]) if model != run else -1
+    return (order.index(model) if model in order else len(order), seed)
 
 
 def mean_over_seeds(table: pd.DataFrame) -> pd.DataFrame | None:

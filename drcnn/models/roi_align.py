@@ -10,7 +10,7 @@ into contiguous chunks and runs the same torchvision kernels on them in threads
 output value is computed by the same kernel from the same box, so the forward result is
 bit-identical to torchvision's; the input gradient is the sum of the chunks' gradients (equal up
 to float rounding where two chunks share an image). On CUDA, with one thread, or for little work
-it is exactly :class:`torchvision.ops.MultiScaleRoIAlign`.
+it is exactly :class:`torchvision.ops.MultiScaleRoIAlign` (when not ``aligned``, see below).
 
 ``aligned=True`` samples half a pixel earlier (a box edge is a pixel edge, not a pixel centre),
 as mmcv's RoIAlign does by default and so the official mmdetection 2.4 code; torchvision's
