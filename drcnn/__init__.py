@@ -25,6 +25,7 @@ _LAZY = {
     "generate_synthetic_coco": "drcnn.data.synthetic:generate_synthetic_coco",
     "evaluate_coco": "drcnn.engine.coco_eval:evaluate_coco",
     "run_experiment": "drcnn.analysis.runner:run_experiment",
+    "convert_mmdet": "drcnn.models.mmdet_compat:convert_mmdet_checkpoint",
 }
 
 __all__ = ["DrcnnError", "load_config", *_LAZY]

@@ -25,6 +25,7 @@ COMMANDS = (
     "sensitivity",
     "report",
     "run",
+    "convert",
 )
 
 

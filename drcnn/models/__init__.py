@@ -3,5 +3,23 @@
 Import from the modules themselves (kept import-light here to avoid cycles):
 ``drcnn.models.detector.build_detector(cfg)`` builds Faster / Cascade / Decoupled R-CNN;
 ``backbone``, ``rpn``, ``sampling``, ``box_heads``, ``postprocess`` and ``roi_heads`` hold the
-parts, ``torchvision_compat`` loads torchvision Faster R-CNN weights.
+parts, ``torchvision_compat`` loads torchvision Faster R-CNN weights and ``mmdet_compat``
+mmdetection 2.x checkpoints (``drcnn.models.load_mmdet_checkpoint`` is loaded on first use).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> "module:attribute", imported lazily by __getattr__
+_LAZY = {"load_mmdet_checkpoint": "drcnn.models.mmdet_compat:load_mmdet_checkpoint"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'drcnn.models' has no attribute {name!r}")
+    module, attr = _LAZY[name].split(":")
+    return getattr(importlib.import_module(module), attr)
