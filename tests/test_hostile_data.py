@@ -323,14 +323,21 @@ def _dataset_root(synthetic_root: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("name", ["nan_box", "parent_file_name", "size_mismatch"])
-def test_test_refuses_bad_ground_truth(synthetic_root, checkpoint, tmp_path, capsys, name) -> None:
+@pytest.mark.parametrize(
+    ("name", "workers"),
+    [("nan_box", 0), ("parent_file_name", 0), ("size_mismatch", 0), ("size_mismatch", 1)],
+)
+def test_test_refuses_bad_ground_truth(
+    synthetic_root, checkpoint, tmp_path, capsys, name, workers
+) -> None:
+    """With a loader worker the error of an image refused in that process must still be one
+    line (torch re-raises it with the worker's traceback in the message)."""
     root = _dataset_root(synthetic_root, tmp_path / "data")
     _bad_ground_truth(root, name, root / VAL_ANN)
     shutil.copytree(synthetic_root / "train", root / "train")  # what '../train/...' names
     out = tmp_path / "out"
     argv = ["test", FASTER, checkpoint, "--out", out / "results.bbox.json", "--device", "cpu",
-            "--set", *tiny_overrides(root)]  # fmt: skip
+            "--set", *tiny_overrides(root), f"data.workers={workers}"]  # fmt: skip
     err = expect_refusal(argv, capsys, watch=[root, checkpoint.parent, out], may_create=[out])
     assert re.search(GROUND_TRUTH_DEFECTS[name][1], err), err
 
