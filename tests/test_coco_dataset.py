@@ -199,6 +199,24 @@ def test_16_bit_png_scales_by_65535_like_its_8_bit_twin(tmp_path: Path) -> None:
         torch.testing.assert_close(sixteen_bit, eight_bit, rtol=0, atol=1e-7)
 
 
+def test_16_bit_pgm_read_as_mode_i_scales_by_65535(tmp_path: Path) -> None:
+    """PIL opens a 16-bit PGM as 32-bit mode I: values 0..65535 still mean 16 bits."""
+    values = np.array([[0, 1, 257], [32768, 65534, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "gray16.pgm")
+    assert Image.open(tmp_path / "gray16.pgm").mode == "I"
+    image = infer_load_image(tmp_path / "gray16.pgm")
+    expected = torch.from_numpy(values / 65535).float().expand(3, -1, -1)
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-7)
+
+
+def test_long_side_at_most_100_times_the_short_side(tmp_path: Path) -> None:
+    Image.new("RGB", (100, 1)).save(tmp_path / "ok.png")
+    Image.new("RGB", (1, 101)).save(tmp_path / "thin.png")
+    assert infer_load_image(tmp_path / "ok.png").shape == (3, 1, 100)
+    with pytest.raises(DrcnnError, match=r"thin\.png: 1x101 pixels; the long side may be at most"):
+        infer_load_image(tmp_path / "thin.png")
+
+
 def _upright() -> Image.Image:
     """A 40x30 black image with a red block in the top-left corner (orientation visible)."""
     image = Image.new("RGB", (40, 30))

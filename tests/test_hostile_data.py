@@ -27,6 +27,7 @@ from test_train import FASTER, tiny_overrides
 from drcnn.cli import main
 from drcnn.config import load_config, to_dict
 from drcnn.engine.checkpoint import save_checkpoint
+from drcnn.engine.infer import infer
 from drcnn.models.detector import build_detector
 
 VAL_ANN = Path("annotations") / "instances_val.json"
@@ -115,6 +116,10 @@ GROUND_TRUTH_DEFECTS: dict[str, tuple[Edit, str]] = {
     "list_file_name": (
         _set("images", 1, "file_name", value=["a.png"]),
         r"images\[1\]\.file_name must be a non-empty string, got \['a\.png'\]",
+    ),
+    "nul_file_name": (
+        _set("images", 1, "file_name", value="a\0b.png"),
+        r"images\[1\]\.file_name must be a name without NUL characters, got 'a\\x00b\.png'",
     ),
     "empty_file_name": (
         _set("images", 1, "file_name", value=""),
@@ -313,6 +318,13 @@ def test_infer_refuses_bad_images(synthetic_root, checkpoint, tmp_path, capsys, 
             "--set", *tiny_overrides(synthetic_root)]  # fmt: skip
     err = expect_refusal(argv, capsys, watch=[inputs, checkpoint.parent, out], may_create=[out])
     assert re.search(f"^error: {re.escape(str(image))}: {IMAGE_DEFECTS[name]}", err), err
+
+
+def test_infer_runs_the_most_elongated_image_allowed(checkpoint, tmp_path) -> None:
+    """100:1, the limit: the tiny model's resize (max_size 128) leaves it 1 pixel high."""
+    Image.new("RGB", (100, 1), (200, 100, 50)).save(tmp_path / "strip.png")
+    entries = infer(None, checkpoint, [tmp_path / "strip.png"], tmp_path / "out", device="cpu")
+    assert (entries[0]["width"], entries[0]["height"]) == (100, 1)
 
 
 def _dataset_root(synthetic_root: Path, folder: Path) -> Path:

@@ -138,8 +138,10 @@ def _check_image(image: dict, entry: str, path: Path | str) -> None:
     """A relative ``file_name`` that stays inside the image folder; ``width``/``height``, where
     given, positive integers."""
     name = image["file_name"]
-    if not isinstance(name, str) or not name or "\0" in name:
+    if not isinstance(name, str) or not name:
         raise field_error(path, f"{entry}.file_name", "a non-empty string", name)
+    if "\0" in name:
+        raise field_error(path, f"{entry}.file_name", "a name without NUL characters", name)
     relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts:
         raise DrcnnError(

@@ -49,7 +49,7 @@ def load_image(path: str | Path) -> Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                check_aspect_ratio(path, image.size)
+                _check_aspect_ratio(path, image.size)
                 return _to_float_rgb(path, ImageOps.exif_transpose(image))
     except FileNotFoundError as exc:
         raise DrcnnError(f"{path}: image file not found") from exc
@@ -59,7 +59,7 @@ def load_image(path: str | Path) -> Tensor:
         raise DrcnnError(f"{path}: cannot read image ({exc})") from exc
 
 
-def check_aspect_ratio(path: Path, size: tuple[int, int]) -> None:
+def _check_aspect_ratio(path: Path, size: tuple[int, int]) -> None:
     """Refuse an image (``size`` = width, height) with an empty side or a long side more than
     :data:`MAX_ASPECT_RATIO` times its short side."""
     short, long = sorted(size)
