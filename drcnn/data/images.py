@@ -9,7 +9,8 @@
 - 8-bit images of any PIL mode (grayscale, RGBA, palette, CMYK, ...) are converted to RGB and
   divided by 255; 16-bit grayscale (modes ``I;16*``, and ``I`` with values in ``0..65535``,
   e.g. 16-bit PGM) is divided by 65535 and repeated over the three channels. PIL's own
-  conversion to RGB would clip 16-bit values at 255 (an all-white image).
+  conversion to RGB would clip 16-bit values at 255 (an all-white image). 16-bit colour PNGs
+  PIL itself reads as 8-bit RGB (the high byte of each sample), so they are scaled right.
 
 Refused with a one-line :class:`DrcnnError` naming the file: unreadable files; images over
 PIL's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89 megapixels; PIL only
