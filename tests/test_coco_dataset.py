@@ -8,6 +8,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +18,7 @@ from torchvision import tv_tensors
 from drcnn.config import load_config
 from drcnn.data.coco import CocoDetection
 from drcnn.data.loader import build_dataloader, build_dataset
+from drcnn.engine.infer import load_image as infer_load_image
 from drcnn.errors import DrcnnError
 
 GRAY, RGBA, PALETTE_RGB = 128, (10, 200, 30, 77), (250, 5, 90)
@@ -123,7 +125,7 @@ def test_every_image_mode_becomes_float_rgb(handmade) -> None:
         ),
         (
             {"annotations": [{"id": 1, "image_id": 10, "category_id": 2, "bbox": [0, 0, 1]}]},
-            "bbox must be 4 numbers",
+            "bbox must be 4 finite numbers",
         ),
     ],
 )
@@ -155,6 +157,125 @@ def test_missing_or_corrupt_image_fails_when_loaded_naming_the_file(handmade) ->
         dataset[0]
     with pytest.raises(DrcnnError, match=r"rgba\.png: cannot read image"):
         dataset[1]
+
+
+def _single_image_dataset(folder: Path, image: Image.Image, size: tuple[int, int], **save) -> Path:
+    """``folder/ann.json`` for one image ``img.png`` (saved with ``save`` options) whose
+    annotation gives ``size`` (width, height) and one box; returns the annotation file."""
+    (folder / "images").mkdir(parents=True)
+    image.save(folder / "images" / "img.png", **save)
+    ann = {
+        "images": [{"id": 1, "file_name": "img.png", "width": size[0], "height": size[1]}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 2]}],
+    }
+    (folder / "ann.json").write_text(json.dumps(ann))
+    return folder / "ann.json"
+
+
+def _both_loaders(folder: Path) -> list[torch.Tensor]:
+    """The image of a :func:`_single_image_dataset` as the dataset and ``drcnn infer`` load it."""
+    dataset_image, _ = CocoDetection(folder / "ann.json", folder / "images")[0]
+    return [
+        dataset_image.as_subclass(torch.Tensor),
+        infer_load_image(folder / "images" / "img.png"),
+    ]
+
+
+def test_16_bit_png_scales_by_65535_like_its_8_bit_twin(tmp_path: Path) -> None:
+    """A 16-bit gradient v * 257 (PIL mode I;16) must decode like the 8-bit gradient v."""
+    levels = np.arange(24 * 32, dtype=np.int64).reshape(24, 32) % 256
+    _single_image_dataset(
+        tmp_path / "16", Image.fromarray((levels * 257).astype(np.uint16)), (32, 24)
+    )
+    _single_image_dataset(tmp_path / "8", Image.fromarray(levels.astype(np.uint8)), (32, 24))
+    assert Image.open(tmp_path / "16" / "images" / "img.png").mode == "I;16"
+    reference = torch.from_numpy(levels / 255).float().expand(3, -1, -1)
+    for eight_bit, sixteen_bit in zip(
+        _both_loaders(tmp_path / "8"), _both_loaders(tmp_path / "16"), strict=True
+    ):
+        assert sixteen_bit.shape == (3, 24, 32) and sixteen_bit.dtype == torch.float32
+        torch.testing.assert_close(sixteen_bit, reference, rtol=0, atol=1e-7)
+        torch.testing.assert_close(sixteen_bit, eight_bit, rtol=0, atol=1e-7)
+
+
+def test_16_bit_pgm_read_as_mode_i_scales_by_65535(tmp_path: Path) -> None:
+    """PIL opens a 16-bit PGM as 32-bit mode I: values 0..65535 still mean 16 bits."""
+    values = np.array([[0, 1, 257], [32768, 65534, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "gray16.pgm")
+    assert Image.open(tmp_path / "gray16.pgm").mode == "I"
+    image = infer_load_image(tmp_path / "gray16.pgm")
+    expected = torch.from_numpy(values / 65535).float().expand(3, -1, -1)
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-7)
+
+
+def test_long_side_at_most_100_times_the_short_side(tmp_path: Path) -> None:
+    Image.new("RGB", (100, 1)).save(tmp_path / "ok.png")
+    Image.new("RGB", (1, 101)).save(tmp_path / "thin.png")
+    assert infer_load_image(tmp_path / "ok.png").shape == (3, 1, 100)
+    with pytest.raises(DrcnnError, match=r"thin\.png: 1x101 pixels; the long side may be at most"):
+        infer_load_image(tmp_path / "thin.png")
+
+
+def _upright() -> Image.Image:
+    """A 40x30 black image with a red block in the top-left corner (orientation visible)."""
+    image = Image.new("RGB", (40, 30))
+    image.paste((255, 0, 0), (0, 0, 10, 5))
+    return image
+
+
+def test_exif_orientation_is_applied_by_both_loaders(tmp_path: Path) -> None:
+    """EXIF orientation 6 (rotate 90 degrees clockwise to display): the pixels stored on disk
+    are the upright image turned 90 degrees counter-clockwise; both loaders return it upright,
+    at the displayed size the annotation gives."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = _upright().transpose(Image.Transpose.ROTATE_90)
+    _single_image_dataset(tmp_path, stored, (40, 30), exif=exif)
+    upright = torch.from_numpy(np.array(_upright())).permute(2, 0, 1).float() / 255
+    for image in _both_loaders(tmp_path):
+        assert torch.equal(image, upright)
+
+
+def test_decoded_size_must_match_the_annotation(tmp_path: Path) -> None:
+    """An annotation giving the stored size of an EXIF-rotated image: its boxes would not fit."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    ann = _single_image_dataset(
+        tmp_path, _upright().transpose(Image.Transpose.ROTATE_90), (30, 40), exif=exif
+    )
+    dataset = CocoDetection(ann, tmp_path / "images")
+    with pytest.raises(DrcnnError, match=r"img\.png: image 1 decodes to 40x30 pixels .* 30x40"):
+        dataset[0]
+
+
+def test_missing_area_and_iscrowd_are_filled_in(handmade) -> None:
+    """As pycocotools' loadRes fills results: area = box width x height, iscrowd = 0; given
+    values are kept."""
+    ann, images = handmade
+    anns = CocoDetection(ann, images).coco.anns
+    assert anns[6]["iscrowd"] == 0 and anns[6]["area"] == 4 * 0.2
+    assert anns[1]["area"] == 10 * 6 and anns[2]["iscrowd"] == 1
+
+
+def test_box_count_per_image_is_capped(handmade) -> None:
+    """At most MAX_BOXES_PER_IMAGE (1,000) boxes per image: the RPN's box-anchor IoU matrix."""
+    ann, images = handmade
+
+    def with_boxes(count: int) -> None:
+        boxes = [
+            {"id": i, "image_id": 12, "category_id": 2, "bbox": [i % 30, 1, 5, 5]}
+            for i in range(1, count + 1)
+        ]
+        ann.write_text(json.dumps(_coco(annotations=boxes)))
+
+    with_boxes(1000)
+    assert len(CocoDetection(ann, images)[2][1]["boxes"]) == 1000
+    with_boxes(1001)
+    with pytest.raises(
+        DrcnnError, match=r"image 12 \('palette.png'\) has 1001 boxes; at most 1000"
+    ):
+        CocoDetection(ann, images)
 
 
 def _cfg(root: Path, *overrides: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from drcnn.data.coco import CocoDetection
 from drcnn.engine.coco_eval import detections_to_coco, evaluate_coco, format_metrics
+from drcnn.errors import DrcnnError
 
 NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 STAT_INDEX = (0, 1, 2, 3, 4, 5, 8)  # COCOeval.stats positions, from pycocotools' summarize
@@ -116,3 +118,58 @@ def test_format_metrics_lists_every_value() -> None:
     for i, name in enumerate(NAMES):
         assert f"{name}" in text and f"{0.1 * (i + 1):.4f}" in text
     assert "0.95" in text and "0.450" in text
+
+
+def _ground_truth_as_results(ann: Path) -> list[dict]:
+    gt = json.loads(ann.read_text())
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1}
+        for a in gt["annotations"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"bbox": [math.nan] * 4}, r"entry 0: bbox must be 4 finite numbers .*, got \[nan, nan"),
+        ({"bbox": [1, 2, math.inf, 3]}, r"entry 0: bbox .*got \[1, 2, inf, 3\]"),
+        ({"bbox": [1, 2, -4, 3]}, r"entry 0: bbox .*with w, h >= 0, got \[1, 2, -4, 3\]"),
+        ({"score": math.nan}, r"entry 0: score must be a finite number, got nan"),
+    ],
+)
+def test_non_finite_results_are_refused_not_scored(synthetic_root: Path, bad, message) -> None:
+    """pycocotools scores all-NaN boxes AP 1.0 (its test ``iou < threshold`` is false for NaN):
+    every entry must be finite, and the error names the entry."""
+    results = [{**r, **bad} for r in _ground_truth_as_results(_val_ann(synthetic_root))]
+    with pytest.raises(DrcnnError, match=f"^results: {message}"):
+        evaluate_coco(_val_ann(synthetic_root), results)
+
+
+def test_non_finite_ground_truth_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
+    gt = json.loads(_val_ann(synthetic_root).read_text())
+    gt["annotations"][2]["bbox"][1] = math.nan
+    ann = tmp_path / "nan.json"
+    ann.write_text(json.dumps(gt))
+    with pytest.raises(DrcnnError, match=r"nan\.json: annotations\[2\]\.bbox must be 4 finite"):
+        evaluate_coco(ann, _ground_truth_as_results(_val_ann(synthetic_root)))
+
+
+def test_missing_area_and_iscrowd_evaluate_as_if_filled_in(
+    synthetic_root: Path, perturbed_results: Path, tmp_path: Path, coco_reference
+) -> None:
+    """A ground-truth file without area/iscrowd (written by other tools) scores what pycocotools
+    gives the same file with area = w * h and iscrowd = 0 written in."""
+    gt = json.loads(_val_ann(synthetic_root).read_text())
+    for ann in gt["annotations"]:
+        del ann["area"], ann["iscrowd"]
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(gt))
+    for ann in gt["annotations"]:
+        ann["area"], ann["iscrowd"] = ann["bbox"][2] * ann["bbox"][3], 0
+    filled = tmp_path / "filled.json"
+    filled.write_text(json.dumps(gt))
+    metrics = evaluate_coco(bare, perturbed_results)
+    reference = coco_reference(filled, perturbed_results)
+    for name, index in zip(NAMES, STAT_INDEX, strict=True):
+        assert metrics[name] == max(reference.stats[index], 0.0), name
+    assert 0.05 < metrics["AP"] < 0.95

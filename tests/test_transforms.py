@@ -15,10 +15,10 @@ HEIGHT, WIDTH = 20, 30
 
 
 def _marked_sample() -> tuple[tv_tensors.Image, dict]:
-    """A black uint8 image with a white rectangle on columns 5..9, rows 3..7, and its box;
+    """A black float image with a white rectangle on columns 5..9, rows 3..7, and its box;
     plus a box lying outside the image (must be removed with its label)."""
-    image = torch.zeros(3, HEIGHT, WIDTH, dtype=torch.uint8)
-    image[:, 3:8, 5:10] = 255
+    image = torch.zeros(3, HEIGHT, WIDTH)
+    image[:, 3:8, 5:10] = 1.0
     boxes = tv_tensors.BoundingBoxes(
         [[5, 3, 10, 8], [40, 2, 50, 9]], format="XYXY", canvas_size=(HEIGHT, WIDTH)
     )

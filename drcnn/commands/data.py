@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     synth.set_defaults(func=run_synth)
 
     check = actions.add_parser(
-        "check", help="load every image and box of a COCO-format split and print statistics"
+        "check",
+        help="validate a COCO-format split (annotation file and every image), print statistics",
     )
     check.add_argument("--ann", required=True, help="COCO instances JSON file")
     check.add_argument("--images", required=True, help="image folder")

@@ -8,20 +8,16 @@ pixels.
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig
 from torchvision.transforms import v2
 
 
 def build_transforms(cfg: DictConfig, train: bool) -> v2.Compose:
-    """Flip (training only, probability ``cfg.data.flip_prob``), uint8 -> float32 in [0, 1],
-    clamp boxes to the image and drop the ones left empty (with their labels)."""
+    """Flip (training only, probability ``cfg.data.flip_prob``), clamp boxes to the image and
+    drop the ones left empty (with their labels). Images come in as float in ``[0, 1]``
+    (:func:`drcnn.data.images.load_image`) and keep their values."""
     steps: list[v2.Transform] = []
     if train and cfg.data.flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.data.flip_prob))
-    steps += [
-        v2.ToDtype(torch.float32, scale=True),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(),
-    ]
+    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
     return v2.Compose(steps)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from drcnn.data.coco import is_number, load_coco
+from drcnn.data.coco import BOX_EXPECTED, field_error, is_box, is_int, is_number, load_coco
 from drcnn.errors import DrcnnError
 from drcnn.io import read_json
 
@@ -55,22 +56,34 @@ def detections_to_coco(
 
 
 def load_results(results: str | Path | list[dict]) -> list[dict]:
-    """A COCO result list from a list or a JSON file, each entry checked for the needed keys."""
+    """A COCO result list from a list or a JSON file, each entry checked (:func:`check_result`)."""
     source = results if not isinstance(results, list) else "results"
     if not isinstance(results, list):
         path = Path(results)
         results = read_json(path, "results file")
         if not isinstance(results, list):
             raise DrcnnError(f"{path}: expected a JSON list of COCO results")
-    for i, entry in enumerate(results):
-        ok = isinstance(entry, dict) and all(k in entry for k in RESULT_KEYS)
-        ok = ok and isinstance(entry["bbox"], list) and len(entry["bbox"]) == 4
-        ok = ok and all(is_number(v) for v in [*entry["bbox"], entry["score"]])
-        if not ok:
-            raise DrcnnError(
-                f"{source}: entry {i} must have image_id, category_id, bbox [x, y, w, h], score"
-            )
+    for index, entry in enumerate(results):
+        check_result(entry, index, source)
     return results
+
+
+def check_result(entry: Any, index: int, source: str | Path) -> None:
+    """One result: a dict with integer ``image_id`` and ``category_id``, a finite ``bbox`` with
+    width and height >= 0, a finite ``score``. pycocotools accepts NaN boxes and scores NaN as
+    a match of every ground-truth box (AP 1.0), so they are refused here."""
+    if not (isinstance(entry, dict) and all(k in entry for k in RESULT_KEYS)):
+        raise DrcnnError(
+            f"{source}: entry {index} must have image_id, category_id, bbox [x, y, w, h], score"
+        )
+    for field in ("image_id", "category_id"):
+        if not is_int(entry[field]):
+            raise field_error(source, f"entry {index}: {field}", "an integer", entry[field])
+    if not is_box(entry["bbox"]):
+        raise field_error(source, f"entry {index}: bbox", BOX_EXPECTED, entry["bbox"])
+    score = entry["score"]
+    if not (is_number(score) and math.isfinite(score)):
+        raise field_error(source, f"entry {index}: score", "a finite number", score)
 
 
 def _check_references(coco: COCO, results: list[dict], source: str) -> None:

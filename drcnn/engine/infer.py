@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
+from drcnn.data.images import load_image
 from drcnn.engine.checkpoint import class_names, load_checkpoint, load_model
 from drcnn.engine.distributed import resolve_device
 from drcnn.errors import DrcnnError
@@ -43,16 +44,6 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
             f"{', '.join(map(str, inputs))}: no images found ({', '.join(IMAGE_SUFFIXES)})"
         )
     return paths
-
-
-def load_image(path: Path) -> Tensor:
-    """An RGB image as a float ``(3, H, W)`` tensor in ``[0, 1]`` (any mode PIL reads)."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DrcnnError(f"{path}: cannot read the image ({type(exc).__name__})") from exc
-    return F.to_dtype(F.pil_to_tensor(rgb), torch.float32, scale=True)
 
 
 def draw_detections(
