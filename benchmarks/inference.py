@@ -109,7 +109,11 @@ def build_models(size: tuple[int, int]) -> dict[str, nn.Module]:
     }
     for name, (config, extra) in DRCNN_MODELS.items():
         model = build_detector(load_config(ROOT / config, [*overrides, *extra]))
-        own = [k for k in model.state_dict() if k.startswith(SHARED_PREFIXES)]
+        own = [
+            k
+            for k in model.state_dict()
+            if k.startswith(SHARED_PREFIXES) and not k.endswith("num_batches_tracked")
+        ]
         if sorted(own) != sorted(shared):
             raise RuntimeError(f"{name}: backbone/RPN keys differ from torchvision's")
         model.load_state_dict(shared, strict=False)

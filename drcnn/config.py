@@ -34,6 +34,14 @@ BACKBONE_ARCHS = (
     "resnext101_32x4d",
     "resnext101_64x4d",
 )
+# Backbone BatchNorm: "eval_bn" = statistics frozen, affine trainable outside the frozen stages
+# (mmdetection's norm_eval=True with requires_grad=True, the official configs); "frozen_bn" =
+# statistics and affine frozen (torchvision's FrozenBatchNorm2d); "bn" = ordinary trainable
+# BatchNorm (batch statistics in training; the from-scratch synthetic configs).
+NORM_TYPES = ("eval_bn", "frozen_bn", "bn")
+# FPN conv init: mmdetection's FPN.init_weights (xavier_uniform) or torchvision's
+# FeaturePyramidNetwork (kaiming_uniform, a=1).
+FPN_INITS = ("xavier_uniform", "kaiming_uniform")
 ROI_HEAD_TYPES = ("standard", "cascade", "decoupled")
 NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
 BOX_LOSSES = ("l1", "smooth_l1")
@@ -47,15 +55,21 @@ class BackboneConfig:
     """ResNet/ResNeXt + FPN (P2-P6)."""
 
     arch: str = "resnet50"
-    # null: random init; "torchvision://resnet50" (or any torchvision weights name such as
-    # "torchvision://ResNet50_Weights.IMAGENET1K_V1"): ImageNet weights via torchvision;
-    # otherwise a local file path to a state dict.
+    # null: random init. "torchvision://resnet50": the weights mmcv 1.x loaded under that name
+    # with the official torchvision 0.7, i.e. today's ResNet50_Weights.IMAGENET1K_V1 (not the
+    # current DEFAULT, V2); any torchvision weights enum by name, e.g.
+    # "torchvision://ResNet50_Weights.IMAGENET1K_V2". "open-mmlab://resnext101_32x4d" or
+    # "open-mmlab://resnext101_64x4d": open-mmlab's ResNeXt weights of mmcv's model zoo (the
+    # official X-101 configs). These are read from torch hub's checkpoint folder (downloaded
+    # once). Otherwise a local file path to a state dict.
     pretrained: str | None = None
     # 0: nothing frozen; 1: stem + layer1 (official); up to 4.
     frozen_stages: int = 1
-    # "frozen_bn" (official: statistics and affine frozen) or "bn" (trainable BatchNorm).
-    norm: str = "frozen_bn"
+    # One of NORM_TYPES; official: "eval_bn".
+    norm: str = "eval_bn"
     fpn_channels: int = 256
+    # One of FPN_INITS; official: "xavier_uniform".
+    fpn_init: str = "xavier_uniform"
     # Convolutions in channels-last (NHWC) layout: about 1.4x faster on CPU (oneDNN); the GPU
     # effect is unmeasured here. false: PyTorch's default NCHW layout.
     channels_last: bool = True
@@ -172,6 +186,11 @@ class DataConfig:
     test_batch_size: int = 1
     workers: int = 2
     flip_prob: float = 0.5
+    # Training batches whose images are all wider than tall or all not (mmdetection's
+    # GroupSampler; official COCO configs). Each group's last incomplete global batch is filled
+    # by repeating that group's first images of the epoch, so an epoch has
+    # sum(ceil(group size / global batch)) global batches (drcnn.data.group_sampler).
+    group_by_aspect_ratio: bool = False
     max_val_images: int | None = None  # evaluate on the first N val images only
 
 
@@ -255,7 +274,8 @@ def _check_choice(value: object, key: str, choices: Sequence[object]) -> None:
 def validate(cfg: DictConfig) -> DictConfig:
     """Checks the schema's types cannot express (choices, ranges, the NMS float-or-pair)."""
     _check_choice(cfg.model.backbone.arch, "model.backbone.arch", BACKBONE_ARCHS)
-    _check_choice(cfg.model.backbone.norm, "model.backbone.norm", ("frozen_bn", "bn"))
+    _check_choice(cfg.model.backbone.norm, "model.backbone.norm", NORM_TYPES)
+    _check_choice(cfg.model.backbone.fpn_init, "model.backbone.fpn_init", FPN_INITS)
     if not 0 <= cfg.model.backbone.frozen_stages <= 4:
         raise DrcnnError("config model.backbone.frozen_stages: expected 0..4")
     _check_choice(cfg.model.roi_head.type, "model.roi_head.type", ROI_HEAD_TYPES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import urllib.error
 from pathlib import Path
@@ -9,13 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from hostile import expect_refusal
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-from drcnn.config import load_config
+from drcnn.config import NORM_TYPES, load_config
 from drcnn.errors import DrcnnError
-from drcnn.models.backbone import FusedFrozenBatchNorm2d, build_backbone
+from drcnn.models.backbone import (
+    NORM_LAYERS,
+    EvalBatchNorm2d,
+    FusedFrozenBatchNorm2d,
+    build_backbone,
+    read_pretrained,
+)
 
 
 def small_cfg(*overrides: str):
@@ -101,7 +109,7 @@ def test_resnext64_matches_torchvision_definition():
         None, ["model.backbone.arch=resnext101_64x4d", "model.backbone.pretrained=null"]
     )
     body = build_backbone(cfg).body.state_dict()
-    reference = torchvision.models.resnext101_64x4d(norm_layer=FrozenBatchNorm2d).state_dict()
+    reference = torchvision.models.resnext101_64x4d().state_dict()  # BatchNorm keys, as eval_bn
     reference = {k: v for k, v in reference.items() if not k.startswith("fc.")}
     assert shapes(body) == shapes(reference)
 
@@ -210,23 +218,267 @@ def features_and_input_grad(backbone, x: torch.Tensor):
     return features, torch.autograd.grad(loss, x)[0]
 
 
-@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
-def test_channels_last_backbone_equals_the_nchw_one(norm):
+@pytest.mark.parametrize(
+    ("norm", "dtype"),
+    [
+        ("eval_bn", torch.float32),
+        ("frozen_bn", torch.float32),
+        # batch statistics of a nearly constant channel (a 2-image batch, 3x2 pixels in
+        # layer4) amplify fp32 summation-order differences some 300-fold: compare in fp64
+        ("bn", torch.float64),
+    ],
+)
+def test_channels_last_backbone_equals_the_nchw_one(norm, dtype):
     """Same weights in both layouts: same features and input gradient; NCHW features out."""
     torch.manual_seed(0)
     common = (f"model.backbone.norm={norm}", "model.backbone.frozen_stages=0")
-    nhwc = build_backbone(small_cfg(*common))
-    nchw = build_backbone(small_cfg(*common, "model.backbone.channels_last=false"))
+    nhwc = build_backbone(small_cfg(*common)).to(dtype)
+    nchw = build_backbone(small_cfg(*common, "model.backbone.channels_last=false")).to(dtype)
     nchw.load_state_dict(nhwc.state_dict())
     assert nhwc.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not nchw.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.rand(2, 3, 96, 64)
+    x = torch.rand(2, 3, 96, 64, dtype=dtype)
     got, got_grad = features_and_input_grad(nhwc, x)
     expected, expected_grad = features_and_input_grad(nchw, x)
     assert all(f.is_contiguous() for f in got.values())
-    # fp32 convolutions in another layout sum in another order: compare on each tensor's scale
+    # convolutions in another layout sum in another order: compare on each tensor's scale
     for name, feature in expected.items():
         scale = feature.abs().max().item()
         torch.testing.assert_close(got[name], feature, rtol=0, atol=1e-4 * scale)
     scale = expected_grad.abs().max().item()
     torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-4 * scale)
+
+
+# --- Official settings (mmdetection 2.4 ResNet / FPN, mmcv 1.x weight names) ---------------
+
+
+def test_eval_bn_equals_an_eval_mode_batchnorm_in_any_mode():
+    """eval_bn normalises with the running statistics, also in training, and trains the affine."""
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(8).double().eval()
+    for name in ("weight", "bias", "running_mean"):
+        getattr(reference, name).data.normal_()
+    reference.running_var.uniform_(0.5, 2.0)
+    ours = EvalBatchNorm2d(8).double().train()
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), reference(x))
+    grads = [
+        torch.autograd.grad(m(x).square().sum(), [m.weight, m.bias]) for m in (ours, reference)
+    ]
+    torch.testing.assert_close(grads[0], grads[1])
+    assert torch.equal(ours.running_mean, reference.running_mean)  # never updated
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _one_sgd_step(norm: str) -> tuple[dict, dict, torch.nn.Module]:
+    """State before and after one SGD step of a resnet18 backbone with frozen_stages=1."""
+    torch.manual_seed(0)
+    backbone = build_backbone(small_cfg(f"model.backbone.norm={norm}"))
+    with torch.no_grad():  # ImageNet-like statistics, so that an update would show
+        for module in backbone.body.modules():
+            if hasattr(module, "running_var"):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    backbone.train()
+    before = _snapshot(backbone.body)
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    loss = sum(f.square().mean() for f in backbone(torch.rand(2, 3, 64, 64)).values())
+    loss.backward()
+    optimizer.step()
+    return before, _snapshot(backbone.body), backbone
+
+
+def test_official_batchnorm_training_step():
+    """eval_bn + frozen_stages=1: statistics unchanged everywhere; the affine weights of
+    layer2-4 trained; stem and layer1 entirely unchanged (mmdetection's norm_eval=True,
+    requires_grad=True, frozen_stages=1)."""
+    before, after, backbone = _one_sgd_step("eval_bn")
+    assert isinstance(backbone.body.layer2[0].bn1, EvalBatchNorm2d)
+    for key in before:
+        name = key.rsplit(".", 1)[-1]
+        if name in ("running_mean", "running_var") or key.startswith(("conv1.", "bn1.", "layer1.")):
+            assert torch.equal(before[key], after[key]), key
+    for stage in ("layer2", "layer3", "layer4"):
+        for name in ("weight", "bias"):
+            key = f"{stage}.0.bn1.{name}"
+            assert not torch.equal(before[key], after[key]), key
+    # the other choices differ where they should: "bn" updates statistics, "frozen_bn" no affine
+    before_bn, after_bn, _ = _one_sgd_step("bn")
+    assert not torch.equal(
+        before_bn["layer2.0.bn1.running_mean"], after_bn["layer2.0.bn1.running_mean"]
+    )
+    before_fr, after_fr, _ = _one_sgd_step("frozen_bn")
+    assert torch.equal(before_fr["layer2.0.bn1.weight"], after_fr["layer2.0.bn1.weight"])
+
+
+def test_norm_layers_cover_the_config_choices():
+    assert set(NORM_LAYERS) == set(NORM_TYPES)
+
+
+def _fpn_convs(backbone) -> list[torch.nn.Conv2d]:
+    return [m for m in backbone.fpn.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_fpn_xavier_uniform_init_by_its_bound():
+    """mmdetection's FPN init: U(-b, b), b = sqrt(6 / (fan_in + fan_out)), zero bias;
+    torchvision's kaiming_uniform(a=1) has b = sqrt(3 / fan_in), smaller on the 1x1 laterals."""
+    torch.manual_seed(0)
+    xavier = build_backbone(small_cfg("model.backbone.fpn_init=xavier_uniform"))
+    kaiming = build_backbone(small_cfg("model.backbone.fpn_init=kaiming_uniform"))
+    for ours, theirs in zip(_fpn_convs(xavier), _fpn_convs(kaiming), strict=True):
+        out_c, in_c, kh, kw = ours.weight.shape
+        fan_in, fan_out = in_c * kh * kw, out_c * kh * kw
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        largest = ours.weight.abs().max().item()
+        assert 0.95 * bound < largest <= bound
+        assert not ours.bias.any()
+        assert theirs.weight.abs().max().item() <= math.sqrt(3 / fan_in)
+    # the lateral conv from layer4 (512 -> 32 channels): xavier's bound is 1.37x kaiming's
+    lateral = _fpn_convs(xavier)[3]
+    assert tuple(lateral.weight.shape) == (32, 512, 1, 1)
+    assert lateral.weight.abs().max().item() > math.sqrt(3 / 512)
+
+
+def test_p6_is_a_stride_two_subsample_of_p5():
+    """mmdetection's FPN (num_outs=5, no extra convs): max_pool2d(P5, 1, stride=2)."""
+    features = build_backbone(small_cfg()).eval()(torch.rand(1, 3, 160, 96))
+    assert torch.equal(features["pool"], features["3"][..., ::2, ::2])
+
+
+class RecordingDownload:
+    """Stands in for torch.hub.download_url_to_file: records the call, writes a state dict."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    def __call__(self, url, dst, hash_prefix=None, progress=True):
+        self.calls.append((url, hash_prefix))
+        torch.save({"conv1.weight": torch.zeros(1)}, dst)
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        # torchvision://NAME as mmcv 1.x resolved it under torchvision 0.7: the V1 weights
+        ("resnet50", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+        ("resnet101", "https://download.pytorch.org/models/resnet101-63fe2227.pth"),
+        # the current default, asked for explicitly
+        (
+            "ResNet50_Weights.IMAGENET1K_V2",
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+        ),
+    ],
+)
+def test_torchvision_names_resolve_to_the_v1_weights(tmp_path, monkeypatch, name, url):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    download = RecordingDownload()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    state = read_pretrained(f"torchvision://{name}")
+    assert download.calls == [(url, url.rsplit("-", 1)[1].split(".")[0])]  # hash checked
+    assert list(state) == ["conv1.weight"]
+    assert (tmp_path / "hub" / "checkpoints" / os.path.basename(url)).is_file()
+    read_pretrained(f"torchvision://{name}")  # now from the cache
+    assert len(download.calls) == 1
+
+
+def mmcv_resnext_state(groups: int, width_per_group: int) -> dict[str, torch.Tensor]:
+    """An ImageNet ResNeXt-101 state dict named as mmdetection's ResNeXt modules name their
+    weights (written from mmdetection 2.4's ResNet/ResNeXt/ResLayer definitions): stem
+    ``conv1``/``bn1``; per block ``conv1..3``/``bn1..3`` with the grouped 3x3 in ``conv2``;
+    ``downsample.0`` (1x1 conv) / ``downsample.1`` (BN) in each stage's first block; plus the
+    classifier ``fc``. Each tensor is a constant (its key's index), expanded to its shape, so
+    the file stays small and every value is traceable."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def bn(prefix: str, channels: int) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (channels,)
+
+    shapes["conv1.weight"] = (64, 3, 7, 7)
+    bn("bn1", 64)
+    inplanes = 64
+    for stage, blocks in enumerate((3, 4, 23, 3), start=1):
+        planes = 64 * 2 ** (stage - 1)
+        width = math.floor(planes * width_per_group / 64) * groups
+        for block in range(blocks):
+            prefix = f"layer{stage}.{block}"
+            shapes[f"{prefix}.conv1.weight"] = (width, inplanes, 1, 1)
+            bn(f"{prefix}.bn1", width)
+            shapes[f"{prefix}.conv2.weight"] = (width, width // groups, 3, 3)
+            bn(f"{prefix}.bn2", width)
+            shapes[f"{prefix}.conv3.weight"] = (planes * 4, width, 1, 1)
+            bn(f"{prefix}.bn3", planes * 4)
+            if block == 0:
+                shapes[f"{prefix}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                bn(f"{prefix}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    shapes["fc.weight"], shapes["fc.bias"] = (1000, 2048), (1000,)
+    return {k: torch.tensor(float(i + 1)).expand(s) for i, (k, s) in enumerate(shapes.items())}
+
+
+def test_open_mmlab_resnext_weights_load_from_the_mmcv_cache_file(tmp_path, monkeypatch):
+    """open-mmlab://resnext101_32x4d: mmcv's file name in torch hub's checkpoint folder, in
+    mmcv's checkpoint layout ({"meta", "state_dict"}, "module." prefix as mmcv strips it), with
+    no BatchNorm step counters; every trunk weight lands where mmdetection's ResNeXt has it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    state = mmcv_resnext_state(groups=32, width_per_group=4)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    saved = {
+        "meta": {"mmcv_version": "1.1.2"},
+        "state_dict": {f"module.{k}": v for k, v in state.items()},
+    }
+    torch.save(saved, cache / "resnext101_32x4d-a5af3160.pth")
+    cfg = small_cfg(
+        "model.backbone.arch=resnext101_32x4d",
+        "model.backbone.pretrained=open-mmlab://resnext101_32x4d",
+    )
+    body = build_backbone(cfg).body.state_dict()
+    trunk_keys = [k for k in state if not k.startswith("fc.")]
+    assert sorted(k for k in body if not k.endswith("num_batches_tracked")) == sorted(trunk_keys)
+    for key in trunk_keys:
+        assert torch.equal(body[key], state[key]), key
+
+
+def test_open_mmlab_offline_names_the_file_and_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(DrcnnError) as info:
+        read_pretrained("open-mmlab://resnext101_64x4d")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "resnext101_64x4d-ee2c6f71.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+
+
+def test_unknown_open_mmlab_name():
+    with pytest.raises(DrcnnError, match="unknown open-mmlab weights 'resnet50'"):
+        read_pretrained("open-mmlab://resnet50")
+
+
+def test_cli_refuses_missing_open_mmlab_weights_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("timed out")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    config = Path("configs/decoupled_rcnn/decoupled_rcnn_x101_32x4d_fpn_2x_coco.yaml")
+    argv = ["benchmark", config, "--size", "64", "64", "--images", "1", "--warmup", "0"]
+    err = expect_refusal([*argv, "--device", "cpu"], capsys, watch=[tmp_path, Path("configs")])
+    assert "resnext101_32x4d-a5af3160.pth" in err
+    err = expect_refusal(
+        [*argv, "--set", "model.backbone.pretrained=open-mmlab://resnext50"],
+        capsys,
+        watch=[tmp_path, Path("configs")],
+    )
+    assert "unknown open-mmlab weights" in err

@@ -83,7 +83,7 @@ def test_decoupled_official_values(path):
     assert (roi.test.nms_iou, roi.test.max_per_image) == (0.5, 100)
     assert (train.lr, train.reference_batch_size, train.epochs) == (0.01, 8, 24)
     assert list(train.lr_steps) == [16, 22] and train.warmup_iters == 500
-    assert cfg.model.backbone.frozen_stages == 1 and cfg.model.backbone.norm == "frozen_bn"
+    assert cfg.model.backbone.frozen_stages == 1 and cfg.model.backbone.norm == "eval_bn"
     assert cfg.model.transform.max_size == 1333 and cfg.model.transform.test_min_size == 800
     if "mstrain" in path.name:
         assert list(cfg.model.transform.min_size) == [640, 672, 704, 736, 768, 800]

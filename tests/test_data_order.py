@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import torch
+import json
+import math
+import random
+from collections import Counter
+from types import SimpleNamespace
 
-from drcnn.engine.data_order import EpochSeededDataset, GlobalBatchSampler
+import pytest
+import torch
+from hostile import expect_refusal
+
+from drcnn.config import load_config
+from drcnn.data.group_sampler import aspect_ratio_groups, grouped_batch_count
+from drcnn.data.loader import build_dataloader, build_dataset
+from drcnn.engine.data_order import EpochSeededDataset, GlobalBatchSampler, epoch_loader
+from drcnn.engine.optim import build_schedule
+from drcnn.errors import DrcnnError
 
 
 def global_batches(world: int, per_rank: int, epoch: int, start_batch: int = 0) -> list[list[int]]:
@@ -60,3 +73,156 @@ def test_sample_augmentation_depends_on_seed_epoch_and_index_only():
     before = torch.get_rng_state()
     data[0]
     assert torch.equal(torch.get_rng_state(), before)  # the global generator is left untouched
+
+
+# --- Batches grouped by aspect ratio (mmdetection's GroupSampler) ---------------------------
+
+SIZES = {0: 31, 1: 19}  # group sizes of the 50 samples below
+
+
+def sample_groups(seed: int = 0) -> list[int]:
+    """50 samples, 31 of group 0 and 19 of group 1, in shuffled positions."""
+    groups = [0] * SIZES[0] + [1] * SIZES[1]
+    random.Random(seed).shuffle(groups)
+    return groups
+
+
+def grouped_global_batches(world: int, per_rank: int, epoch: int, start_batch: int = 0):
+    """As :func:`global_batches`, with the samples' aspect-ratio groups."""
+    groups = sample_groups()
+    ranks = [
+        list(GlobalBatchSampler(50, per_rank, rank, world, 7, epoch, start_batch, groups))
+        for rank in range(world)
+    ]
+    batches = []
+    for b in range(len(ranks[0]) // per_rank):
+        shares = [r[b * per_rank : (b + 1) * per_rank] for r in ranks]
+        batches.append([shares[i % world][i // world] for i in range(world * per_rank)])
+    return batches
+
+
+def test_grouped_batches_are_single_group_and_cover_every_sample():
+    groups = sample_groups()
+    batches = grouped_global_batches(world=1, per_rank=6, epoch=3)
+    # each group padded to whole batches, as mmdetection does: ceil(31/6) + ceil(19/6)
+    assert len(batches) == math.ceil(31 / 6) + math.ceil(19 / 6) == 10
+    assert all(len({groups[i] for i in batch}) == 1 for batch in batches)
+    seen = Counter(i for batch in batches for i in batch)
+    assert set(seen) == set(range(50))  # every sample at least once
+    # the repeats fill each group's one incomplete batch: 6 - 31 % 6 and 6 - 19 % 6 of them
+    assert sum(seen.values()) - 50 == (6 - 31 % 6) + (6 - 19 % 6)
+    assert max(seen.values()) == 2
+
+
+def test_grouped_batches_do_not_depend_on_the_number_of_processes_and_resume():
+    one = grouped_global_batches(world=1, per_rank=6, epoch=3)
+    assert grouped_global_batches(world=2, per_rank=3, epoch=3) == one
+    assert grouped_global_batches(world=3, per_rank=2, epoch=3) == one
+    assert grouped_global_batches(world=2, per_rank=3, epoch=3, start_batch=4) == one[4:]
+    assert grouped_global_batches(world=1, per_rank=6, epoch=4) != one
+
+
+def test_one_group_gives_the_ungrouped_order():
+    """All images of one shape (the synthetic dataset): grouping changes nothing when the
+    dataset size is a multiple of the global batch."""
+    for world, per_rank in ((1, 6), (2, 3)):
+        grouped = [
+            list(GlobalBatchSampler(48, per_rank, r, world, 7, 2, 0, [0] * 48))
+            for r in range(world)
+        ]
+        plain = [list(GlobalBatchSampler(48, per_rank, r, world, 7, 2, 0)) for r in range(world)]
+        assert grouped == plain
+
+
+def test_aspect_ratio_rule_is_width_over_height_above_one():
+    images = SimpleNamespace(
+        ids=[10, 11, 12, 13],
+        coco=SimpleNamespace(
+            imgs={
+                10: {"width": 640, "height": 480},
+                11: {"width": 480, "height": 640},
+                12: {"width": 500, "height": 500},  # square: group 0, as mmdetection's > 1
+                13: {"width": 501, "height": 500},
+            }
+        ),
+        ann_file="ann.json",
+    )
+
+    assert aspect_ratio_groups(images) == [1, 0, 0, 1]
+    del images.coco.imgs[12]["width"]
+    with pytest.raises(DrcnnError, match=r"ann\.json: image 12 has no numeric width"):
+        aspect_ratio_groups(images)
+
+
+def test_synthetic_images_are_one_group(synthetic_root):
+    cfg = load_config(
+        "configs/synthetic/faster_rcnn_r18_fpn_synthetic.yaml", [f"data.root={synthetic_root}"]
+    )
+    dataset = build_dataset(cfg, "train")
+    assert set(aspect_ratio_groups(dataset)) == {0}
+    assert cfg.data.group_by_aspect_ratio is False  # the synthetic configs keep the plain order
+
+
+def test_schedule_counts_the_grouped_batches(synthetic_root):
+    groups = sample_groups()
+    cfg = load_config(
+        "configs/synthetic/faster_rcnn_r18_fpn_synthetic.yaml",
+        [f"data.root={synthetic_root}", "data.batch_size=6", "train.accumulate=3"],
+    )
+    sampler = GlobalBatchSampler(50, 6, 0, 1, 7, 0, 0, groups)
+    schedule = build_schedule(cfg, 50, groups)
+    assert schedule.iters_per_epoch == sampler.num_batches // 3 == 10 // 3
+    assert build_schedule(cfg, 50).iters_per_epoch == 50 // 18  # ungrouped: as before
+
+
+def annotations_with_sizes(root, tmp_path, size_of) -> str:
+    """A copy of the synthetic train annotations whose image sizes are ``size_of(entry)``."""
+    data = json.loads((root / "annotations" / "instances_train.json").read_text())
+    for entry in data["images"]:
+        entry.update(size_of(entry))
+    path = tmp_path / "instances_train.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_epoch_loader_groups_when_configured(synthetic_root, tmp_path):
+    def size_of(entry):  # every third image wide; only the sampler reads these sizes
+        return {"width": 256 if entry["id"] % 3 == 0 else 128, "height": 128}
+
+    ann = annotations_with_sizes(synthetic_root, tmp_path, size_of)
+    cfg = load_config(
+        "configs/synthetic/faster_rcnn_r18_fpn_synthetic.yaml",
+        [
+            f"data.root={synthetic_root}",
+            f"data.train_ann={ann}",
+            "data.workers=0",
+            "data.batch_size=4",
+            "data.group_by_aspect_ratio=true",
+        ],
+    )
+    base = build_dataloader(cfg, "train")
+    groups = aspect_ratio_groups(base.dataset)
+    assert set(groups) == {0, 1}
+    sampler = epoch_loader(base, cfg, 1, 0, torch.device("cpu")).sampler
+    assert sampler.num_batches == grouped_batch_count(groups, 4)
+    assert all(len({groups[i] for i in batch}) == 1 for batch in sampler.batches)
+
+
+def test_cli_refuses_grouping_without_image_sizes(synthetic_root, tmp_path, capsys):
+    ann = annotations_with_sizes(synthetic_root, tmp_path, lambda entry: {"width": None})
+    work = tmp_path / "work"
+    argv = [
+        "train",
+        "configs/synthetic/faster_rcnn_r18_fpn_synthetic.yaml",
+        "--work-dir",
+        work,
+        "--device",
+        "cpu",
+        "--set",
+        f"data.root={synthetic_root}",
+        f"data.train_ann={ann}",
+        "data.workers=0",
+        "data.group_by_aspect_ratio=true",
+    ]
+    err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root], may_create=[work])
+    assert "has no numeric width and height" in err and "group_by_aspect_ratio" in err

@@ -11,7 +11,7 @@ exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from drcnn.data.group_sampler import grouped_batches, training_groups
 from drcnn.engine import distributed as dist
 
 
@@ -47,9 +48,12 @@ class EpochSeededDataset(Dataset):
 class GlobalBatchSampler(Sampler[int]):
     """This rank's samples of an epoch, in global-batch order, from batch ``start_batch`` on.
 
-    The epoch's permutation comes from ``(seed, epoch)``; global batch ``b`` is
-    ``perm[b * global_batch : (b + 1) * global_batch]`` and rank ``r`` gets its elements
-    ``r, r + world, ...``. Only complete global batches are used.
+    The epoch's permutation ``perm`` comes from ``(seed, epoch)``; global batch ``b`` is
+    ``perm[b * global_batch : (b + 1) * global_batch]`` (only complete global batches are used)
+    and rank ``r`` gets its elements ``r, r + world, ...``. With ``groups`` (one group id per
+    sample) the global batches are cut from ``perm`` one group at a time instead
+    (:func:`drcnn.data.group_sampler.grouped_batches`: every global batch single-group, each
+    group's last one padded with repeats).
     """
 
     def __init__(
@@ -61,17 +65,24 @@ class GlobalBatchSampler(Sampler[int]):
         seed: int,
         epoch: int,
         start_batch: int,
+        groups: Sequence[int] | None = None,
     ) -> None:
         self.per_rank, self.rank, self.world = per_rank, rank, world
         generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
-        self.perm = torch.randperm(size, generator=generator).tolist()
-        self.num_batches = size // (per_rank * world)
+        perm = torch.randperm(size, generator=generator).tolist()
+        global_batch = per_rank * world
+        if groups is None:
+            self.batches = [
+                perm[b * global_batch : (b + 1) * global_batch] for b in range(size // global_batch)
+            ]
+        else:
+            self.batches = grouped_batches(perm, groups, global_batch)
+        self.num_batches = len(self.batches)
         self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[int]:
-        global_batch = self.per_rank * self.world
-        for b in range(self.start_batch, self.num_batches):
-            yield from self.perm[b * global_batch + self.rank : (b + 1) * global_batch : self.world]
+        for batch in self.batches[self.start_batch :]:
+            yield from batch[self.rank :: self.world]
 
     def __len__(self) -> int:
         return (self.num_batches - self.start_batch) * self.per_rank
@@ -101,6 +112,7 @@ def epoch_loader(
         seed,
         epoch,
         start_batch,
+        training_groups(cfg, base.dataset),
     )
     return DataLoader(
         EpochSeededDataset(base.dataset, seed, epoch),

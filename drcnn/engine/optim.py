@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from drcnn.data.group_sampler import grouped_batch_count
 from drcnn.engine import distributed as dist
 from drcnn.errors import DrcnnError
 
@@ -35,11 +37,24 @@ class Schedule:
         return warmup * self.gamma ** sum(iteration >= step for step in self.steps)
 
 
-def build_schedule(cfg: DictConfig, dataset_size: int) -> Schedule:
-    """Iterations per epoch (complete global batches only), total iterations, decay steps."""
+def build_schedule(
+    cfg: DictConfig, dataset_size: int, groups: Sequence[int] | None = None
+) -> Schedule:
+    """Iterations per epoch, total iterations, decay steps.
+
+    An epoch is the data order's global batches (``data.batch_size`` x processes):
+    ``dataset_size // global_batch`` complete ones, or with ``groups`` (aspect-ratio groups,
+    ``data.group_by_aspect_ratio``) ``sum(ceil(group size / global_batch))`` padded ones, as
+    mmdetection's GroupSampler makes them; an iteration takes ``train.accumulate`` of them.
+    """
     tcfg = cfg.train
-    samples_per_iter = cfg.data.batch_size * dist.get_world_size() * tcfg.accumulate
-    iters_per_epoch = dataset_size // samples_per_iter
+    global_batch = cfg.data.batch_size * dist.get_world_size()
+    samples_per_iter = global_batch * tcfg.accumulate
+    if groups is None:
+        global_batches = dataset_size // global_batch
+    else:
+        global_batches = grouped_batch_count(groups, global_batch)
+    iters_per_epoch = global_batches // tcfg.accumulate
     if iters_per_epoch < 1:
         raise DrcnnError(
             f"config data.batch_size: {dataset_size} training images are fewer than one global "

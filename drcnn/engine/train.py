@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from drcnn.config import to_dict, to_yaml
+from drcnn.data.group_sampler import training_groups
 from drcnn.data.loader import build_dataloader
 from drcnn.engine import distributed as dist
 from drcnn.engine.benchmark import peak_memory_mb
@@ -338,7 +339,7 @@ def train(
     work_dir = Path(work_dir)
     base_loader = build_dataloader(cfg, "train")
     dataset = base_loader.dataset
-    schedule = build_schedule(cfg, len(dataset))
+    schedule = build_schedule(cfg, len(dataset), training_groups(cfg, dataset))
     model = build_detector(cfg).to(torch_device)
     model.train()
     optimizer = build_optimizer(model, cfg)

@@ -10,12 +10,20 @@ backbone are stored channels-last (NHWC), the layout oneDNN's CPU convolutions w
 PyTorch's default layout every convolution converts its input and output. Measured on 2 CPU
 cores, R-50-FPN at 800x1344: 1.59 s -> 1.13 s per image. The returned features are ordinary
 contiguous (NCHW) tensors, as the RPN and torchvision's RoIAlign expect.
+
+Official settings (mmdetection 2.4's ``ResNet`` and ``FPN``, the defaults of the COCO configs):
+BatchNorm statistics frozen while the affine weights of the unfrozen stages train
+(``norm: eval_bn``), FPN convolutions xavier-uniform initialised (``fpn_init``), ImageNet
+weights as mmcv 1.x resolved ``torchvision://`` and ``open-mmlab://`` names
+(:func:`read_pretrained`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -29,6 +37,19 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from drcnn.errors import DrcnnError
 
 TORCHVISION_PREFIX = "torchvision://"
+OPEN_MMLAB_PREFIX = "open-mmlab://"
+# torch hub's file-name convention: "<name>-<first hex digits of the SHA-256>.pth"
+HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+# mmcv's model zoo (mmcv/model_zoo/open_mmlab.json): open-mmlab's ImageNet ResNeXt weights, which
+# the official X-101 configs name; mmcv caches them in torch hub's checkpoint folder.
+OPEN_MMLAB_URLS = {
+    "resnext101_32x4d": (
+        "https://download.openmmlab.com/pretrain/third_party/resnext101_32x4d-a5af3160.pth"
+    ),
+    "resnext101_64x4d": (
+        "https://download.openmmlab.com/pretrain/third_party/resnext101_64x4d-ee2c6f71.pth"
+    ),
+}
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 STEM_NAMES = ("conv1", "bn1")
 
@@ -57,11 +78,18 @@ class ResNetFPN(BackboneWithFPN):
     """torchvision's ``BackboneWithFPN`` whose frozen stages also stay in eval mode.
 
     Freezing (mmdetection's ``frozen_stages``) stops gradients *and* keeps the frozen stages'
-    BatchNorm statistics fixed when the model is put in training mode.
+    BatchNorm statistics fixed when the model is put in training mode. ``fpn_init``:
+    ``"kaiming_uniform"`` keeps torchvision's FPN init, ``"xavier_uniform"`` re-initialises the
+    FPN convolutions as mmdetection's ``FPN.init_weights`` does.
     """
 
     def __init__(
-        self, trunk: ResNet, frozen_stages: int, out_channels: int, channels_last: bool = True
+        self,
+        trunk: ResNet,
+        frozen_stages: int,
+        out_channels: int,
+        channels_last: bool = True,
+        fpn_init: str = "kaiming_uniform",
     ) -> None:
         stage_channels = [trunk.inplanes // 8 * 2**i for i in range(4)]
         super().__init__(
@@ -71,6 +99,8 @@ class ResNetFPN(BackboneWithFPN):
             out_channels=out_channels,
             extra_blocks=LastLevelMaxPool(),
         )
+        if fpn_init == "xavier_uniform":
+            xavier_init_convs(self.fpn)
         frozen = (*STEM_NAMES, *STAGE_NAMES[:frozen_stages]) if frozen_stages > 0 else ()
         self.frozen_names = frozen
         for name in frozen:
@@ -92,6 +122,37 @@ class ResNetFPN(BackboneWithFPN):
         return self
 
 
+def xavier_init_convs(module: nn.Module) -> None:
+    """mmdetection's ``FPN.init_weights``: every conv xavier-uniform (gain 1), biases zero.
+
+    (mmcv's ``xavier_init(m, distribution='uniform')``.) torchvision's FPN uses
+    ``kaiming_uniform_(a=1)``, whose bound ``sqrt(3 / fan_in)`` equals xavier's
+    ``sqrt(6 / (fan_in + fan_out))`` only where the two fans are equal (the 3x3 output convs);
+    the 1x1 lateral convs (``fan_in`` 256..2048 -> ``fan_out`` 256) get larger weights here.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with frozen statistics and a trainable affine transform (the official setting).
+
+    mmdetection's ``norm_eval=True`` with ``norm_cfg=dict(type='BN', requires_grad=True)``: the
+    running mean and variance (ImageNet's) normalise in training and inference alike and are
+    never updated, while ``weight`` and ``bias`` receive gradients (unless their stage is
+    frozen). Computed in any module mode by one fused ``batch_norm`` call, as an eval-mode
+    ``nn.BatchNorm2d`` would be; same state-dict keys as ``nn.BatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
 class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's frozen BatchNorm computed by the fused ``batch_norm`` kernel.
 
@@ -106,10 +167,18 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
         )
 
 
+# config model.backbone.norm -> BatchNorm layer (the names of drcnn.config.NORM_TYPES).
+NORM_LAYERS: dict[str, type[nn.Module]] = {
+    "eval_bn": EvalBatchNorm2d,
+    "frozen_bn": FusedFrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+}
+
+
 def build_trunk(arch: str, norm: str) -> ResNet:
-    """A ResNet/ResNeXt trunk (randomly initialised) with frozen or trainable BatchNorm."""
+    """A ResNet/ResNeXt trunk (randomly initialised) with the BatchNorm of ``norm``."""
     spec = RESNET_SPECS[arch]
-    norm_layer = FusedFrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+    norm_layer = NORM_LAYERS[norm]
     return ResNet(
         spec.block,
         list(spec.layers),
@@ -122,51 +191,99 @@ def build_trunk(arch: str, norm: str) -> ResNet:
 def build_backbone(cfg: DictConfig) -> ResNetFPN:
     """The backbone of ``cfg.model.backbone``: trunk, optional pretrained weights, FPN, freezing."""
     bcfg = cfg.model.backbone
+    pretrained = read_pretrained(str(bcfg.pretrained)) if bcfg.pretrained else None
     trunk = build_trunk(bcfg.arch, bcfg.norm)
-    if bcfg.pretrained:
-        load_trunk_weights(trunk, read_pretrained(str(bcfg.pretrained)), str(bcfg.pretrained))
-    return ResNetFPN(trunk, bcfg.frozen_stages, bcfg.fpn_channels, bcfg.channels_last)
+    if pretrained is not None:
+        load_trunk_weights(trunk, pretrained, str(bcfg.pretrained))
+    return ResNetFPN(
+        trunk, bcfg.frozen_stages, bcfg.fpn_channels, bcfg.channels_last, bcfg.fpn_init
+    )
 
 
 def read_pretrained(source: str) -> dict[str, torch.Tensor]:
-    """The state dict named by ``model.backbone.pretrained`` (torchvision weights or a file)."""
+    """The state dict named by ``model.backbone.pretrained``.
+
+    ``torchvision://NAME`` and ``open-mmlab://NAME`` are resolved as mmcv 1.x (the official
+    code's) resolved them, and read from torch hub's checkpoint folder, where they are
+    downloaded once; anything else is a local file.
+    """
     if source.startswith(TORCHVISION_PREFIX):
-        return _torchvision_state_dict(source[len(TORCHVISION_PREFIX) :])
+        weights = _torchvision_weights(source[len(TORCHVISION_PREFIX) :])
+        return _file_state_dict(_hub_file(weights.url, f"torchvision weights {weights}", True))
+    if source.startswith(OPEN_MMLAB_PREFIX):
+        name = source[len(OPEN_MMLAB_PREFIX) :]
+        return _file_state_dict(_hub_file(_open_mmlab_url(name), f"open-mmlab weights {name}"))
     return _file_state_dict(Path(source))
 
 
 def _torchvision_weights(name: str) -> torchvision.models.WeightsEnum:
-    """``resnet50`` -> that model's default weights; ``ResNet50_Weights.IMAGENET1K_V1`` -> those."""
+    """``resnet50`` -> ``ResNet50_Weights.IMAGENET1K_V1``; ``ResNet50_Weights.X`` -> those.
+
+    A model name means the first ImageNet weights torchvision published for it, IMAGENET1K_V1:
+    what ``torchvision://resnet50`` loaded in the official code (mmcv 1.x looked the name up in
+    torchvision 0.7's ``model_urls``, ``resnet50-19c8e357.pth``, since re-saved by torchvision
+    as ``resnet50-0676ba61.pth``), not today's DEFAULT (IMAGENET1K_V2, a later recipe).
+    """
     try:
         if "." in name:
             return torchvision.models.get_weight(name)
-        return torchvision.models.get_model_weights(name).DEFAULT
+        return torchvision.models.get_model_weights(name)["IMAGENET1K_V1"]
     except (KeyError, ValueError, AttributeError) as exc:
         raise DrcnnError(
             f"config model.backbone.pretrained: unknown torchvision weights {name!r} "
-            "(expected e.g. torchvision://resnet50 or torchvision://ResNet50_Weights.IMAGENET1K_V1)"
+            "(expected e.g. torchvision://resnet50 or torchvision://ResNet50_Weights.IMAGENET1K_V2)"
         ) from exc
 
 
-def _torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
-    weights = _torchvision_weights(name)
+def _open_mmlab_url(name: str) -> str:
+    """The URL of mmcv's model-zoo name ``name`` (the ResNeXt weights of the X-101 configs)."""
+    if name not in OPEN_MMLAB_URLS:
+        raise DrcnnError(
+            f"config model.backbone.pretrained: unknown open-mmlab weights {name!r} (expected "
+            f"one of {', '.join(OPEN_MMLAB_PREFIX + n for n in OPEN_MMLAB_URLS)})"
+        )
+    return OPEN_MMLAB_URLS[name]
+
+
+def _hub_file(url: str, what: str, check_hash: bool = False) -> Path:
+    """``url``'s file in torch hub's checkpoint folder, downloaded there first if missing.
+
+    ``check_hash``: the file name carries the start of the file's SHA-256 (torchvision's
+    convention; mmcv did not check open-mmlab's files). Without network and without the file, a
+    one-line error says which file to put where.
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if path.is_file():
+        return path
+    match = HASH_IN_NAME.search(path.name) if check_hash else None
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except OSError as exc:  # URLError, HTTPError, socket errors, unreadable cache file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(
+            url, str(path), hash_prefix=match.group(1) if match else None, progress=False
+        )
+    except (OSError, RuntimeError) as exc:  # no network, unwritable folder, hash mismatch
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DrcnnError(
-            f"config model.backbone.pretrained: cannot fetch torchvision weights {weights} "
-            f"({reason}); they are downloaded once into {torch.hub.get_dir()}/checkpoints, "
-            "so connect to the network, copy the file there, give a local file path, or run "
-            "with `--set model.backbone.pretrained=null` for random initialisation"
+            f"config model.backbone.pretrained: cannot fetch {what} ({reason}); put {path.name} "
+            f"(from {url}) into {path.parent}, give a local file path, or run with "
+            "`--set model.backbone.pretrained=null` for random initialisation"
         ) from exc
+    return path
 
 
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The weights in a state-dict file, unwrapped as mmcv's ``load_checkpoint`` unwraps them.
+
+    A plain state dict, or a checkpoint holding it under ``state_dict`` (mmcv's layout) or
+    ``model`` (drcnn's); a ``module.`` prefix (weights saved from a data-parallel model) is
+    stripped. The key names themselves need no mapping: mmdetection's ResNet/ResNeXt modules are
+    named as torchvision's (``conv1``, ``bn1``, ``layerN.M.convK`` / ``bnK``,
+    ``downsample.0`` / ``.1``).
+    """
     if not path.is_file():
         raise DrcnnError(
             f"config model.backbone.pretrained: {path} is not a file (expected a state-dict file, "
-            "torchvision://<name>, or null)"
+            "torchvision://<name>, open-mmlab://<name>, or null)"
         )
     try:
         data: Any = torch.load(path, map_location="cpu", weights_only=True)
@@ -179,13 +296,25 @@ def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
             data = data[key]
     if not isinstance(data, dict):
         raise DrcnnError(f"{path}: expected a state dict (a mapping of parameter names)")
-    return data
+    return {_strip_prefix(str(k), "module."): v for k, v in data.items()}
+
+
+def _strip_prefix(key: str, prefix: str) -> str:
+    return key[len(prefix) :] if key.startswith(prefix) else key
 
 
 def load_trunk_weights(trunk: ResNet, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load ImageNet weights into the trunk; the classifier (``fc``) may be absent or ignored."""
+    """Load ImageNet weights into the trunk; the classifier (``fc``) may be absent or ignored.
+
+    BatchNorm step counters (``num_batches_tracked``) may be absent too (older files; mmcv
+    ignores them as well): they hold no weights.
+    """
     result = _load_checked(trunk, state_dict, source)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    missing = [
+        k
+        for k in result.missing_keys
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    ]
     if missing:
         raise DrcnnError(f"{source}: weight {missing[0]!r} of the backbone is missing")
     if result.unexpected_keys:
