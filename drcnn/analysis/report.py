@@ -65,11 +65,10 @@ def markdown_escape(value: object) -> str:
 def _markdown_table(table: pd.DataFrame, digits: int) -> str:
     """``to_markdown`` of the table with every text cell and column name escaped."""
     escaped = table.rename(columns=markdown_escape)
-    for column in escaped.columns:
-        if escaped[column].dtype == object:
-            escaped[column] = escaped[column].map(
-                lambda v: markdown_escape(v) if isinstance(v, str) else v
-            )
+    for column in escaped.columns:  # Series.map: DataFrame.map needs pandas 2.1
+        escaped[column] = escaped[column].map(
+            lambda v: markdown_escape(v) if isinstance(v, str) else v
+        )
     return to_markdown(escaped, digits)
 
 

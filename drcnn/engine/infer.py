@@ -68,11 +68,13 @@ def drawing_names(paths: Sequence[Path]) -> list[str]:
     counters: Counter[str] = Counter()
     names = []
     for path in paths:
-        stem = path.stem.casefold()
+        key = path.stem.casefold()
         name = f"{path.stem}.png"
-        while shared[stem] > 1 and (counters[stem] == 0 or name.casefold() in taken):
-            counters[stem] += 1
-            name = f"{path.stem}-{counters[stem]}.png"
+        if shared[key] > 1:
+            counters[key] += 1
+            while f"{path.stem}-{counters[key]}.png".casefold() in taken:
+                counters[key] += 1
+            name = f"{path.stem}-{counters[key]}.png"
         taken.add(name.casefold())
         names.append(name)
     return names
