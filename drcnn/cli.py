@@ -1,7 +1,8 @@
 """The ``drcnn`` command: one sub-command per module in :mod:`drcnn.commands`.
 
-Every sub-command has ``--help``; on bad input it exits with status 2 and one line
-``error: ...`` on stderr (``--debug`` shows the traceback instead).
+Every sub-command has ``--help``; on bad input, and when a file cannot be read or written
+(read-only folder, full disk), it exits with status 2 and one line ``error: ...`` on stderr
+(``--debug`` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -44,15 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(exc: DrcnnError | OSError) -> str:
+    """The ``error:`` line's text; an ``OSError`` as ``<file>: <reason>`` (for a rename, the
+    destination: the file the user asked for)."""
+    if isinstance(exc, DrcnnError):
+        return str(exc)
+    path = exc.filename2 if exc.filename2 is not None else exc.filename
+    reason = " ".join((exc.strerror or str(exc) or type(exc).__name__).split())
+    return f"{path}: {reason}" if path is not None else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except DrcnnError as exc:
+    except (DrcnnError, OSError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -5,6 +5,9 @@ an error naming the key and the file). ``_base_: [a.yaml, b.yaml]`` merges those
 (paths relative to the file that names them; later entries and the file itself win; lists are
 replaced, not concatenated). Command-line overrides are dotted ``key=value`` strings whose value
 is parsed as YAML (``model.backbone.pretrained=null``, ``model.rpn.nms_thresh=[0.7,0.85]``).
+OmegaConf interpolations (``${...}``) are refused, in files, overrides and stored configs alike:
+a config must say its values itself, so that the file (and the copy stored in a checkpoint) is
+the whole record of a run and no value depends on another key, the environment or a resolver.
 
 ``load_config`` returns an OmegaConf ``DictConfig`` backed by the schema: attribute access,
 type-checked assignment, and ``to_yaml`` for saving the resolved config beside a run.
@@ -238,15 +241,44 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def reject_interpolations(value: Any, where: str, key: str = "") -> None:
+    """Refuse an OmegaConf interpolation (a string with ``${``) anywhere in ``value``, a plain
+    YAML value (dicts, lists, scalars); ``where`` names the file, the error the dotted key."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            reject_interpolations(item, where, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            reject_interpolations(item, where, f"{key}[{index}]")
+    elif isinstance(value, str) and "${" in value:
+        at = f" key '{key}':" if key else ""
+        raise DrcnnError(
+            f"{where}:{at} interpolations (${{...}}) are not supported; "
+            f"write the value itself, got {value!r}"
+        )
+
+
+def _base_files(data: dict, path: Path) -> list[str]:
+    """The ``_base_`` entry of a config file as a list of file names (a name alone is a list)."""
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise DrcnnError(
+            f"config file {path}: _base_: expected a file name or a list of file names, "
+            f"got {bases!r}"
+        )
+    return bases
+
+
 def _merge_file(schema: DictConfig, path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """Merge ``path`` (after its ``_base_`` files) into ``schema``; errors name the file."""
     path = path.resolve()
     if path in seen:
         raise DrcnnError(f"config file {path}: _base_ inheritance cycle")
     data = _read_yaml(path)
-    bases = data.pop("_base_", [])
-    if isinstance(bases, str):
-        bases = [bases]
+    bases = _base_files(data, path)
+    reject_interpolations(data, f"config file {path}")
     for base in bases:
         schema = _merge_file(schema, path.parent / base, (*seen, path))
     try:
@@ -342,6 +374,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise DrcnnError(f"override {key}: value {raw!r} is not valid YAML") from exc
+        reject_interpolations(value, f"override {key}")
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise DrcnnError(f"override {key}: unknown config key")
         try:
@@ -367,14 +400,19 @@ def load_config(
     return validate(cfg)
 
 
-def config_from_dict(data: dict) -> DictConfig:
-    """Rebuild a typed config from a plain dict (e.g. the one saved in a checkpoint)."""
+def config_from_dict(data: dict, source: str = "stored config") -> DictConfig:
+    """Rebuild a typed config from a plain dict (e.g. the one saved in a checkpoint); errors
+    start with ``source`` (e.g. ``checkpoint PATH: stored config``)."""
+    reject_interpolations(data, source)
     try:
         cfg = OmegaConf.merge(default_config(), data)
     except OmegaConfBaseException as exc:
-        raise DrcnnError(f"stored config: {_describe(exc)}") from exc
+        raise DrcnnError(f"{source}: {_describe(exc)}") from exc
     OmegaConf.set_struct(cfg, True)
-    return validate(cfg)
+    try:
+        return validate(cfg)
+    except DrcnnError as exc:
+        raise DrcnnError(f"{source}: {exc}") from exc
 
 
 def to_dict(cfg: DictConfig) -> dict:

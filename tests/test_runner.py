@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import yaml
 
 from drcnn import cli, load_config
 from drcnn.analysis import runner
+from drcnn.config import to_dict
+from drcnn.engine.checkpoint import load_checkpoint, save_checkpoint
 from drcnn.errors import DrcnnError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
@@ -67,6 +70,18 @@ def test_real_run_resumes_and_reports_the_failing_model(tmp_path, synthetic_root
     assert "train-faster: skipped" in second and "train-broken: FAILED" in second
     assert checkpoint.stat().st_mtime_ns == stamp
     assert yaml.safe_load((out / "spec.yaml").read_text())["name"] == "tiny"
+    # a training without its record (as after an interrupted run) continues from latest.pth:
+    # here already at max_iters, so nothing is trained or written again
+    log = (out / "models" / "faster" / "metrics.jsonl").read_text()
+    (out / "steps" / "train-faster.json").unlink()
+    assert cli.main(["run", str(spec), "--out", str(out)]) == 1
+    third = capsys.readouterr().out
+    assert f"train-faster: running (continuing {checkpoint};" in third
+    assert "train-faster: done" in third
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert (out / "models" / "faster" / "metrics.jsonl").read_text() == log
+    record = json.loads((out / "steps" / "train-faster.json").read_text())
+    assert record["status"] == "done" and record["resumed_from"] == str(checkpoint)
 
 
 class FakeExecutor:
@@ -151,6 +166,83 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
         "sensitivity",
         "ap_table",
     ]
+
+
+class CheckpointExecutor(FakeExecutor):
+    """A FakeExecutor whose training writes a checkpoint holding the step's config (what the
+    runner compares to decide whether to continue it) and can be interrupted after that."""
+
+    def __init__(self, interrupt: bool = False) -> None:
+        super().__init__()
+        self.interrupt = interrupt
+
+    def __call__(self, notebook: str, executed: Path, parameters: dict, cwd: Path) -> None:
+        super().__call__(notebook, executed, parameters, cwd)
+        if notebook == "train.ipynb" and parameters["run_train"]:
+            config = to_dict(load_config(parameters["config"], parameters["overrides"]))
+            save_checkpoint(
+                Path(parameters["work_dir"]) / "latest.pth", {"model": {}, "config": config}
+            )
+            if self.interrupt:
+                raise KeyboardInterrupt
+
+
+def one_model_spec(tmp_path: Path, root: Path, overrides: list[str] = ()) -> Path:
+    models = [{"name": "faster", "config": FASTER, "overrides": list(overrides)}]
+    return write_spec(tmp_path / "spec.yaml", root, ["train", "test"], models=models)
+
+
+def test_an_interrupted_forced_run_redoes_the_training(tmp_path, synthetic_root, monkeypatch):
+    """--force interrupted during a training: the next plain run must not take the earlier,
+    complete training's record for this half-done one."""
+    spec = one_model_spec(tmp_path, synthetic_root)
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "execute_notebook", CheckpointExecutor())
+    runner.run_experiment(spec, out, echo=lambda line: None)
+    first = (out / "models" / "faster" / "latest.pth").read_bytes()
+
+    monkeypatch.setattr(runner, "execute_notebook", CheckpointExecutor(interrupt=True))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(spec, out, force=True, echo=lambda line: None)
+    assert not (out / "steps" / "train-faster.json").exists()
+    # the complete run was moved aside, not deleted: work dir, notebooks, records
+    (moved,) = (out / "superseded").iterdir()
+    assert re.fullmatch(r"\d{8}T\d{6}Z", moved.name)
+    assert (moved / "models" / "faster" / "latest.pth").read_bytes() == first
+    assert (moved / "models" / "faster" / "metrics.json").is_file()
+    for kept in ("notebooks/train-faster.ipynb", "notebooks/test-faster.ipynb",
+                 "steps/train-faster.json", "steps/test-faster.json"):  # fmt: skip
+        assert (moved / kept).is_file(), kept
+        assert not (out / kept).exists() or kept.startswith("notebooks/train"), kept
+
+    fake = CheckpointExecutor()
+    monkeypatch.setattr(runner, "execute_notebook", fake)
+    status = runner.run_experiment(spec, out, echo=lambda line: None)
+    assert fake.steps() == ["train-faster", "test-faster"]
+    assert status == {"train-faster": "done", "test-faster": "done"}
+    # the interrupted training is continued (same config), not started again
+    latest = out / "models" / "faster" / "latest.pth"
+    assert dict(fake.calls)["train-faster"]["resume"] == str(latest)
+
+
+def test_a_training_of_another_config_is_moved_aside(tmp_path, synthetic_root, monkeypatch):
+    """A plain run whose model config changed trains from scratch; the old run is kept."""
+    out = tmp_path / "out"
+    fake = CheckpointExecutor()
+    monkeypatch.setattr(runner, "execute_notebook", fake)
+    runner.run_experiment(one_model_spec(tmp_path, synthetic_root), out, echo=lambda line: None)
+    assert dict(fake.calls)["train-faster"]["resume"] is None
+    fake.calls.clear()
+    lines: list[str] = []
+    spec = one_model_spec(tmp_path, synthetic_root, ["train.seed=7"])
+    runner.run_experiment(spec, out, echo=lines.append)
+    assert fake.steps() == ["train-faster", "test-faster"]
+    assert dict(fake.calls)["train-faster"]["resume"] is None
+    (moved,) = (out / "superseded").iterdir()
+    assert f"[1/2] train-faster: earlier outputs moved to {moved}" in lines
+    old = load_checkpoint(moved / "models" / "faster" / "latest.pth")
+    new = load_checkpoint(out / "models" / "faster" / "latest.pth")
+    assert (old["config"]["train"]["seed"], new["config"]["train"]["seed"]) == (0, 7)
 
 
 def test_seeds_train_every_model_once_per_seed(tmp_path, synthetic_root, monkeypatch):

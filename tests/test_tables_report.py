@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +215,37 @@ def test_report_shows_the_means_over_seeds(seeded: Path):
     md = write_report(seeded)[0].read_text()
     assert "Over seeds" in md and "AP_std" in md
     assert f"{np.mean([41, 38, 45]):.1f}" in md  # decoupled's mean AP
+
+
+def test_report_md_escapes_what_comes_from_the_experiment(experiment: Path):
+    """Names, paths, overrides and errors show as written in report.md and report.html: no tag,
+    link or table cell of theirs becomes markup."""
+    tag = "<img src=x onerror=alert(1)>"
+    spec = {
+        "name": f"unit {tag}",
+        "models": [{"name": "faster", "config": f"configs/{tag}.yaml"}, {"name": "decoupled"}],
+    }
+    (experiment / "spec.yaml").write_text(yaml.safe_dump(spec))
+    provenance.write_record(
+        experiment,
+        "train-faster",
+        {
+            "step_id": "train-faster",
+            "status": "failed",
+            "started": "2026-01-01T00:00:00+00:00",
+            "error": f"ValueError: {tag} [link](javascript:alert(1)) a|b `code` &amp;",
+            "parameters": {"overrides": ["model.rpn.nms_thresh=[0.7,0.8]", "data.root=x|y"]},
+        },
+    )
+    md_path, html_path = write_report(experiment)
+    md, page = md_path.read_text(), html_path.read_text()
+    assert not re.search(r"(?<!\\)<", md) and "<img src=x" not in page  # only escaped ones
+    assert r"\<img src=x onerror=alert(1)\>" in md
+    assert r"\[link\](javascript:alert(1)) a\|b \`code\` &amp;amp;" in md
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    # every row of the provenance table keeps its cells: the | in an override is escaped
+    header = next(line for line in md.splitlines() if line.startswith("| model | config"))
+    row = next(line for line in md.splitlines() if line.startswith("| faster |"))
+    cells = header.count(" | ")
+    assert row.replace(r"\|", "").count(" | ") == cells
+    assert r"data.root=x\|y" in row and r"model.rpn.nms\_thresh" not in row

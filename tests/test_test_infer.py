@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,22 +19,25 @@ from drcnn.cli import main
 from drcnn.config import load_config, to_dict
 from drcnn.engine.benchmark import use_anchor_proposals
 from drcnn.engine.checkpoint import load_model, save_checkpoint
+from drcnn.engine.infer import drawing_names
 from drcnn.models.detector import build_detector
+
+
+def save_random_model(path: Path, root: Path, **extra) -> Path:
+    """A randomly initialised Faster R-CNN (tiny settings for the dataset at ``root``) saved as
+    a drcnn checkpoint with class names; ``extra`` entries go into the checkpoint as well."""
+    cfg = load_config(FASTER, tiny_overrides(root))
+    torch.manual_seed(0)
+    gt = json.loads((root / "annotations" / "instances_val.json").read_text())
+    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    state = {"model": build_detector(cfg).state_dict(), "config": to_dict(cfg)}
+    return save_checkpoint(path, {**state, "class_names": names, **extra})
 
 
 @pytest.fixture(scope="module")
 def checkpoint(synthetic_root, tmp_path_factory):
     """A randomly initialised Faster R-CNN saved as a drcnn checkpoint with class names."""
-    cfg = load_config(FASTER, tiny_overrides(synthetic_root))
-    torch.manual_seed(0)
-    gt = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
-    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    save_checkpoint(
-        path,
-        {"model": build_detector(cfg).state_dict(), "config": to_dict(cfg), "class_names": names},
-    )
-    return path
+    return save_random_model(tmp_path_factory.mktemp("ckpt") / "model.pth", synthetic_root)
 
 
 def test_test_writes_coco_results_and_metrics(synthetic_root, checkpoint, tmp_path, coco_reference):
@@ -94,9 +98,52 @@ def test_infer_writes_detections_and_drawings(synthetic_root, checkpoint, tmp_pa
     got = entries[0]["detections"]
     assert [d["label"] for d in got] == [names[int(k) - 1] for k in det["labels"][keep]]
     np.testing.assert_allclose([d["box"] for d in got], det["boxes"][keep].numpy(), atol=1e-4)
+    assert [e["drawing"] for e in entries] == [f"{image.stem}.png", "gray.png"]
     drawn = Image.open(out / f"{image.stem}.png")
     assert drawn.size == Image.open(image).size
     assert (out / "gray.png").is_file()
+
+
+def test_infer_keeps_inputs_with_the_same_stem_apart(synthetic_root, checkpoint, tmp_path):
+    """Same-stem images from two folders get a drawing each; the inputs stay as they were; a
+    second run into the same folder replaces its own drawings."""
+    first, second = sorted((synthetic_root / "val").glob("*.png"))[:2]
+    for folder, image in (("a", first), ("b", second)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(image.read_bytes())
+    inputs = [tmp_path / "a", tmp_path / "b" / "x.png", tmp_path / "b"]  # b/x.png listed twice
+    out = tmp_path / "out"
+    argv = ["infer", FASTER, checkpoint, *inputs, "--out", out, "--score-thr", "0.05",
+            "--device", "cpu", "--set", *tiny_overrides(synthetic_root)]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    entries = json.loads((out / "detections.json").read_text())
+    files = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
+    assert [(e["file"], e["drawing"]) for e in entries] == list(
+        zip(files, ["x-1.png", "x-2.png"], strict=True)
+    )
+
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+    for source, other, entry in zip((first, second), (second, first), entries, strict=True):
+        assert Path(entry["file"]).read_bytes() == source.read_bytes()  # the input is unchanged
+        # the drawing is of its own input: nearer to it than to the other image
+        drawn = pixels(out / entry["drawing"])
+        assert np.abs(drawn - pixels(source)).mean() < np.abs(drawn - pixels(other)).mean()
+    assert sorted(p.name for p in out.iterdir()) == ["detections.json", "x-1.png", "x-2.png"]
+
+    stamp = (out / "x-1.png").stat().st_mtime_ns
+    (out / "x-1.png").unlink()  # as after an interrupted run: detections.json lists it
+    assert main([str(a) for a in argv]) == 0
+    assert (out / "x-1.png").is_file() and (out / "x-2.png").stat().st_mtime_ns >= stamp
+
+
+def test_drawing_names_are_unique_and_stable():
+    paths = [Path(p) for p in ("a/x.png", "b/x.jpg", "c/X.png", "x-1.png", "y.png", "d/y-1.png")]
+    names = drawing_names(paths)
+    # x, x, X share a stem (case-insensitively); x-1.png is taken by the input named x-1
+    assert names == ["x-2.png", "x-3.png", "X-4.png", "x-1.png", "y.png", "y-1.png"]
+    assert len({n.casefold() for n in names}) == len(names)
 
 
 def test_benchmark_writes_fps(tmp_path):

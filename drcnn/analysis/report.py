@@ -6,7 +6,9 @@ that names, for every model, its config, overrides, checkpoint (path and SHA-256
 code commit and date of its training and test, and for every step its status, date, commit and
 executed notebook. Parts whose step did not run or failed are marked as missing, so a partial
 experiment still gets a report. Both files are built from the same list of blocks, so the
-Markdown and the HTML always say the same thing.
+Markdown and the HTML always say the same thing. Everything that comes from the experiment
+(names, paths, overrides, error messages, table cells) is escaped in both, so that it shows as
+written and never becomes markup.
 """
 
 from __future__ import annotations
@@ -40,22 +42,45 @@ SENSITIVITY_TEXT = (
 
 @dataclass
 class Section:
-    """A titled list of blocks: ``("text", str)``, ``("table", DataFrame, digits)``,
-    ``("image", relative path, caption)``."""
+    """A titled list of blocks: ``("text", template, values)`` (Markdown ``template`` written
+    here, with ``{}`` for the ``values`` from the experiment, which get escaped),
+    ``("table", DataFrame, digits)``, ``("image", relative path, caption)``."""
 
     title: str
     blocks: list[tuple] = field(default_factory=list)
 
 
+# backslash-escaped (CommonMark): HTML tags, links, code spans, table cells; emphasis (``_``,
+# ``*``) is left alone, harmless and frequent in names and paths
+MARKDOWN_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`[]|<>"})
+
+
+def markdown_escape(value: object) -> str:
+    """``value`` as Markdown text that never becomes markup: ``&`` as an entity, the characters
+    of HTML, links, code and tables backslash-escaped, line breaks as spaces (for table cells)."""
+    text = " ".join(str(value).splitlines()).replace("&", "&amp;")
+    return text.translate(MARKDOWN_SPECIAL)
+
+
+def _markdown_table(table: pd.DataFrame, digits: int) -> str:
+    """``to_markdown`` of the table with every text cell and column name escaped."""
+    escaped = table.rename(columns=markdown_escape)
+    for column in escaped.columns:  # Series.map: DataFrame.map needs pandas 2.1
+        escaped[column] = escaped[column].map(
+            lambda v: markdown_escape(v) if isinstance(v, str) else v
+        )
+    return to_markdown(escaped, digits)
+
+
 def _render_markdown(title: str, sections: list[Section]) -> str:
-    out = [f"# {title}\n"]
+    out = [f"# {markdown_escape(title)}\n"]
     for section in sections:
         out.append(f"## {section.title}\n")
         for kind, value, *rest in section.blocks:
             if kind == "text":
-                out.append(f"{value}\n")
+                out.append(value.format(*map(markdown_escape, rest[0])) + "\n")
             elif kind == "table":
-                out.append(to_markdown(value, rest[0]))
+                out.append(_markdown_table(value, rest[0]))
             else:
                 out.append(f"![{rest[0]}]({value})\n")
     return "\n".join(out)
@@ -74,7 +99,7 @@ def _render_html(title: str, sections: list[Section]) -> str:
         out.append(f"<h2>{html.escape(section.title)}</h2>")
         for kind, value, *rest in section.blocks:
             if kind == "text":
-                out.append(f"<p>{html.escape(value)}</p>")
+                out.append(f"<p>{html.escape(value.format(*rest[0]))}</p>")
             elif kind == "table":
                 out.append(to_html(value, rest[0]))
             else:
@@ -87,8 +112,13 @@ def _render_html(title: str, sections: list[Section]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _text(template: str, *values: object) -> tuple:
+    """A text block: Markdown ``template`` with ``{}`` for each value from the experiment."""
+    return ("text", template, values)
+
+
 def _missing(what: str) -> tuple:
-    return ("text", f"Not available: {what}.")
+    return _text(f"Not available: {what}.")
 
 
 def ap_section(exp_dir: Path) -> Section:
@@ -99,20 +129,18 @@ def ap_section(exp_dir: Path) -> Section:
         section.blocks.append(_missing("the AP table step has not produced tables/ap_table.csv"))
         return section
     section.blocks.append(
-        (
-            "text",
+        _text(
             "Rows marked `reported` are published numbers, not measured here; `d*` columns "
-            "are differences against the baseline of the same source.",
+            "are differences against the baseline of the same source."
         )
     )
     section.blocks.append(("table", pd.read_csv(csv), 1))
     seeds = exp_dir / "tables" / "ap_table_seeds.csv"
     if seeds.is_file():
         section.blocks.append(
-            (
-                "text",
+            _text(
                 "Over seeds: one row per model, the mean of its `runs` seed runs and the sample "
-                "standard deviation (`*_std`).",
+                "standard deviation (`*_std`)."
             )
         )
         section.blocks.append(("table", pd.read_csv(seeds), 1))
@@ -130,7 +158,7 @@ def sensitivity_section(exp_dir: Path) -> Section:
             _missing("the sensitivity step has not produced sensitivity/summary.csv")
         )
         return section
-    section.blocks.append(("text", SENSITIVITY_TEXT))
+    section.blocks.append(_text(SENSITIVITY_TEXT))
     section.blocks.append(("table", pd.read_csv(csv), 3))
     for name, caption in SENSITIVITY_FIGURES.items():
         if (exp_dir / "sensitivity" / name).is_file():
@@ -210,20 +238,22 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
     header = Section(
         "Summary",
         [
-            (
-                "text",
-                f"Report written {provenance.now_utc()} by drcnn at commit "
-                f"{provenance.git_commit()} from {exp_dir.resolve()}.",
+            _text(
+                "Report written {} by drcnn at commit {} from {}.",
+                provenance.now_utc(),
+                provenance.git_commit(),
+                exp_dir.resolve(),
             )
         ],
     )
     failed = [r for r in provenance.read_records(exp_dir) if r.get("status") == "failed"]
     for record in failed:
         header.blocks.append(
-            (
-                "text",
-                f"Step {record.get('step_id')} FAILED: {record.get('error', '')} "
-                f"(executed notebook: {record.get('notebook')}).",
+            _text(
+                "Step {} FAILED: {} (executed notebook: {}).",
+                record.get("step_id"),
+                record.get("error", ""),
+                record.get("notebook"),
             )
         )
     sections = [

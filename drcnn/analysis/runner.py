@@ -16,13 +16,22 @@ and spread over seeds (:func:`drcnn.analysis.tables.mean_over_seeds`). The runne
 
 Resuming: a step whose record (``OUT/steps/<step>.json``) says ``done`` with the same
 parameters and inputs (checkpoint / metrics file modification times) and whose output files
-exist is skipped; ``force=True`` redoes everything. A failing step is recorded with its error
-and executed notebook; the steps that need it are skipped, the others still run, and
-:func:`run_experiment` reports the failures in its result (the CLI then exits with status 1).
+exist is skipped; ``force=True`` redoes everything. A step's record is removed before the step
+is redone and written again only when it ends, with its outcome, so an interrupted step is
+never taken for a finished one. A failing step is recorded with its error and executed
+notebook; the steps that need it are skipped, the others still run, and :func:`run_experiment`
+reports the failures in its result (the CLI then exits with status 1).
+
+A training step that is redone continues its model's unfinished training (``latest.pth`` of the
+same config) unless ``force=True``; otherwise, and always with ``force=True``, the model's
+earlier outputs (its work dir, the executed notebooks and records of its training and test) are
+moved to ``OUT/superseded/<UTC time of the run>/``, never deleted. One run at a time uses an
+output folder: ``run_experiment`` holds an exclusive lock on ``OUT/.lock`` while it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -31,8 +40,9 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +51,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from drcnn.analysis import provenance
 from drcnn.analysis.tables import seed_run
+from drcnn.config import reject_interpolations
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 STEP_KINDS = ("train", "test", "sensitivity", "ap_table", "report")
 DATASET_TYPES = ("synthetic", "coco")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a plain folder name (fullmatch)
+LOCK_FILE = ".lock"
+SUPERSEDED_DIR = "superseded"
 KERNEL = "python3"
 
 
@@ -122,29 +135,45 @@ class Step:
 
 
 def load_spec(path: str | Path) -> Any:
-    """Read and validate a spec file (unknown keys, wrong types, bad names: one-line errors)."""
+    """Read and validate a spec file (unknown keys, wrong types, bad names, interpolations:
+    one-line errors)."""
     path = Path(path)
     if not path.is_file():
         raise DrcnnError(f"spec {path}: file not found")
     try:
-        spec = OmegaConf.merge(OmegaConf.structured(Spec), OmegaConf.load(path))
-    except OmegaConfBaseException as exc:
-        raise DrcnnError(f"spec {path}: {str(exc).splitlines()[0]}") from exc
+        loaded = OmegaConf.load(path)
     except Exception as exc:  # YAML syntax errors come in several types
         raise DrcnnError(f"spec {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    reject_interpolations(OmegaConf.to_container(loaded, resolve=False), f"spec {path}")
+    try:
+        spec = OmegaConf.merge(OmegaConf.structured(Spec), loaded)
+    except OmegaConfBaseException as exc:
+        raise DrcnnError(f"spec {path}: {str(exc).splitlines()[0]}") from exc
     _validate(spec, path)
     return spec
 
 
+def _check_name(name: str, what: str, path: Path) -> None:
+    """Refuse a name that is not a plain folder name (it becomes one under OUT or the runs)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise DrcnnError(
+            f"spec {path}: {what} {name!r}: use letters, digits, _ . - (a folder name)"
+        )
+
+
 def _validate(spec: Any, path: Path) -> None:
+    _check_name(spec.name, "name", path)
     if spec.dataset.type not in DATASET_TYPES:
         raise DrcnnError(f"spec {path}: dataset.type must be one of {DATASET_TYPES}")
     if not spec.models:
         raise DrcnnError(f"spec {path}: models: expected at least one model")
+    for index, model in enumerate(spec.models):
+        for key in ("name", "config"):
+            if OmegaConf.is_missing(model, key):
+                raise DrcnnError(f"spec {path}: models[{index}].{key}: missing")
     names = [m.name for m in spec.models]
     for name in names:
-        if not NAME_PATTERN.match(name):
-            raise DrcnnError(f"spec {path}: model name {name!r}: use letters, digits, _ . -")
+        _check_name(name, "model name", path)
     if len(set(names)) != len(names):
         raise DrcnnError(f"spec {path}: models: names must be unique, got {names}")
     for model in spec.models:
@@ -343,13 +372,17 @@ def _error_line(exc: BaseException) -> str:
     return f"{name}: {value}".splitlines()[0][:300]
 
 
-def _run_step(step: Step, out: Path) -> None:
+def _run_step(step: Step, out: Path, resume: Path | None = None) -> None:
+    """Execute a step; ``resume``: the checkpoint a training step continues from."""
     if step.kind == "report":
         from drcnn.analysis.report import write_report
 
         write_report(out)
         return
-    execute_notebook(step.notebook, out / "notebooks" / f"{step.id}.ipynb", step.parameters, out)
+    parameters = step.parameters
+    if step.kind == "train":
+        parameters = {**parameters, "resume": None if resume is None else str(resume)}
+    execute_notebook(step.notebook, out / "notebooks" / f"{step.id}.ipynb", parameters, out)
 
 
 def _ready(step: Step, status: dict[str, str]) -> tuple[bool, dict[str, Any]]:
@@ -367,6 +400,54 @@ def _ready(step: Step, status: dict[str, str]) -> tuple[bool, dict[str, Any]]:
     return True, step.parameters
 
 
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.lock`` (which keeps the holder's pid) while the block
+    runs; a folder already locked by another process is a one-line error naming its pid. The
+    operating system drops the lock when the holder exits, however it ends."""
+    import fcntl
+
+    with open(out / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise DrcnnError(
+                f"{out}: another drcnn run (pid {holder}) is using this folder; "
+                "wait for it to end or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+@dataclass
+class Superseded:
+    """Moves outputs a run replaces to ``OUT/superseded/<UTC time of the run>/``, at the same
+    place relative to OUT (``models/<run>``, ``notebooks/<step>.ipynb``, ``steps/<step>.json``)."""
+
+    out: Path
+    stamp: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    )
+    root: Path | None = None  # made on the first move
+
+    def move(self, path: Path) -> Path:
+        if self.root is None:
+            base = self.out / SUPERSEDED_DIR / self.stamp
+            self.root, count = base, 1
+            while self.root.exists():  # an earlier run in the same second
+                count += 1
+                self.root = base.with_name(f"{self.stamp}-{count}")
+        target = self.root / path.relative_to(self.out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+        return target
+
+
 def run_experiment(
     spec_path: str | Path,
     out: str | Path | None = None,
@@ -375,11 +456,18 @@ def run_experiment(
 ) -> dict[str, str]:
     """Run (or resume) an experiment; returns ``{step id: done | skipped | failed | blocked}``.
 
-    ``out`` defaults to ``experiments/runs/<spec name>``. Output layout: docs/design.md.
+    ``out`` defaults to ``experiments/runs/<spec name>``. Output layout: docs/design.md. Another
+    run already using ``out`` is a ``DrcnnError``.
     """
     spec = load_spec(spec_path)
     out = Path(out if out is not None else Path("experiments/runs") / spec.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _run_locked(spec, out, force, echo)
+
+
+def _run_locked(spec: Any, out: Path, force: bool, echo: Callable[[str], None]) -> dict[str, str]:
+    """The body of :func:`run_experiment`, run while holding the folder's lock."""
     atomic_write_text(out / "spec.yaml", OmegaConf.to_yaml(spec))
     if spec.dataset.type == "synthetic" and {"train", "test", "sensitivity"} & set(spec.steps):
         from drcnn.data.synthetic import ensure_synthetic_dataset
@@ -388,9 +476,10 @@ def run_experiment(
         ensure_synthetic_dataset(spec.dataset.root, **OmegaConf.to_container(spec.dataset.generate))
     steps = plan(spec, out)
     status: dict[str, str] = {}
+    superseded = Superseded(out)
     for index, step in enumerate(steps, 1):
         prefix = f"[{index}/{len(steps)}] {step.id}"
-        status[step.id] = _execute(step, out, force, status, prefix, echo)
+        status[step.id] = _execute(step, out, force, status, prefix, echo, superseded)
     failed = [s for s, v in status.items() if v in ("failed", "blocked")]
     if failed:
         echo(f"{len(failed)} step(s) did not complete: {', '.join(failed)}")
@@ -398,8 +487,59 @@ def run_experiment(
     return status
 
 
+def resumable(step: Step) -> Path | None:
+    """``latest.pth`` of a training step's work dir when it holds an unfinished (or finished)
+    training of exactly the step's config, which the step then continues; else None."""
+    from drcnn.config import load_config, to_dict
+    from drcnn.engine.checkpoint import load_checkpoint
+
+    checkpoint = Path(step.parameters["work_dir"]) / "latest.pth"
+    if not checkpoint.is_file():
+        return None
+    try:
+        cfg = load_config(step.parameters["config"], step.parameters["overrides"])
+        stored = load_checkpoint(checkpoint).get("config")
+    except DrcnnError:  # no usable config or checkpoint: nothing to continue
+        return None
+    return checkpoint if stored == to_dict(cfg) else None
+
+
+def _model_files(out: Path, run: str) -> list[Path]:
+    """What a model's run leaves: its work dir, the executed notebooks and records of its
+    training and test steps."""
+    steps = (f"train-{run}", f"test-{run}")
+    return [
+        out / "models" / run,
+        *(out / "notebooks" / f"{s}.ipynb" for s in steps),
+        *(provenance.record_path(out, s) for s in steps),
+    ]
+
+
+def _prepare_training(
+    step: Step, out: Path, force: bool, superseded: Superseded, echo: Callable
+) -> Path | None:
+    """Before a training step runs: the checkpoint to continue from, or None after moving the
+    model's earlier outputs aside (``force``, or no training of this config to continue)."""
+    resume = None if force else resumable(step)
+    if resume is not None:
+        return resume
+    work = Path(step.parameters["work_dir"])
+    if work.is_dir() and any(work.iterdir()):
+        for path in _model_files(out, work.name):
+            if path.exists():
+                superseded.move(path)
+        echo(f"earlier outputs moved to {superseded.root}")
+    return None
+
+
 def _execute(
-    step: Step, out: Path, force: bool, status: dict[str, str], prefix: str, echo: Callable
+    step: Step,
+    out: Path,
+    force: bool,
+    status: dict[str, str],
+    prefix: str,
+    echo: Callable,
+    superseded: Superseded,
 ) -> str:
     """Run one step (or skip it) and record the outcome; returns its status."""
     ready, parameters = _ready(step, status)
@@ -410,6 +550,13 @@ def _execute(
     if not force and is_complete(step, out):
         echo(f"{prefix}: skipped (already complete)")
         return "skipped"
+    resume = None
+    if step.kind == "train":
+        resume = _prepare_training(
+            step, out, force, superseded, lambda line: echo(f"{prefix}: {line}")
+        )
+    # invalidate first: if this run is interrupted, the next one must not take the step as done
+    provenance.record_path(out, step.id).unlink(missing_ok=True)
     notebook = str(out / "notebooks" / f"{step.id}.ipynb") if step.notebook else None
     record = {
         "step_id": step.id,
@@ -418,12 +565,16 @@ def _execute(
         "git_commit": provenance.git_commit(),
         "started": provenance.now_utc(),
     }
+    if resume is not None:
+        record["resumed_from"] = str(resume)
     # a line before each step too: a training step can run for many minutes without output
-    echo(f"{prefix}: running" + (f" (notebook saved as it goes: {notebook})" if notebook else ""))
+    notes = [f"continuing {resume}"] if resume is not None else []
+    notes += [f"notebook saved as it goes: {notebook}"] if notebook else []
+    echo(f"{prefix}: running" + (f" ({'; '.join(notes)})" if notes else ""))
     sys.stdout.flush()
     start = time.perf_counter()
     try:
-        _run_step(step, out)
+        _run_step(step, out, resume)
         missing = [str(p) for p in step.outputs if not p.is_file()]
         if missing:
             raise DrcnnError(f"step finished without writing {', '.join(missing)}")

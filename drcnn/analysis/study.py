@@ -27,6 +27,7 @@ def translation_study(
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
     """Run the study on the validation split; returns ``(table, summary, figure paths)``."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # an unusable folder fails now, not after the study
     models, dataset = sensitivity.load_study(checkpoints, configs, data_overrides, device)
     table = sensitivity.run_sensitivity(
         models, dataset, grid, dataset.class_names, device, max_images

@@ -36,11 +36,15 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from drcnn.engine.benchmark import benchmark
     from drcnn.errors import DrcnnError
+    from drcnn.io import refuse_collisions
 
     if args.images < 1 or args.warmup < 0:
         raise DrcnnError("--images: expected at least 1 timed pass (and --warmup >= 0)")
     if args.size is not None and min(args.size) < 1:
         raise DrcnnError(f"--size: expected two positive integers H W, got {args.size}")
+    if args.out is not None:
+        inputs = [(args.config, "the config file"), (args.checkpoint, "the checkpoint")]
+        refuse_collisions(inputs, [(args.out, "--out")])
     result = benchmark(
         load_cfg(args),
         args.checkpoint,

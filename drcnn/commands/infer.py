@@ -14,7 +14,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("checkpoint", help="a drcnn checkpoint (.pth)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder: detections.json and one drawing per image, <stem>.png (<stem>-<k>.png "
+        "when inputs share a stem); never overwrites an input or a file infer did not write",
+    )
     parser.add_argument(
         "--score-thr", type=float, default=0.3, help="minimum score of reported boxes (0.3)"
     )
@@ -26,7 +31,13 @@ def run(args: argparse.Namespace) -> int:
     from drcnn.engine.infer import infer
 
     entries = infer(
-        load_cfg(args), args.checkpoint, args.inputs, args.out, args.score_thr, args.device
+        load_cfg(args),
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        args.score_thr,
+        args.device,
+        config_file=args.config,
     )
     count = sum(len(entry["detections"]) for entry in entries)
     print(f"{count} detections in {len(entries)} images; wrote {args.out}/detections.json")

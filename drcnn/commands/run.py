@@ -9,13 +9,20 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "run",
         help="run an experiment spec (YAML): train -> test -> sensitivity -> AP table -> report",
+        description="Run an experiment spec. Running it again resumes: finished steps are "
+        "skipped and an unfinished training continues from its latest.pth. One run at a time "
+        "per output folder (a lock on OUT/.lock).",
     )
     parser.add_argument("spec", help="experiment spec, e.g. experiments/synthetic_quick.yaml")
     parser.add_argument(
         "--out", default=None, help="output folder (default: experiments/runs/<spec name>)"
     )
     parser.add_argument(
-        "--force", action="store_true", help="redo every step, even those already complete"
+        "--force",
+        action="store_true",
+        help="redo every step, even those already complete, and train every model from "
+        "scratch; the earlier outputs of a model (its models/<name> folder, notebooks, step "
+        "records) are moved to OUT/superseded/<UTC time>/, not deleted",
     )
     parser.set_defaults(func=run)
 

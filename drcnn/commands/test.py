@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
         "--out",
         default=None,
         help="COCO result file (default: results.bbox.json beside the checkpoint); "
-        "metrics.json is written beside it",
+        "metrics.json is written beside it. Outputs that would overwrite an input (checkpoint, "
+        "config, annotation file, images) or each other are refused",
     )
     parser.add_argument(
         "--eval",
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             score_thr=args.score_thr,
             device=args.device,
             compute_metrics=args.eval == "bbox",
+            config_file=args.config,
         )
         if distributed.is_main_process() and metrics:
             print(format_metrics(metrics))

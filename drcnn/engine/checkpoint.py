@@ -51,11 +51,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint ({reason[:200]})") from exc
+        reason = _load_failure(exc)
+        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint ({reason})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint (no '{FORMAT}' model state)")
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one short line without torch's advice
+    to load the file with ``weights_only`` off (which would run the code a file may contain)."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:  # torch's explanation wraps the unpickler's reason
+        reason = text.split("WeightsUnpickler error:", 1)[1]
+        reason = reason.split(" Please ")[0].split(" Check the documentation")[0].strip(" .")
+        return f"not loadable as tensors and plain values: {reason[:160]}"
+    if "weights_only" in text or not text:
+        return type(exc).__name__
+    return text[:200]
 
 
 def first_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
@@ -84,19 +97,21 @@ def load_model(
     checkpoint: str | Path | dict[str, Any],
     cfg: DictConfig | None = None,
     device: str | torch.device = "cpu",
+    source: str | None = None,
 ) -> tuple[nn.Module, DictConfig]:
     """Build the detector and load a checkpoint's weights; returns ``(model in eval mode, cfg)``.
 
     ``cfg=None`` rebuilds the model from the config stored in the checkpoint, so a checkpoint
     alone is enough to test or run a model. ``checkpoint`` may be a path or an already loaded
-    checkpoint dict.
+    checkpoint dict; ``source`` names it in error messages (default: the path).
     """
-    source = "<in memory>" if isinstance(checkpoint, dict) else str(checkpoint)
+    if source is None:
+        source = "<in memory>" if isinstance(checkpoint, dict) else str(checkpoint)
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     if cfg is None:
         if "config" not in state:
             raise DrcnnError(f"checkpoint {source}: has no stored config; pass a CONFIG file")
-        cfg = config_from_dict(state["config"])
+        cfg = config_from_dict(state["config"], f"checkpoint {source}: stored config")
     model = build_detector(cfg)
     load_model_state(model, state["model"], source)
     return model.to(device).eval(), cfg

@@ -21,7 +21,7 @@ from drcnn.engine import distributed as dist
 from drcnn.engine.checkpoint import load_model
 from drcnn.engine.coco_eval import detections_to_coco, evaluate_coco
 from drcnn.engine.infer import draw_detections, save_png
-from drcnn.io import atomic_write_json
+from drcnn.io import atomic_write_json, refuse_collisions
 
 DEFAULT_SHOW_SCORE = 0.3
 DET_KEYS = ("boxes", "scores", "labels")
@@ -98,6 +98,26 @@ def show(dataset: Any, detections: list[dict], show_dir: Path, score_thr: float)
         save_png(drawn, show_dir / f"{detection['image_id']}.png")
 
 
+def check_test_outputs(
+    dataset: Any,
+    inputs: list[tuple[Path | None, str]],
+    out: Path,
+    compute_metrics: bool,
+    show_dir: Path | None,
+) -> None:
+    """Refuse a ``test`` whose outputs (result file, ``metrics.json``, drawings) would overwrite
+    each other, ``inputs`` (checkpoint, config file) or the val split's files."""
+    images = [img.get("file_name") for img in dataset.coco.imgs.values()]
+    inputs = [*inputs, (dataset.ann_file, "the annotation file")]
+    inputs += [(dataset.image_dir / name, "the image") for name in images if isinstance(name, str)]
+    outputs = [(out, "the result file")]
+    if compute_metrics:
+        outputs.append((out.parent / "metrics.json", "the metrics file"))
+    if show_dir is not None:
+        outputs += [(show_dir / f"{image_id}.png", "a drawing") for image_id in dataset.ids]
+    refuse_collisions(inputs, outputs)
+
+
 def test(
     cfg: DictConfig | None,
     checkpoint: str | Path,
@@ -106,22 +126,31 @@ def test(
     score_thr: float | None = None,
     device: str | None = None,
     compute_metrics: bool = True,
+    config_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run a checkpoint over the val split; returns the COCO metrics (``{}`` without them).
 
     ``out`` (default ``results.bbox.json`` beside the checkpoint) receives the COCO results and
     ``metrics.json`` goes beside it. ``show_dir`` receives one PNG per image with the detections
     scoring at least ``score_thr`` (default 0.3; the result file keeps every detection, as COCO
-    AP needs). ``cfg=None`` uses the config stored in the checkpoint.
+    AP needs). ``cfg=None`` uses the config stored in the checkpoint. Outputs that would
+    overwrite each other or an input (the checkpoint, ``config_file``, the val split's files)
+    are refused before inference starts.
     """
     torch_device = dist.setup(device)
     model, cfg = load_model(checkpoint, cfg, torch_device)
-    dataset, detections = predict(model, cfg, torch_device)
+    loader = build_dataloader(cfg, "val", distributed=dist.is_distributed())
+    out_path = Path(out) if out is not None else Path(checkpoint).parent / "results.bbox.json"
+    show_path = Path(show_dir) if show_dir is not None else None
+    inputs = [(Path(checkpoint), "the checkpoint"), (config_file, "the config file")]
+    check_test_outputs(loader.dataset, inputs, out_path, compute_metrics, show_path)
+    if dist.is_main_process():  # a folder that cannot be made fails now, not after inference
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    detections = gather_detections(inference(model, loader, torch_device))
     metrics: dict[str, Any] = {}
     if dist.is_main_process():
-        out_path = Path(out) if out is not None else Path(checkpoint).parent / "results.bbox.json"
-        metrics = write_results(dataset, detections, out_path, compute_metrics)
-        if show_dir is not None:
+        metrics = write_results(loader.dataset, detections, out_path, compute_metrics)
+        if show_path is not None:
             threshold = DEFAULT_SHOW_SCORE if score_thr is None else score_thr
-            show(dataset, detections, Path(show_dir), threshold)
+            show(loader.dataset, detections, show_path, threshold)
     return dist.broadcast_object(metrics)
