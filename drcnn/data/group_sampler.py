@@ -24,26 +24,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from drcnn.errors import DrcnnError
-
 
 def aspect_ratio_groups(dataset: Any) -> list[int]:
     """Group of each sample of a :class:`~drcnn.data.coco.CocoDetection`: 1 if wider than tall.
 
-    mmdetection's ``CustomDataset._set_group_flag``, from the sizes in the annotation file.
+    mmdetection's ``CustomDataset._set_group_flag``, from the sizes in the annotation file
+    (which :func:`drcnn.data.coco.load_coco` has checked to be positive integers).
     """
     groups = []
     for image_id in dataset.ids:
         info = dataset.coco.imgs[image_id]
-        width, height = info.get("width"), info.get("height")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (width, height)):
-            raise DrcnnError(
-                f"{dataset.ann_file}: image {image_id} has no numeric width and height, which "
-                "data.group_by_aspect_ratio needs (set it to false to batch without grouping)"
-            )
-        if height <= 0:
-            raise DrcnnError(f"{dataset.ann_file}: image {image_id} has height {height}")
-        groups.append(int(width / height > 1))
+        groups.append(int(info["width"] / info["height"] > 1))
     return groups
 
 
