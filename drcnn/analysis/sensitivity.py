@@ -630,3 +630,53 @@ def binned(table: pd.DataFrame, bins: Sequence[float] | None = None) -> pd.DataF
     grouped = long.groupby(["model", "branch", "stage", "iou_bin"])["quality"]
     out = grouped.agg(["mean", "sem", "count"]).reset_index()
     return out.rename(columns={"mean": "quality"})
+
+
+def probability_curve(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean true-class probability per model and translation size ``|s|`` (scale factor 1).
+
+    Columns ``model, radius, prob, sem, count``: the curve whose half-height is the invariance
+    radius.
+    """
+    flat = table[np.isclose(table["scale"], 1.0)]
+    radius = np.round(np.hypot(flat["dx"], flat["dy"]), 6).rename("radius")
+    grouped = flat.groupby([flat["model"], radius], sort=False)["true_prob"]
+    curve = grouped.agg(["mean", "sem", "count"]).reset_index().sort_values(["model", "radius"])
+    return curve.rename(columns={"mean": "prob"}).reset_index(drop=True)
+
+
+def regression_curve(
+    table: pd.DataFrame,
+    stage: int,
+    iou_range: tuple[float, float] = (0.5, 1.0),
+    bins: int = 15,
+) -> pd.DataFrame:
+    """Mean predicted against ideal translation delta of stage ``stage`` over the zone.
+
+    ``dx`` and ``dy`` pooled (normalised units), binned by the ideal delta in ``bins``
+    equal-width bins between its 1st and 99th percentile (the bins' ends take the rest).
+    Columns ``model, ideal, pred, sem, count``: the curve whose slope is the gain.
+    """
+    zone = table[in_zone(table, iou_range) & table[f"pred_dx_s{stage}"].notna()]
+    parts = [
+        pd.DataFrame(
+            {
+                "model": zone["model"],
+                "ideal": zone[f"ideal_{name}_s{stage}"],
+                "pred": zone[f"pred_{name}_s{stage}"],
+            }
+        )
+        for name in ("dx", "dy")
+    ]
+    long = pd.concat(parts, ignore_index=True)
+    columns = ["model", "ideal", "pred", "sem", "count"]
+    if long.empty:
+        return pd.DataFrame(columns=columns)
+    edges = np.linspace(*np.percentile(long["ideal"], [1, 99]), bins + 1)
+    index = np.clip(np.digitize(long["ideal"], edges[1:-1]), 0, bins - 1)
+    long = long.assign(bin=index)
+    grouped = long.groupby(["model", "bin"], sort=False)
+    curve = grouped.agg(
+        ideal=("ideal", "mean"), pred=("pred", "mean"), sem=("pred", "sem"), count=("pred", "size")
+    )
+    return curve.reset_index().sort_values(["model", "ideal"])[columns].reset_index(drop=True)
