@@ -438,3 +438,19 @@ def test_bootstrap_interval_covers_the_true_value_and_is_seeded():
     pd.testing.assert_frame_equal(first, again)
     other = summarize(table, num_boot=200, seed=4)
     assert not np.isclose(first["sensitivity_lo"], other["sensitivity_lo"]).all()
+
+
+def test_summary_keeps_model_order_and_each_model_is_summarised_on_its_own():
+    grid = ShiftGrid.from_range(-0.5, 0.5, 5)
+    alone = {
+        "zeta": _free_table("half", "gauss", grid).assign(model="zeta"),
+        "alpha": _free_table("oracle", "linear", grid).assign(model="alpha"),
+    }
+    both = summarize(pd.concat(alone.values(), ignore_index=True), num_boot=30)
+    assert both["model"].tolist() == ["zeta"] * 3 + ["alpha"] * 3
+    assert both["branch"].tolist() == ["classification", "regression", "regression"] * 2
+    for name, table in alone.items():
+        own = summarize(table, num_boot=30)
+        pd.testing.assert_frame_equal(
+            both[both["model"] == name].reset_index(drop=True), own, check_dtype=False
+        )

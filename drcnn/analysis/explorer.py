@@ -38,6 +38,7 @@ from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write
 
 TOP_CLASSES = 3
+STAGE_COLORS = ("deepskyblue", "orange", "magenta", "yellow", "white")  # stage k: k-th color
 EXAMPLE_SHIFT = (0.2, 0.1, 1.0)  # the static example: (dx, dy, scale)
 SHIFT_RANGE = (-0.5, 0.5)  # the dx / dy sliders (fractions of box size)
 SCALE_RANGE = (0.5, 2.0)
@@ -108,10 +109,9 @@ def class_name(label: int, class_names: Sequence[str] | None) -> str:
     return class_names[label - 1] if class_names else str(label)
 
 
-def _box(ax: Axes, box: np.ndarray, label: str, color: str, style: str = "-") -> None:
+def _box(ax: Axes, box: np.ndarray, label: str, color: str, **style: Any) -> None:
     x0, y0, x1, y1 = (float(v) for v in box)
-    patch = Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, ls=style, ec=color, label=label)
-    ax.add_patch(patch)
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=color, label=label, **style))
 
 
 def draw_probe(
@@ -120,10 +120,10 @@ def draw_probe(
     """The image with the ground truth, the shifted proposal, every stage's output box (labelled
     ``stage k``) and the top-3 class probabilities."""
     ax.imshow(image.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
-    _box(ax, result.gt, "ground truth", "lime")
-    _box(ax, result.proposal, "shifted proposal", "red", "--")
+    _box(ax, result.gt, "ground truth", "lime", lw=3)
     for k, box in enumerate(result.stage_boxes):
-        _box(ax, box, f"stage {k}", f"C{k}")
+        _box(ax, box, f"stage {k}", STAGE_COLORS[k % len(STAGE_COLORS)], lw=1.5)
+    _box(ax, result.proposal, "shifted proposal", "red", lw=2, ls="--")  # on top: stages start here
     top = np.argsort(-result.probs, kind="stable")[:TOP_CLASSES]
     lines = [f"{class_name(int(c), class_names)}: {result.probs[c]:.3f}" for c in top]
     legend = {"facecolor": "white", "alpha": 0.8}

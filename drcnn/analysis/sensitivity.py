@@ -45,16 +45,17 @@ zone (scale factors move ``dw, dh``).
   ``inf`` if it stays above half on the whole grid.
 - ``sensitivity``, the normalised response, comparable between branches: output change per unit
   shift relative to the output's range. Classifier: ``|prob_change|`` (the probability's range
-  is [0, 1]). Regression stage ``k``: the mean over the axes ``a`` in ``x, y`` of ``|gain_da| *
-  SHIFT_UNIT / W_a``, where ``W_a`` is the extent (max - min) of the translation ``s_a`` over
-  the zone: for stage 0, ``ideal_dx = -dx / std_x``, so ``|d pred_dx / d dx| = gain / std_x``
-  and the ideal delta's range over the zone is ``W_x / std_x``. An oracle stage scores
-  ``SHIFT_UNIT / W`` (about 0.17 on the default grid, whose zone spans ``|dx| <= 0.3``), a stage
-  that ignores the shift 0.
+  is [0, 1]). Regression stage ``k``: the mean over the axes ``a`` in ``x, y`` of
+  ``|gain_da| * SHIFT_UNIT / W_a``, where ``W_a`` is the extent (max - min) of ``s_a`` over the
+  zone's pure translations. For stage 0, ``ideal_dx = -dx / std_x``: ``|d pred_dx / d dx| =
+  gain / std_x``, and the ideal delta's range over the zone is ``W_x / std_x``; a later stage's
+  gain is its response to a translation of its own input, weighed the same way. An oracle
+  stage scores ``SHIFT_UNIT / W`` (1/6 on the default grid, whose zone spans ``|dx| <= 0.3``),
+  a stage that ignores the shift 0.
 - ``ratio`` (regression rows): the stage's ``sensitivity`` divided by the classifier's of the same
   model ("the regressor is N times as sensitive as the classifier").
 - ``*_lo, *_hi``: a 95% bootstrap percentile interval: the model's objects (ground-truth boxes)
-  are drawn with replacement ``n_boot`` times (seeded, the same draws for every branch of a
+  are drawn with replacement ``num_boot`` times (seeded, the same draws for every branch of a
   model, so ``ratio`` is paired), each drawn object taking all of its shifted boxes along (the
   shifts of one object are correlated).
 
@@ -617,7 +618,7 @@ def summarize(
     keys = ["model", "branch", "stage"]
     response = response_summary(table, iou_range, num_boot, seed)
     quality = quality_summary(table, iou_range)
-    merged = response.merge(quality, on=keys, how="outer", sort=False)
+    merged = response.merge(quality, on=keys, how="left")  # response: every branch, in order
     return merged.reindex(columns=SUMMARY_COLUMNS)
 
 
