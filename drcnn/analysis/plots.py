@@ -10,6 +10,7 @@ on the ~10^5 rows of a sensitivity table, unlike bootstrapping).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +22,14 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from drcnn.analysis.sensitivity import BRANCH_CLS, BRANCH_REG, branch_long
+from drcnn.analysis.sensitivity import (
+    BRANCH_CLS,
+    BRANCH_REG,
+    branch_long,
+    num_stages,
+    probability_curve,
+    regression_curve,
+)
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write
 
@@ -45,7 +53,7 @@ def _with_iou_bins(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def confidence_vs_iou(table: pd.DataFrame, path: str | Path) -> Path:
-    """Classifier sensitivity: true-class probability against input IoU, one line per model."""
+    """Classifier quality: true-class probability against input IoU, one line per model."""
     long = _with_iou_bins(branch_long(table))
     data = long[long["branch"] == BRANCH_CLS]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -56,7 +64,7 @@ def confidence_vs_iou(table: pd.DataFrame, path: str | Path) -> Path:
 
 
 def regression_vs_iou(table: pd.DataFrame, path: str | Path) -> Path:
-    """Regressor sensitivity: output IoU against input IoU, one panel per regression stage."""
+    """Regressor quality: output IoU against input IoU, one panel per regression stage."""
     long = _with_iou_bins(branch_long(table))
     data = long[long["branch"] == BRANCH_REG]
     grid = sns.relplot(
@@ -76,6 +84,57 @@ def regression_vs_iou(table: pd.DataFrame, path: str | Path) -> Path:
     grid.set_axis_labels("input IoU with ground truth", "output IoU with ground truth")
     grid.set_titles("regression stage {col_name}")
     return save(grid.figure, path)
+
+
+def draw_response_curves(axes: Sequence[plt.Axes], table: pd.DataFrame) -> None:
+    """The response curves on ``axes`` (the classifier's, then one per regression stage).
+
+    Classifier: mean true-class probability against the translation ``|s|`` (fraction of box
+    size; the dotted line marks half the value at 0, where the invariance radius is read).
+    Regression stage k: mean predicted against ideal translation delta (dx and dy pooled, over the
+    positive zone; the diagonal is an oracle, gain 1, the horizontal line a stage that ignores
+    the shift, gain 0). One line per model, bands of +- 1.96 standard errors.
+    """
+    models = list(dict.fromkeys(table["model"]))
+    colors = {model: f"C{i}" for i, model in enumerate(models)}
+    prob = probability_curve(table)
+    ax = axes[0]
+    for model in models:
+        curve = prob[prob["model"] == model]
+        _line_with_band(ax, curve["radius"], curve["prob"], curve["sem"], colors[model], model)
+        if len(curve) and curve["radius"].iloc[0] == 0:
+            ax.axhline(curve["prob"].iloc[0] / 2, color=colors[model], linestyle=":", lw=1)
+    ax.set(xlabel="translation |s| (fraction of box size)", ylabel="true-class probability")
+    ax.set(ylim=(0, 1), title="classifier")
+    ax.legend(fontsize=8)
+    for stage, ax in enumerate(axes[1:]):
+        curve = regression_curve(table, stage)
+        for model in models:
+            part = curve[curve["model"] == model]
+            _line_with_band(ax, part["ideal"], part["pred"], part["sem"], colors[model], model)
+        if not curve.empty:
+            low, high = curve["ideal"].min(), curve["ideal"].max()
+            ax.plot([low, high], [low, high], color="grey", linestyle="--", lw=1)
+        ax.axhline(0, color="grey", lw=1)
+        ax.set(xlabel="ideal delta (dx, dy; normalised)", ylabel="predicted delta")
+        ax.set(title=f"regression stage {stage}")
+
+
+def _line_with_band(
+    ax: plt.Axes, x: pd.Series, y: pd.Series, sem: pd.Series, color: str, label: str
+) -> None:
+    """A line with dots and a +- 1.96 standard-error band."""
+    ax.plot(x, y, marker=".", color=color, label=label)
+    band = 1.96 * sem.fillna(0)
+    ax.fill_between(x, y - band, y + band, color=color, alpha=0.2)
+
+
+def response_curves(table: pd.DataFrame, path: str | Path) -> Path:
+    """The response curves (:func:`draw_response_curves`) side by side, saved to ``path``."""
+    panels = 1 + num_stages(table)
+    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.6), constrained_layout=True)
+    draw_response_curves(list(np.atleast_1d(axes)), table)
+    return save(fig, path)
 
 
 def shift_heatmaps(table: pd.DataFrame, path: str | Path) -> Path:

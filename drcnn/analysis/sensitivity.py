@@ -1,4 +1,4 @@
-"""Translation-sensitivity study: how classifier and regressor react to shifted proposals.
+"""Translation-sensitivity study: how classifier and regressor respond to shifted proposals.
 
 Every ground-truth box of the evaluation images is moved by a grid of offsets ``(dx, dy)``
 (fractions of the box's width and height, optionally with a scale factor applied around the
@@ -10,8 +10,11 @@ The result is one tidy row per (model, shifted box) with:
 
 - ``model, image_id, gt_id, label, class, dx, dy, scale``: which box and how it was moved;
 - ``input_iou``: IoU of the shifted box (clipped to the image) with its ground truth;
-- ``true_prob``: the classifier's probability of the true class; ``correct``: whether the
-  arg-max class (background included) is the true class;
+- ``true_prob``: the classifier's probability of the true class (the score inference uses);
+  ``true_logit``: its log-odds ``log(p / (1 - p))``, computed in float64 from the raw logits of
+  the classifying stages (exact also for Cascade R-CNN's average of stage softmaxes:
+  ``log mean_s p_s - log mean_s (1 - p_s)``), so it does not saturate where ``p`` rounds to 1;
+  ``correct``: whether the arg-max class (background included) is the true class;
 - per regression stage ``k``: ``iou_s{k}`` (IoU of the stage's output box with the ground
   truth), ``pred_{dx,dy,dw,dh}_s{k}`` (the predicted deltas, in the stage's normalised units)
   and ``ideal_{dx,dy,dw,dh}_s{k}`` (the deltas that would move the stage's input box exactly
@@ -19,25 +22,57 @@ The result is one tidy row per (model, shifted box) with:
   absolute difference); ``final_iou`` is the last stage's output IoU (comparable across models
   with different numbers of stages).
 
-Summary numbers (:func:`summarize`), one row per model and branch (the classifier; each
-regression stage), over the shifted boxes whose input IoU lies in ``iou_range`` (default
-``[0.5, 1]``, the range a detector's positive proposals come from):
+Response metrics: sensitivity to translation is how much a branch's *output* moves when its
+input box moves. Notation: ``s = (dx, dy)`` is the translation in fractions of the box's width
+and height, ``|s| = sqrt(dx^2 + dy^2)`` its radial size; the *positive zone* is the shifted boxes
+whose input IoU lies in ``iou_range`` (default ``[0.5, 1]``, where a detector's positive
+proposals come from); a *unit shift* is ``SHIFT_UNIT`` = 0.1 of the box size. The classifier's
+figures use the pure translations (scale factor 1); the regression fit uses every box of the
+zone (scale factors move ``dw, dh``).
 
-- ``slope``, the *sensitivity*: least-squares slope of the branch's quality against input IoU,
-  i.e. how much the quality gains per +1.0 of input IoU. Quality is the true-class probability
-  for the classifier and the output IoU for a regression stage. 0 means insensitive (the
-  branch does as well on a badly shifted box as on a perfect one).
-- ``mean_quality``: mean true-class probability / mean output IoU.
-- ``accuracy`` (classifier): fraction of boxes whose arg-max class is the true class.
-- ``iou_gain`` (regressor): mean output IoU minus input IoU (what the stage adds).
-- ``frac_iou_0.9`` (regressor): fraction of boxes the stage brings to IoU >= 0.9.
-- ``delta_l1`` (regressor): mean |predicted - ideal| delta (normalised units).
+- :func:`regression_fit`, per model, stage and coordinate ``c`` in ``dx, dy, dw, dh``: the least
+  squares line ``pred_c = a + gain * ideal_c`` over the zone. ``gain = cov(ideal, pred) /
+  var(ideal)`` (1: the stage undoes a translation of its input fully, 0: it ignores it);
+  ``r2 = 1 - SS_res / SS_tot`` (NaN when the predictions do not vary); ``resid_std = sqrt(SS_res
+  / n)`` in normalised units. NaN when the ideal delta's standard deviation is below
+  ``MIN_SPREAD`` (the grid did not move that coordinate, e.g. ``dw, dh`` without scale factors).
+- ``prob_change`` / ``logit_change`` (classifier): ``SHIFT_UNIT`` times the least-squares slope of
+  ``true_prob`` / ``true_logit`` on ``|s|`` over the zone: the change of the true class's
+  probability / log-odds per 0.1 of box size of translation (negative: confidence falls).
+- ``radius`` (classifier): the invariance radius, the smallest ``|s|`` at which the mean
+  true-class probability over all objects (every translation of the grid, inside the zone or
+  not) falls to half its value at ``s = 0``, linearly interpolated between the grid's radii;
+  ``inf`` if it stays above half on the whole grid.
+- ``sensitivity``, the normalised response, comparable between branches: output change per unit
+  shift relative to the output's range. Classifier: ``|prob_change|`` (the probability's range
+  is [0, 1]). Regression stage ``k``: the mean over the axes ``a`` in ``x, y`` of
+  ``|gain_da| * SHIFT_UNIT / W_a``, where ``W_a`` is the extent (max - min) of ``s_a`` over the
+  zone's pure translations. For stage 0, ``ideal_dx = -dx / std_x``: ``|d pred_dx / d dx| =
+  gain / std_x``, and the ideal delta's range over the zone is ``W_x / std_x``; a later stage's
+  gain is its response to a translation of its own input, weighed the same way. An oracle
+  stage scores ``SHIFT_UNIT / W`` (1/6 on the default grid, whose zone spans ``|dx| <= 0.3``),
+  a stage that ignores the shift 0.
+- ``ratio`` (regression rows): the stage's ``sensitivity`` divided by the classifier's of the same
+  model ("the regressor is N times as sensitive as the classifier").
+- ``*_lo, *_hi``: a 95% bootstrap percentile interval: the model's objects (ground-truth boxes)
+  are drawn with replacement ``num_boot`` times (seeded, the same draws for every branch of a
+  model, so ``ratio`` is paired), each drawn object taking all of its shifted boxes along (the
+  shifts of one object are correlated).
 
-:func:`binned` gives the per-input-IoU-bin means (with standard errors) that the figures plot.
+Quality figures (:func:`summarize` too, over the zone): ``quality_slope``, the least-squares
+slope of the branch's quality (true-class probability; a stage's output IoU) against input IoU,
+a shortfall measure and not a sensitivity (a perfect regressor has output IoU 1 everywhere and
+slope 0); ``mean_quality``; ``accuracy`` (classifier: share of arg-max hits); ``iou_gain``
+(regressor: mean output minus input IoU); ``frac_iou_0.9`` (share of boxes the stage brings to
+IoU >= 0.9); ``delta_l1`` (mean |predicted - ideal| delta).
+
+:func:`binned` gives the per-input-IoU-bin means (with standard errors) that the figures plot;
+:func:`probability_curve` and :func:`regression_curve` the response curves.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +91,11 @@ DELTA_NAMES = ("dx", "dy", "dw", "dh")
 BRANCH_CLS = "classification"
 BRANCH_REG = "regression"
 MIN_BOX_SIZE = 1.0  # pixels; shifted boxes thinner than this after clipping are dropped
+SHIFT_UNIT = 0.1  # the unit shift of the response metrics: 0.1 of the box size
+# an ideal delta spreading less than this (normalised units) was not moved by the grid: float32
+# box rounding alone spreads it by ~1e-6
+MIN_SPREAD = 1e-3
+FLAT_PREDICTION = 1e-9  # predictions spreading less than this are constant (R^2 undefined)
 
 
 @dataclass(frozen=True)
@@ -151,6 +191,20 @@ def _stage_columns(
     return columns
 
 
+def true_log_odds(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Log-odds ``log(p / (1 - p))`` of class ``labels[i]`` under the mean of the stages' softmax.
+
+    ``logits``: one ``(N, K+1)`` tensor per classifying stage. Computed in float64 from
+    log-softmaxes (``log mean_s p_s,c - log mean_s sum_{j != c} p_s,j``; the ``1/S`` cancels), so
+    it stays finite where ``p`` rounds to 1 in float32.
+    """
+    log_p = torch.stack([torch.log_softmax(z.detach().double().cpu(), dim=1) for z in logits])
+    index = labels.cpu()[None, :, None].expand(len(logits), -1, 1)
+    true = log_p.gather(2, index).squeeze(2)
+    others = log_p.scatter(2, index, float("-inf")).logsumexp(dim=2)
+    return true.logsumexp(dim=0) - others.logsumexp(dim=0)
+
+
 @torch.no_grad()
 def analyze_image(
     model: torch.nn.Module,
@@ -176,6 +230,7 @@ def analyze_image(
         "scale": grid[grid_index, 2].numpy(),
         "input_iou": paired_iou(boxes, gt, gt_index).numpy(),
         "true_prob": probs.gather(1, labels[:, None]).squeeze(1).numpy(),
+        "true_logit": true_log_odds(analysis["class_logits"], labels).numpy(),
         "correct": (probs.argmax(dim=1) == labels).numpy(),
     }
     rows.update(_stage_columns(analysis, gt, gt_index))
@@ -300,11 +355,18 @@ def branch_long(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def summarize(table: pd.DataFrame, iou_range: tuple[float, float] = (0.5, 1.0)) -> pd.DataFrame:
-    """The summary numbers per model and branch (definitions in the module docstring)."""
-    long = branch_long(table)
+def in_zone(table: pd.DataFrame, iou_range: tuple[float, float]) -> pd.Series:
+    """Whether each shifted box's input IoU lies in ``iou_range`` (bounds included)."""
     low, high = iou_range
-    long = long[(long["input_iou"] >= low) & (long["input_iou"] <= high)]
+    return (table["input_iou"] >= low) & (table["input_iou"] <= high)
+
+
+def quality_summary(
+    table: pd.DataFrame, iou_range: tuple[float, float] = (0.5, 1.0)
+) -> pd.DataFrame:
+    """The quality figures per model and branch over the zone (see the module docstring)."""
+    long = branch_long(table)
+    long = long[in_zone(long, iou_range)]
     rows = []
     for (model, branch, stage), group in long.groupby(["model", "branch", "stage"], sort=False):
         row = {
@@ -312,7 +374,7 @@ def summarize(table: pd.DataFrame, iou_range: tuple[float, float] = (0.5, 1.0)) 
             "branch": branch,
             "stage": stage,
             "boxes": len(group),
-            "slope": _slope(group["input_iou"], group["quality"]),
+            "quality_slope": _slope(group["input_iou"], group["quality"]),
             "mean_quality": group["quality"].mean(),
         }
         if branch == BRANCH_CLS:
@@ -322,9 +384,242 @@ def summarize(table: pd.DataFrame, iou_range: tuple[float, float] = (0.5, 1.0)) 
             row["frac_iou_0.9"] = (group["quality"] >= 0.9).mean()
             row["delta_l1"] = group["delta_l1"].mean()
         rows.append(row)
-    columns = ["model", "branch", "stage", "boxes", "slope", "mean_quality", "accuracy"]
-    columns += ["iou_gain", "frac_iou_0.9", "delta_l1"]
-    return pd.DataFrame(rows).reindex(columns=columns)
+    return pd.DataFrame(rows)
+
+
+def _fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Least-squares line ``y = a + gain * x``: gain, R^2 and the residuals' RMS (NaNs if x
+    spreads less than ``MIN_SPREAD``; R^2 NaN if y does not vary)."""
+    nan = {"gain": np.nan, "r2": np.nan, "resid_std": np.nan}
+    if len(x) < 2 or x.std() < MIN_SPREAD:
+        return nan
+    xc, yc = x - x.mean(), y - y.mean()
+    gain = float((xc * yc).sum() / (xc**2).sum())
+    ss_res, ss_tot = float(((yc - gain * xc) ** 2).sum()), float((yc**2).sum())
+    r2 = 1 - ss_res / ss_tot if y.std() > FLAT_PREDICTION else np.nan
+    return {"gain": gain, "r2": r2, "resid_std": math.sqrt(ss_res / len(x))}
+
+
+def regression_fit(
+    table: pd.DataFrame, iou_range: tuple[float, float] = (0.5, 1.0)
+) -> pd.DataFrame:
+    """Predicted against ideal deltas over the zone, per model, stage and coordinate.
+
+    Columns ``model, stage, coordinate, boxes, gain, r2, resid_std, ideal_std`` (normalised
+    units; definitions in the module docstring).
+    """
+    zone = table[in_zone(table, iou_range)]
+    rows = []
+    for model, frame in zone.groupby("model", sort=False):
+        for k in range(num_stages(table)):
+            stage = frame[frame[f"pred_dx_s{k}"].notna()]
+            if stage.empty:
+                continue
+            for name in DELTA_NAMES:
+                ideal = stage[f"ideal_{name}_s{k}"].to_numpy(np.float64)
+                pred = stage[f"pred_{name}_s{k}"].to_numpy(np.float64)
+                row = {"model": model, "stage": k, "coordinate": name, "boxes": len(stage)}
+                rows.append({**row, **_fit(ideal, pred), "ideal_std": ideal.std()})
+    columns = ["model", "stage", "coordinate", "boxes", "gain", "r2", "resid_std", "ideal_std"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def bootstrap_counts(num_objects: int, num_boot: int, seed: int) -> np.ndarray:
+    """``(num_boot, num_objects)`` how often each object is drawn in each bootstrap replicate
+    (``num_objects`` draws with replacement, seeded)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_objects, np.full(num_objects, 1.0 / num_objects), size=num_boot)
+
+
+def _object_sums(obj: np.ndarray, x: np.ndarray, y: np.ndarray, num_objects: int) -> np.ndarray:
+    """Per object ``(count, sum x, sum y, sum xy, sum xx)``: ``(num_objects, 5)``; the least
+    squares slope of any resample follows from a weighted sum of these rows."""
+    if len(x):
+        x, y = x - x.mean(), y - y.mean()  # a constant shift leaves every slope unchanged
+    terms = (np.ones_like(x), x, y, x * y, x * x)
+    return np.stack([np.bincount(obj, t, minlength=num_objects) for t in terms], axis=1)
+
+
+def _slope_of_sums(sums: np.ndarray) -> np.ndarray:
+    """Least-squares slopes from ``(..., 5)`` sums (NaN where x does not vary)."""
+    n, sx, sy, sxy, sxx = np.moveaxis(sums, -1, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spread = n * sxx - sx * sx
+        return np.where(spread > 1e-12 * n * n, (n * sxy - sx * sy) / spread, np.nan)
+
+
+def invariance_radius(radii: np.ndarray, mean_prob: np.ndarray) -> float:
+    """The smallest radius at which ``mean_prob`` falls to half its value at radius 0.
+
+    ``radii`` ascending, starting at 0 (else NaN); NaN entries of ``mean_prob`` are skipped;
+    linear interpolation between the two radii around the first crossing; ``inf`` if the curve
+    never falls to half, NaN if its value at 0 is not positive.
+    """
+    keep = ~np.isnan(mean_prob)
+    radii, mean_prob = radii[keep], mean_prob[keep]
+    if len(radii) == 0 or radii[0] != 0 or not mean_prob[0] > 0:
+        return float("nan")
+    half = mean_prob[0] / 2
+    below = np.flatnonzero(mean_prob <= half)
+    if len(below) == 0:
+        return float("inf")
+    i = below[0]
+    r0, r1, p0, p1 = radii[i - 1], radii[i], mean_prob[i - 1], mean_prob[i]
+    return float(r0 + (p0 - half) / (p0 - p1) * (r1 - r0))
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of bootstrap values (actual replicate values, so ``inf`` is
+    allowed; NaN replicates are left out)."""
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [0.025, 0.975], method="inverted_cdf")
+    return float(low), float(high)
+
+
+def _with_interval(row: dict, name: str, value: float, boot: np.ndarray) -> None:
+    """``row[name]``, ``row[name_lo]``, ``row[name_hi]``."""
+    row[name] = float(value)
+    row[f"{name}_lo"], row[f"{name}_hi"] = _interval(boot)
+
+
+def _classifier_response(
+    frame: pd.DataFrame, obj: np.ndarray, zone: np.ndarray, counts: np.ndarray
+) -> tuple[dict, np.ndarray]:
+    """The classifier's response figures of one model, and the bootstrap replicates of its
+    sensitivity (``|prob_change|``)."""
+    flat = np.isclose(frame["scale"].to_numpy(), 1.0)
+    radius = np.hypot(frame["dx"].to_numpy(), frame["dy"].to_numpy())
+    prob = frame["true_prob"].to_numpy(np.float64)
+    num = counts.shape[1]
+    sel = flat & zone
+    prob_sums = _object_sums(obj[sel], radius[sel], prob[sel], num)
+    logit = frame["true_logit"].to_numpy(np.float64)[sel]
+    logit_sums = _object_sums(obj[sel], radius[sel], logit, num)
+    boot = np.abs(_slope_of_sums(counts @ prob_sums)) * SHIFT_UNIT
+    row = {"objects": int(np.unique(obj[sel]).size)}
+    row["prob_change"] = float(_slope_of_sums(prob_sums.sum(0))) * SHIFT_UNIT
+    row["logit_change"] = float(_slope_of_sums(logit_sums.sum(0))) * SHIFT_UNIT
+    _with_interval(row, "sensitivity", abs(row["prob_change"]), boot)
+    # the mean probability per distinct radius (all translations), per object then resampled
+    radii, ring = np.unique(np.round(radius[flat], 6), return_inverse=True)
+    cell = obj[flat] * len(radii) + ring
+    size = num * len(radii)
+    total = np.bincount(cell, prob[flat], minlength=size).reshape(num, -1)
+    count = np.bincount(cell, minlength=size).reshape(num, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        curves = (counts @ total) / (counts @ count)
+        full = total.sum(0) / count.sum(0)
+    radius_boot = np.array([invariance_radius(radii, c) for c in curves])
+    _with_interval(row, "radius", invariance_radius(radii, full), radius_boot)
+    return row, boot
+
+
+def _regression_response(
+    frame: pd.DataFrame,
+    obj: np.ndarray,
+    zone: np.ndarray,
+    counts: np.ndarray,
+    stage: int,
+) -> tuple[dict, np.ndarray]:
+    """Regression stage ``stage``'s gains and normalised sensitivity of one model, and the
+    bootstrap replicates of the sensitivity."""
+    flat = np.isclose(frame["scale"].to_numpy(), 1.0)
+    sel = zone & frame[f"pred_dx_s{stage}"].notna().to_numpy()
+    row: dict = {"objects": int(np.unique(obj[sel]).size)}
+    deltas = {}
+    for name in DELTA_NAMES:
+        ideal = frame[f"ideal_{name}_s{stage}"].to_numpy(np.float64)[sel]
+        pred = frame[f"pred_{name}_s{stage}"].to_numpy(np.float64)[sel]
+        deltas[name] = ideal, pred
+        row[f"gain_{name}"] = _fit(ideal, pred)["gain"]
+    value, boot = 0.0, np.zeros(counts.shape[0])
+    for name in ("dx", "dy"):
+        shift = frame[name].to_numpy(np.float64)[zone & flat]
+        extent = np.ptp(shift) if len(shift) else 0.0
+        ideal, pred = deltas[name]
+        weight = SHIFT_UNIT / extent / 2 if extent > 0 else np.nan  # mean of the two axes
+        value = value + abs(row[f"gain_{name}"]) * weight
+        sums = _object_sums(obj[sel], ideal, pred, counts.shape[1])
+        spread = len(ideal) > 0 and ideal.std() >= MIN_SPREAD
+        boot = boot + (np.abs(_slope_of_sums(counts @ sums)) if spread else np.nan) * weight
+    _with_interval(row, "sensitivity", value, boot)
+    return row, boot
+
+
+def response_summary(
+    table: pd.DataFrame,
+    iou_range: tuple[float, float] = (0.5, 1.0),
+    num_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The response metrics per model and branch, with bootstrap intervals (module docstring).
+
+    Every model is resampled with the same ``seed``, so its numbers do not depend on which other
+    models the table holds.
+    """
+    rows = []
+    for model, frame in table.groupby("model", sort=False):
+        obj = frame.groupby(["image_id", "gt_id"]).ngroup().to_numpy()
+        counts = bootstrap_counts(int(obj.max()) + 1, num_boot, seed).astype(np.float64)
+        zone = in_zone(frame, iou_range).to_numpy()
+        cls, cls_boot = _classifier_response(frame, obj, zone, counts)
+        rows.append({"model": model, "branch": BRANCH_CLS, "stage": 0, **cls})
+        for k in range(num_stages(table)):
+            if frame[f"pred_dx_s{k}"].isna().all():
+                continue
+            reg, reg_boot = _regression_response(frame, obj, zone, counts, k)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.float64(reg["sensitivity"]) / cls["sensitivity"]
+                _with_interval(reg, "ratio", ratio, reg_boot / cls_boot)
+            rows.append({"model": model, "branch": BRANCH_REG, "stage": k, **reg})
+    return pd.DataFrame(rows)
+
+
+SUMMARY_COLUMNS = [
+    "model",
+    "branch",
+    "stage",
+    "boxes",
+    "objects",
+    "sensitivity",
+    "sensitivity_lo",
+    "sensitivity_hi",
+    "ratio",
+    "ratio_lo",
+    "ratio_hi",
+    "gain_dx",
+    "gain_dy",
+    "gain_dw",
+    "gain_dh",
+    "prob_change",
+    "logit_change",
+    "radius",
+    "radius_lo",
+    "radius_hi",
+    "quality_slope",
+    "mean_quality",
+    "accuracy",
+    "iou_gain",
+    "frac_iou_0.9",
+    "delta_l1",
+]
+
+
+def summarize(
+    table: pd.DataFrame,
+    iou_range: tuple[float, float] = (0.5, 1.0),
+    num_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Response metrics and quality figures per model and branch, one row per (model, branch,
+    stage), columns :data:`SUMMARY_COLUMNS` (definitions in the module docstring)."""
+    keys = ["model", "branch", "stage"]
+    response = response_summary(table, iou_range, num_boot, seed)
+    quality = quality_summary(table, iou_range)
+    merged = response.merge(quality, on=keys, how="left")  # response: every branch, in order
+    return merged.reindex(columns=SUMMARY_COLUMNS)
 
 
 def binned(table: pd.DataFrame, bins: Sequence[float] | None = None) -> pd.DataFrame:
@@ -336,3 +631,53 @@ def binned(table: pd.DataFrame, bins: Sequence[float] | None = None) -> pd.DataF
     grouped = long.groupby(["model", "branch", "stage", "iou_bin"])["quality"]
     out = grouped.agg(["mean", "sem", "count"]).reset_index()
     return out.rename(columns={"mean": "quality"})
+
+
+def probability_curve(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean true-class probability per model and translation size ``|s|`` (scale factor 1).
+
+    Columns ``model, radius, prob, sem, count``: the curve whose half-height is the invariance
+    radius.
+    """
+    flat = table[np.isclose(table["scale"], 1.0)]
+    radius = np.round(np.hypot(flat["dx"], flat["dy"]), 6).rename("radius")
+    grouped = flat.groupby([flat["model"], radius], sort=False)["true_prob"]
+    curve = grouped.agg(["mean", "sem", "count"]).reset_index().sort_values(["model", "radius"])
+    return curve.rename(columns={"mean": "prob"}).reset_index(drop=True)
+
+
+def regression_curve(
+    table: pd.DataFrame,
+    stage: int,
+    iou_range: tuple[float, float] = (0.5, 1.0),
+    bins: int = 15,
+) -> pd.DataFrame:
+    """Mean predicted against ideal translation delta of stage ``stage`` over the zone.
+
+    ``dx`` and ``dy`` pooled (normalised units), binned by the ideal delta in ``bins``
+    equal-width bins between its 1st and 99th percentile (the bins' ends take the rest).
+    Columns ``model, ideal, pred, sem, count``: the curve whose slope is the gain.
+    """
+    zone = table[in_zone(table, iou_range) & table[f"pred_dx_s{stage}"].notna()]
+    parts = [
+        pd.DataFrame(
+            {
+                "model": zone["model"],
+                "ideal": zone[f"ideal_{name}_s{stage}"],
+                "pred": zone[f"pred_{name}_s{stage}"],
+            }
+        )
+        for name in ("dx", "dy")
+    ]
+    long = pd.concat(parts, ignore_index=True)
+    columns = ["model", "ideal", "pred", "sem", "count"]
+    if long.empty:
+        return pd.DataFrame(columns=columns)
+    edges = np.linspace(*np.percentile(long["ideal"], [1, 99]), bins + 1)
+    index = np.clip(np.digitize(long["ideal"], edges[1:-1]), 0, bins - 1)
+    long = long.assign(bin=index)
+    grouped = long.groupby(["model", "bin"], sort=False)
+    curve = grouped.agg(
+        ideal=("ideal", "mean"), pred=("pred", "mean"), sem=("pred", "sem"), count=("pred", "size")
+    )
+    return curve.reset_index().sort_values(["model", "ideal"])[columns].reset_index(drop=True)

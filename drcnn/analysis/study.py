@@ -2,8 +2,10 @@
 
 Shared by ``drcnn sensitivity`` and ``notebooks/translation_sensitivity.ipynb`` so that both
 write the same files into ``out_dir``: ``sensitivity.{parquet,csv}`` (one row per shifted box),
-``summary.{csv,md,html}`` (per model and branch) and the figures ``confidence_vs_iou.png``
-(classifier), ``regression_vs_iou.png`` (regressor) and ``shift_heatmaps.png``.
+``summary.{csv,md,html}`` (response metrics and quality figures per model and branch),
+``regression_fit.{csv,md,html}`` (predicted vs ideal deltas per stage and coordinate) and the
+figures ``response_curves.png`` (the responses the summary measures), ``confidence_vs_iou.png``
+(classifier quality), ``regression_vs_iou.png`` (regressor quality) and ``shift_heatmaps.png``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def translation_study(
     sensitivity.save_table(table, out_dir / "sensitivity")
     summary = sensitivity.summarize(table)
     tables.write_table(summary, out_dir / "summary", digits=3)
+    tables.write_table(sensitivity.regression_fit(table), out_dir / "regression_fit", digits=3)
     figures = [
+        plots.response_curves(table, out_dir / "response_curves.png"),
         plots.confidence_vs_iou(table, out_dir / "confidence_vs_iou.png"),
         plots.regression_vs_iou(table, out_dir / "regression_vs_iou.png"),
         plots.shift_heatmaps(table, out_dir / "shift_heatmaps.png"),

@@ -241,11 +241,13 @@ class RoIHeadsBase(nn.Module):
 
         Class-specific deltas are those of the given (true) ``labels``, so regression is judged
         apart from classification; ``class_probs`` are the scores inference would use on the
-        boxes each stage sees. Rows: all boxes of all images, in order.
+        boxes each stage sees (``class_logits``: the raw logits of each classifying stage they
+        average). Rows: all boxes of all images, in order.
         """
         outs = self._chain(features, boxes, image_shapes, torch.cat(labels))
         return {
             "class_probs": self._class_probs(outs),
+            "class_logits": [o.logits for o in outs if o.logits is not None],
             "stage_inputs": [o.inputs for o in outs],
             "stage_boxes": [o.outputs for o in outs],
             "stage_deltas": [o.picked for o in outs],
