@@ -253,14 +253,22 @@ def test_rpn_anchor_order_is_mmdetections():
         assert (cell - theirs).abs().max() <= 0.5
 
 
-def test_r50_coco_checkpoint_with_frozen_batchnorm():
-    """The official R-50 COCO layout: 80 classes, frozen BN (mmdetection's counters dropped)."""
-    model = model_of(DECOUPLED_COCO)
+@pytest.mark.parametrize("norm", ["eval_bn", "frozen_bn"])
+def test_r50_coco_checkpoint(norm):
+    """The official R-50 COCO layout: 80 classes; mmdetection's BatchNorm counters kept for
+    eval-mode BN (the official configs' norm) and dropped for frozen BN, which has none."""
+    cfg = load_config(DECOUPLED_COCO, [*NO_WEIGHTS, f"model.backbone.norm={norm}"])
+    model = build_detector(cfg).eval()
     neck = ([256, 512, 1024, 2048], 256)
     mm = mmdet_state_dict("resnet50", neck, 80, 1024, HEADS[DECOUPLED][0], True)
-    assert "backbone.layer1.0.bn1.num_batches_tracked" in mm
+    counter = "backbone.layer1.0.bn1.num_batches_tracked"
+    assert counter in mm
     ours = convert_mmdet_state_dict(model, mm)
-    assert not any(k.endswith("num_batches_tracked") for k in ours)
+    counters = [k for k in ours if k.endswith("num_batches_tracked")]
+    if norm == "frozen_bn":
+        assert not counters
+    else:
+        assert torch.equal(ours["backbone.body.layer1.0.bn1.num_batches_tracked"], mm[counter])
     assert torch.equal(ours["backbone.body.layer4.2.bn3.running_mean"],
                        mm["backbone.layer4.2.bn3.running_mean"])  # fmt: skip
     assert torch.equal(ours["backbone.body.layer2.0.downsample.1.weight"],

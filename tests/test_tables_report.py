@@ -151,11 +151,12 @@ def test_report_collects_tables_figures_and_provenance(experiment: Path):
     assert '<img src="tables/ap_vs_iou.png"' in page
     # the sensitivity section appears once its summary exists
     (experiment / "sensitivity").mkdir()
-    pd.DataFrame({"model": ["faster"], "branch": ["classification"], "slope": [0.125]}).to_csv(
-        experiment / "sensitivity" / "summary.csv", index=False
-    )
+    pd.DataFrame(
+        {"model": ["faster"], "branch": ["classification"], "sensitivity": [0.125], "extra": [9.5]}
+    ).to_csv(experiment / "sensitivity" / "summary.csv", index=False)
     md = write_report(experiment)[0].read_text()
     assert "0.125" in md and "Not available: the sensitivity" not in md
+    assert "9.5" not in md  # the report shows the key columns of summary.csv only
 
 
 @pytest.fixture

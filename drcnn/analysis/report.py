@@ -22,21 +22,31 @@ import pandas as pd
 import yaml
 
 from drcnn.analysis import provenance
-from drcnn.analysis.tables import to_html, to_markdown
+from drcnn.analysis.sensitivity import KEY_COLUMNS
+from drcnn.analysis.tables import select_columns, to_html, to_markdown
 from drcnn.io import atomic_write_text
 
 SENSITIVITY_FIGURES = {
-    "confidence_vs_iou.png": "Classifier sensitivity: true-class probability vs input IoU",
-    "regression_vs_iou.png": "Regressor sensitivity: output IoU vs input IoU per stage",
+    "response_curves.png": (
+        "Response to translation: true-class probability vs shift size (half-height line: the "
+        "invariance radius); predicted vs ideal delta per regression stage (diagonal: gain 1)"
+    ),
+    "confidence_vs_iou.png": "Classifier quality: true-class probability vs input IoU",
+    "regression_vs_iou.png": "Regressor quality: output IoU vs input IoU per stage",
     "shift_heatmaps.png": "Mean true-class probability and final IoU over the (dx, dy) grid",
 }
 SENSITIVITY_TEXT = (
-    "Ground-truth boxes of the evaluation images were shifted by (dx, dy) (fractions of the box "
-    "size) and fed to the RoI head as proposals. `slope` is the sensitivity: the least-squares "
-    "slope of the branch's quality (classifier: true-class probability; regressor: output IoU) "
-    "against the input IoU, over input IoU in [0.5, 1]; 0 = insensitive. `iou_gain` is the mean "
-    "output minus input IoU, `frac_iou_0.9` the fraction of boxes brought to IoU >= 0.9, "
-    "`delta_l1` the mean gap between predicted and ideal deltas."
+    "Ground-truth boxes of the evaluation images were shifted by s = (dx, dy) (fractions of the "
+    "box size) and fed to the RoI head as proposals; statistics over input IoU in [0.5, 1]. "
+    "Sensitivity is how much a branch's *output* responds to the shift. Regression: `gain_dx`, "
+    "`gain_dy` are least-squares slopes of the predicted on the ideal deltas (1 = the stage "
+    "undoes the shift, 0 = it ignores it). Classification: `prob_change` is the change of the "
+    "true-class probability per 0.1 of box size of shift, `radius` the shift at which the mean "
+    "probability falls to half its value at zero shift. `sensitivity` puts both on one scale "
+    "(output change per 0.1 of shift relative to the output's range) and `ratio` is a "
+    "regression stage's sensitivity over its model's classifier's; `_lo`/`_hi` are 95% "
+    "bootstrap intervals over objects. `iou_gain` (output minus input IoU) and `frac_iou_0.9` "
+    "(share of boxes brought to IoU >= 0.9) measure quality, not sensitivity."
 )
 
 
@@ -159,7 +169,7 @@ def sensitivity_section(exp_dir: Path) -> Section:
         )
         return section
     section.blocks.append(_text(SENSITIVITY_TEXT))
-    section.blocks.append(("table", pd.read_csv(csv), 3))
+    section.blocks.append(("table", select_columns(pd.read_csv(csv), KEY_COLUMNS), 3))
     for name, caption in SENSITIVITY_FIGURES.items():
         if (exp_dir / "sensitivity" / name).is_file():
             section.blocks.append(("image", f"sensitivity/{name}", caption))

@@ -263,6 +263,7 @@ def _sensitivity_step(spec: Any, out: Path) -> Step:
         "max_images": spec.sensitivity.max_images,
         "data_overrides": data_overrides(spec),
         "device": spec.device,
+        "interactive": False,  # papermill has no frontend: the explorer draws a static example
     }
     outputs = [out / "sensitivity" / "sensitivity.parquet", out / "sensitivity" / "summary.csv"]
     inputs = [Path(p) for p in checkpoints.values()]

@@ -577,6 +577,24 @@ def response_summary(
     return pd.DataFrame(rows)
 
 
+# The columns a reader needs first (the report and ``drcnn sensitivity`` show these).
+KEY_COLUMNS = [
+    "model",
+    "branch",
+    "stage",
+    "sensitivity",
+    "sensitivity_lo",
+    "sensitivity_hi",
+    "ratio",
+    "ratio_lo",
+    "ratio_hi",
+    "gain_dx",
+    "gain_dy",
+    "prob_change",
+    "radius",
+    "iou_gain",
+    "frac_iou_0.9",
+]
 SUMMARY_COLUMNS = [
     "model",
     "branch",

@@ -62,8 +62,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from drcnn.analysis.sensitivity import ShiftGrid
+    from drcnn.analysis.sensitivity import KEY_COLUMNS, ShiftGrid
     from drcnn.analysis.study import translation_study
+    from drcnn.analysis.tables import select_columns
 
     low, high, steps = args.range
     if steps != int(steps):
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         args.max_images,
         args.device,
     )
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"table, summary and {len(figures)} figures in {args.out}")
+    key = select_columns(summary, KEY_COLUMNS)
+    print(key.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"table, full summary (summary.csv) and {len(figures)} figures in {args.out}")
     return 0
