@@ -162,8 +162,14 @@ class FolderLock:
     def __init__(self, folder: str | Path) -> None:
         """Take the lock, or raise a ``DrcnnError`` naming the process that holds it."""
         self.path = Path(folder) / ".lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise DrcnnError(
+                f"{self.path.parent}: cannot write there ({exc.strerror or exc}); expected a "
+                "writable folder"
+            ) from exc
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

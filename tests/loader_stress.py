@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from drcnn.config import load_config
-from drcnn.data.loader import worker_context
 from drcnn.engine.data_order import TrainingLoader
 from drcnn.models.threads import thread_map
 
@@ -73,7 +72,7 @@ def main(rounds: int, workers: int = 2) -> None:
     batches each time, as epochs, evaluations and resumes do); print the worker pids seen."""
     torch.set_num_threads(2)  # thread_map uses torch's thread count
     cfg = load_config(None, [f"data.workers={workers}", "data.batch_size=2"])
-    base = DataLoader(PidDataset(), num_workers=workers, multiprocessing_context=worker_context())
+    base = DataLoader(PidDataset(), num_workers=workers)  # gives its dataset and worker count
     loader = TrainingLoader(base, cfg, torch.device("cpu"))
     stop = threading.Event()
     threads = busy_threads(stop)

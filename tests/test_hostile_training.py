@@ -155,15 +155,27 @@ def test_stalled_loader_ends_the_run_with_one_error_line(synthetic_root, tmp_pat
 
 
 # ----------------------------------------------------------------------------- item 4: no overwrite
-@pytest.mark.parametrize("name", ["latest.pth", "iter_2.pth", "metrics.jsonl"])
-def test_train_refuses_a_work_dir_that_holds_a_run(synthetic_root, tmp_path, capsys, name):
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["metrics.jsonl", "latest.pth"], "holds a training run (latest.pth); pass --resume"),
+        (["iter_best.pth"], "holds a training run (iter_best.pth); pass --resume"),
+        (["metrics.jsonl"], "holds the log of a run that saved no checkpoint (metrics.jsonl)"),
+    ],
+)
+def test_train_refuses_a_work_dir_that_holds_a_run(
+    synthetic_root, tmp_path, capsys, names, message
+):
+    """Without --resume: max_iters=1 (or 0, before it was refused) overwrote latest.pth and
+    deleted metrics.jsonl without a word."""
     work_dir = tmp_path / "work"
     work_dir.mkdir()
-    (work_dir / name).write_text("a run's file\n")
+    for name in names:
+        (work_dir / name).write_text("a run's file\n")
     argv = train_argv(synthetic_root, work_dir, "train.max_iters=1")
     err = expect_refusal(argv, capsys, watch=[work_dir, synthetic_root])
-    assert f"{work_dir}: holds a training run ({name})" in err and "--resume" in err
-    assert sorted(p.name for p in work_dir.iterdir()) == [name]
+    assert err.startswith(f"error: {work_dir}: {message}") and "--work-dir" in err
+    assert sorted(p.name for p in work_dir.iterdir()) == sorted(names)
 
 
 def test_second_training_in_a_locked_work_dir_names_the_holder(synthetic_root, tmp_path, capsys):
@@ -175,6 +187,14 @@ def test_second_training_in_a_locked_work_dir_names_the_holder(synthetic_root, t
     finally:
         lock.release()
     assert f"{work_dir}: in use by another drcnn process (pid {os.getpid()} on " in err
+
+
+def test_work_dir_that_is_a_file_is_refused(synthetic_root, tmp_path, capsys):
+    work_dir = tmp_path / "work"
+    work_dir.write_text("a file of the user's\n")
+    argv = train_argv(synthetic_root, work_dir, "train.max_iters=1")
+    err = expect_refusal(argv, capsys, watch=[work_dir, synthetic_root])
+    assert err.startswith(f"error: {work_dir}: cannot write there (")
 
 
 def test_lock_is_released_when_training_ends(trained_run):

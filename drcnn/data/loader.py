@@ -75,9 +75,10 @@ def worker_context() -> BaseContext:
     thread, CPython's own thread-state lock) held at the moment of the fork stays held in the
     child forever, and the worker hangs before it loads a sample (seen in DDP training after an
     evaluation). The fork server is a single-threaded process, started once by fork+exec; it
-    imports the data modules up front, so a worker starts in well under a second, and it does
-    not import ``__main__`` (no script is re-run; workers only load drcnn's own datasets). The
-    preload list is process-wide: it applies to the fork server of every later user.
+    imports the data modules up front, so workers forked from it do not import torch again, and
+    it does not import ``__main__`` (no script is re-run; workers only load drcnn's own
+    datasets). The preload list is process-wide: it applies to the fork server of every later
+    user.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from drcnn.data.loader import worker_context
 from drcnn.engine import distributed as dist
 
 
@@ -121,10 +122,9 @@ class TrainingLoader:
     """The training data of a whole run: one DataLoader, its workers started once and kept.
 
     Reuses the dataset, collate function and worker count of the data part's loader ``base``
-    (its ``multiprocessing_context`` too: workers never fork a threaded process, see
-    :func:`drcnn.data.loader.worker_context`) and replaces only the order and the seeding (see
-    the module docstring). Re-creating a DataLoader per epoch started new workers each time,
-    each start a chance to hang; persistent workers are started once per run.
+    and replaces only the order and the seeding (see the module docstring). Workers start as
+    :func:`~drcnn.data.loader.worker_context` says (never by forking this threaded process) and
+    persist: a DataLoader per epoch started new workers each time, each start a chance to hang.
     """
 
     def __init__(self, base: DataLoader, cfg: DictConfig, device: torch.device) -> None:
@@ -150,7 +150,7 @@ class TrainingLoader:
             generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
-            multiprocessing_context=base.multiprocessing_context if workers > 0 else None,
+            multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
     def epoch(self, epoch: int, start_batch: int) -> Iterator[Any]:

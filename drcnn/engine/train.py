@@ -417,21 +417,22 @@ def train(
 RUN_OUTPUTS = re.compile(r"latest\.pth|(iter|epoch)_[0-9]+\.pth|metrics\.jsonl|config\.yaml")
 
 
-def existing_run(work_dir: Path) -> Path | None:
-    """A file showing that ``work_dir`` holds a run (``latest.pth`` first), else None."""
-    if not work_dir.is_dir():
-        return None
-    candidates = [work_dir / "latest.pth", *sorted(work_dir.glob("*.pth"))]
-    return next((p for p in [*candidates, work_dir / "metrics.jsonl"] if p.exists()), None)
-
-
 def refuse_existing_run(work_dir: Path) -> None:
-    """A fresh run must not overwrite a run's checkpoints or log: one line instead."""
-    found = existing_run(work_dir)
+    """A fresh run must not overwrite a run's checkpoints (``*.pth``) or log: one line instead,
+    naming the first such file (``latest.pth`` first)."""
+    if not work_dir.is_dir():
+        return
+    checkpoints = [work_dir / "latest.pth", *sorted(work_dir.glob("*.pth"))]
+    found = next((path for path in checkpoints if path.is_file()), None)
     if found is not None:
         raise DrcnnError(
             f"{work_dir}: holds a training run ({found.name}); pass --resume to continue it "
             "or choose another --work-dir"
+        )
+    if (work_dir / "metrics.jsonl").exists():
+        raise DrcnnError(
+            f"{work_dir}: holds the log of a run that saved no checkpoint (metrics.jsonl); "
+            "remove it to start again or choose another --work-dir"
         )
 
 
