@@ -15,6 +15,7 @@ type-checked assignment, and ``to_yaml`` for saving the resolved config beside a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_interval: int = 1  # epochs; 0 disables periodic evaluation
     seed: int = 0
+    # Seconds a collective operation (DDP gradient sync, barrier, broadcast) may wait for the
+    # other processes before the process group fails the run (torch.distributed's timeout).
+    dist_timeout: float = 3600.0
+    # Seconds without progress (no training step finished, no evaluation batch done) after
+    # which a watchdog ends the run with an error naming the rank, the iteration and what the
+    # loop was waiting for; 0 turns the watchdog off. Shorter than dist_timeout, so a stuck
+    # run ends with the watchdog's message rather than a collective's timeout.
+    stall_timeout: float = 1800.0
 
 
 @dataclass
@@ -303,6 +312,79 @@ def _check_choice(value: object, key: str, choices: Sequence[object]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of a numeric config key (for :func:`validate`).
+
+    ``low``/``high``: inclusive limits (``low_open``: ``low`` itself excluded); ``null``: what
+    a null value means where the key may be null. NaN and infinities are always refused.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    null: str | None = None
+
+    def admits(self, value: object) -> bool:
+        if value is None:
+            return self.null is not None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self, integer: bool) -> str:
+        """E.g. ``an integer >= 1 or null (all images)``, ``a number in [0, 1]``."""
+        kind = "an integer" if integer else "a number"
+        if self.low is not None and self.high is not None:
+            text = f"{kind} in [{self.low:g}, {self.high:g}]"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = kind
+        return text if self.null is None else f"{text} or null ({self.null})"
+
+
+# Numeric keys whose range the schema's types cannot express; list values are checked entry by
+# entry. A value outside its range would fail only after a training step, or silently do
+# something else (a negative grad_clip flips the gradient, max_iters=0 saves untrained weights).
+NUMBER_BOUNDS: dict[str, Bound] = {
+    "model.transform.min_size": Bound(low=1),
+    "model.transform.test_min_size": Bound(low=1),
+    "model.transform.max_size": Bound(low=1),
+    "data.workers": Bound(low=0),
+    "data.flip_prob": Bound(low=0, high=1),
+    "data.max_val_images": Bound(low=1, null="all images"),
+    "train.epochs": Bound(low=1),
+    "train.max_iters": Bound(low=1, null="train.epochs decides"),
+    "train.lr": Bound(low=0, low_open=True),
+    "train.grad_clip": Bound(low=0, low_open=True, null="no clipping"),
+    "train.log_interval": Bound(low=1),
+    "train.checkpoint_interval": Bound(low=1),
+    "train.keep_checkpoints": Bound(low=1),
+    "train.eval_interval": Bound(low=0),
+    "train.dist_timeout": Bound(low=0, low_open=True),
+    "train.stall_timeout": Bound(low=0),
+}
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Every :data:`NUMBER_BOUNDS` key in its range; the error names the key and the range."""
+    for key, bound in NUMBER_BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        values = list(value) if OmegaConf.is_list(value) else [value]
+        for item in values:
+            if not bound.admits(item):
+                integer = isinstance(item, int) and not isinstance(item, bool)
+                each = "every entry to be " if OmegaConf.is_list(value) else ""
+                raise DrcnnError(
+                    f"config {key}: expected {each}{bound.describe(integer)}, got {item!r}"
+                )
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Checks the schema's types cannot express (choices, ranges, the NMS float-or-pair)."""
     _check_choice(cfg.model.backbone.arch, "model.backbone.arch", BACKBONE_ARCHS)
@@ -336,6 +418,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise DrcnnError(f"config data.{key}: expected a positive integer")
     if cfg.train.accumulate < 1:
         raise DrcnnError("config train.accumulate: expected a positive integer")
+    _check_numbers(cfg)
     return cfg
 
 

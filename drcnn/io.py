@@ -1,20 +1,33 @@
-"""Atomic file writes: a crash or a full disk never leaves a half-written result behind.
+"""Safe file writes: a crash or a full disk never leaves a half-written result behind.
 
-Each writer writes to a temporary file in the target's folder, flushes it to disk, then renames
-it over the target (``os.replace`` is atomic on POSIX), so readers see the old file or the new
-one, never a mix.
+Each atomic writer writes to a temporary file in the target's folder, flushes it to disk, then
+renames it over the target (``os.replace`` is atomic on POSIX), so readers see the old file or
+the new one, never a mix. A process killed mid-write leaves only its temp file (named as
+:data:`TEMP_NAME` describes), which :func:`remove_stale_temp_files` clears later. Appends to a
+log (:func:`append_line`) add a whole line or nothing. :class:`FolderLock` keeps two processes
+from writing into one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
+import socket
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 from drcnn.errors import DrcnnError
+
+# The temp file of ``atomic_write(folder / name)``: ``.<name>.<8 random characters>.tmp``
+# (``tempfile.mkstemp`` with the prefix and suffix used below; its random part is 8 characters
+# of ``[a-z0-9_]``; tests/test_checkpoint.py checks that the pattern still matches).
+TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -100,3 +113,111 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def remove_stale_temp_files(folder: str | Path, targets: re.Pattern[str]) -> list[Path]:
+    """Delete the temp files that killed :func:`atomic_write` calls left in ``folder`` (not its
+    subfolders) for target names that ``targets`` matches in full; returns the removed paths.
+
+    Only files of exactly the :data:`TEMP_NAME` pattern are touched. Call it only while no
+    writer of those targets can run (e.g. holding the folder's :class:`FolderLock`): a live
+    writer's temp file looks the same.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp")):
+        match = TEMP_NAME.fullmatch(path.name)
+        if match and targets.fullmatch(match["target"]) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` (created if missing): the whole line or nothing.
+
+    A write that fails part-way (a full disk) is undone by truncating the file back to its
+    previous size, so the file never ends in a torn line; the failure is a ``DrcnnError``.
+    """
+    path = Path(path)
+    data = memoryview(f"{line}\n".encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # a torn line is still dropped when read back
+                os.ftruncate(fd, size)
+            raise DrcnnError(
+                f"{path}: could not append ({exc.strerror or exc}); its earlier lines are kept"
+            ) from exc
+    finally:
+        os.close(fd)
+
+
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (one per non-empty line), such as a training log.
+
+    A final line that does not parse is what a writer killed mid-append leaves: it is dropped
+    with a warning. Any other line that is not a JSON object is a ``DrcnnError`` naming the file
+    and the line number.
+    """
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    entries = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if position == len(lines) - 1:
+                warnings.warn(
+                    f"{path}: line {number} is incomplete (an interrupted write); dropped it",
+                    stacklevel=2,
+                )
+                break
+            raise DrcnnError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(entry, dict):
+            raise DrcnnError(f"{path}: line {number}: expected a JSON object")
+        entries.append(entry)
+    return entries
+
+
+class FolderLock:
+    """An exclusive lock on a folder: ``fcntl.flock`` on ``<folder>/.lock``, held until
+    :meth:`release` or the end of the process.
+
+    The kernel drops the lock when the process ends however it ends (a kill included), so a
+    crashed run never leaves a stale lock; the ``.lock`` file itself stays and is reused. The
+    file holds the holder's pid and host for the message a second process gets.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        """Take the lock, or raise a ``DrcnnError`` naming the process that holds it."""
+        self.path = Path(folder) / ".lock"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise DrcnnError(
+                f"{self.path.parent}: cannot write there ({exc.strerror or exc}); expected a "
+                "writable folder"
+            ) from exc
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "unknown"
+            self.release()
+            raise DrcnnError(
+                f"{self.path.parent}: in use by another drcnn process ({holder}); wait for it to "
+                "finish or use another folder"
+            ) from None
+        with contextlib.suppress(OSError):  # the lock holds even if the note cannot be written
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases the flock); a second call does nothing."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

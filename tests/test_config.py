@@ -128,3 +128,32 @@ def test_load_on_top_of_a_stored_config():
     cfg = load_config(None, ["train.max_iters=3"], base=stored)
     assert cfg.model.roi_head.num_classes == 8
     assert cfg.train.max_iters == 3
+
+
+def test_number_ranges_accept_their_limits_and_null():
+    cfg = load_config(
+        None,
+        ["data.flip_prob=0", "data.workers=0", "train.stall_timeout=0", "train.eval_interval=0",
+         "train.grad_clip=null", "data.max_val_images=null", "train.max_iters=null",
+         "model.transform.min_size=[1, 800]"],
+    )  # fmt: skip
+    assert cfg.train.grad_clip is None and cfg.data.max_val_images is None
+    cfg = load_config(None, ["data.flip_prob=1", "train.grad_clip=0.01", "train.max_iters=1",
+                             "data.max_val_images=1", "train.lr=1e-6"])  # fmt: skip
+    assert cfg.train.grad_clip == 0.01 and cfg.data.max_val_images == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.grad_clip=-1", "train.grad_clip: expected a number > 0 or null (no clipping)"),
+        ("data.max_val_images=0", "expected an integer >= 1 or null (all images), got 0"),
+        ("data.flip_prob=1.5", "data.flip_prob: expected a number in [0, 1], got 1.5"),
+        ("train.lr=.nan", "train.lr: expected a number > 0, got nan"),
+        ("model.transform.min_size=[800, 0]", "expected every entry to be an integer >= 1, got 0"),
+    ],
+)
+def test_out_of_range_numbers_name_key_and_range(override, message):
+    with pytest.raises(DrcnnError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)

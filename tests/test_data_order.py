@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import torch
 from hostile import expect_refusal
+from test_train import FASTER, tiny_overrides
 
 from drcnn.config import load_config
 from drcnn.data.group_sampler import aspect_ratio_groups, grouped_batch_count
 from drcnn.data.loader import build_dataloader, build_dataset
-from drcnn.engine.data_order import EpochSeededDataset, GlobalBatchSampler, epoch_loader
+from drcnn.engine.data_order import EpochSeededDataset, GlobalBatchSampler, TrainingLoader
 from drcnn.engine.optim import build_schedule
 
 
@@ -62,14 +63,15 @@ class RandomSample(torch.utils.data.Dataset):
 
 
 def test_sample_augmentation_depends_on_seed_epoch_and_index_only():
-    data = EpochSeededDataset(RandomSample(), seed=7, epoch=2)
-    first = [data[i] for i in range(4)]
+    data = EpochSeededDataset(RandomSample(), seed=7)
+    first = [data[2, i] for i in range(4)]
     torch.rand(5)  # whatever else drew from the global generator in between
-    assert [data[i] for i in reversed(range(4))] == first[::-1]
+    assert [data[2, i] for i in reversed(range(4))] == first[::-1]
     assert len(set(first)) == 4
-    assert EpochSeededDataset(RandomSample(), seed=7, epoch=3)[0] != first[0]
+    assert data[3, 0] != first[0]
+    assert EpochSeededDataset(RandomSample(), seed=8)[2, 0] != first[0]
     before = torch.get_rng_state()
-    data[0]
+    data[2, 0]
     assert torch.equal(torch.get_rng_state(), before)  # the global generator is left untouched
 
 
@@ -180,7 +182,7 @@ def annotations_with_sizes(root, tmp_path, size_of) -> str:
     return str(path)
 
 
-def test_epoch_loader_groups_when_configured(synthetic_root, tmp_path):
+def test_training_loader_groups_when_configured(synthetic_root, tmp_path):
     def size_of(entry):  # every third image wide; only the sampler reads these sizes
         return {"width": 256 if entry["id"] % 3 == 0 else 128, "height": 128}
 
@@ -198,7 +200,7 @@ def test_epoch_loader_groups_when_configured(synthetic_root, tmp_path):
     base = build_dataloader(cfg, "train")
     groups = aspect_ratio_groups(base.dataset)
     assert set(groups) == {0, 1}
-    sampler = epoch_loader(base, cfg, 1, 0, torch.device("cpu")).sampler
+    sampler = TrainingLoader(base, cfg, torch.device("cpu")).sampler.order(1, 0)
     assert sampler.num_batches == grouped_batch_count(groups, 4)
     assert all(len({groups[i] for i in batch}) == 1 for batch in sampler.batches)
 
@@ -221,3 +223,32 @@ def test_cli_refuses_images_without_sizes_before_grouping(synthetic_root, tmp_pa
     ]
     err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root], may_create=[work])
     assert "images[0].width must be a positive integer" in err
+
+
+def test_training_loader_batches_do_not_depend_on_workers_or_restarts(synthetic_root):
+    """One loader for the run (persistent workers, iterator re-created for each epoch, resume or
+    evaluation) gives the batches that the one-process loader gives for the same plan, and a
+    restart at batch ``b`` continues the epoch exactly."""
+    plan = [(0, 0, 4), (0, 2, 2), (1, 0, 2), (0, 3, 1)]  # (epoch, start batch, batches taken)
+
+    def run_plan(workers: int) -> list[list]:
+        cfg = load_config(FASTER, [*tiny_overrides(synthetic_root), f"data.workers={workers}"])
+        loader = TrainingLoader(build_dataloader(cfg, "train"), cfg, torch.device("cpu"))
+        taken = []
+        for epoch, start, count in plan:
+            batches = loader.epoch(epoch, start)
+            taken.append([next(batches) for _ in range(count)])
+        return taken
+
+    def same(a, b) -> bool:
+        (images_a, targets_a), (images_b, targets_b) = a, b
+        return all(torch.equal(x, y) for x, y in zip(images_a, images_b, strict=True)) and all(
+            ta["image_id"] == tb["image_id"] and torch.equal(ta["boxes"], tb["boxes"])
+            for ta, tb in zip(targets_a, targets_b, strict=True)
+        )
+
+    alone, with_workers = run_plan(0), run_plan(2)
+    for taken_alone, taken_with_workers in zip(alone, with_workers, strict=True):
+        assert all(same(a, b) for a, b in zip(taken_alone, taken_with_workers, strict=True))
+    assert same(alone[1][0], alone[0][2]) and same(alone[3][0], alone[0][3])
+    assert not same(alone[2][0], alone[0][0])  # another epoch, another order

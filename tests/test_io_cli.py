@@ -7,7 +7,8 @@ import stat
 import pytest
 
 from drcnn.cli import COMMANDS, main
-from drcnn.io import atomic_write, atomic_write_json
+from drcnn.errors import DrcnnError
+from drcnn.io import TEMP_NAME, atomic_write, atomic_write_json, read_json_lines
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -54,3 +55,28 @@ def test_top_level_help_lists_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS)
+
+
+def test_temp_name_pattern_is_the_one_the_writer_uses(tmp_path):
+    """remove_stale_temp_files relies on TEMP_NAME; a change in tempfile would break it."""
+    seen = []
+
+    def write(handle):
+        seen.extend(p.name for p in tmp_path.iterdir())
+        handle.write(b"x")
+
+    atomic_write(tmp_path / "latest.pth", write)
+    assert len(seen) == 1 and TEMP_NAME.fullmatch(seen[0])["target"] == "latest.pth"
+
+
+def test_json_lines_drop_a_torn_last_line_and_refuse_a_bad_one_inside(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"iter": 1}\n\n{"iter": 2}\n{"iter": 3, "lo')
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: line 4 is incomplete"):
+        assert read_json_lines(log) == [{"iter": 1}, {"iter": 2}]
+    log.write_text('{"iter": 1}\n{"iter": 2, "lo\n{"iter": 3}\n')
+    with pytest.raises(DrcnnError, match=r"metrics\.jsonl: line 2 is not valid JSON"):
+        read_json_lines(log)
+    log.write_text('{"iter": 1}\n[2]\n{"iter": 3}\n')
+    with pytest.raises(DrcnnError, match=r"metrics\.jsonl: line 2: expected a JSON object"):
+        read_json_lines(log)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,15 @@ from drcnn.data.loader import build_dataloader
 from drcnn.engine import train as train_module
 from drcnn.engine.checkpoint import load_checkpoint
 from drcnn.engine.optim import build_optimizer, build_schedule, scaled_lr
-from drcnn.engine.train import StepContext, amp_notice, total_loss, train, train_step
+from drcnn.engine.train import (
+    MetricsLog,
+    StepContext,
+    amp_notice,
+    total_loss,
+    train,
+    train_step,
+)
+from drcnn.errors import DrcnnError
 from drcnn.models.detector import build_detector
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
@@ -197,3 +209,28 @@ def test_bf16_autocast_step_on_cpu(synthetic_root):
     assert seen == [torch.bfloat16]
     assert all(math.isfinite(v) for v in logged.values()), logged
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes beyond ``limit`` bytes of a file fail (EFBIG, SIGXFSZ ignored) as on a full disk:
+    the first write past the limit is cut short, the next one fails."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_metrics_append_on_a_full_disk_adds_no_torn_line(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"type": "train", "iter": 1, "loss": 1.5})
+    before = log.path.read_bytes()
+    with file_size_limit(len(before) + 10), pytest.raises(DrcnnError, match="could not append"):
+        log.write({"type": "train", "iter": 2, "loss": 1.25})
+    assert log.path.read_bytes() == before
+    log.write({"type": "train", "iter": 2, "loss": 1.25})
+    assert [entry["iter"] for entry in read_jsonl(log.path)] == [1, 2]

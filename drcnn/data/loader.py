@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import torch
@@ -43,6 +45,8 @@ def build_dataset(cfg: DictConfig, split: str) -> CocoDetection:
         train=train,
         max_images=None if train else cfg.data.max_val_images,
     )
+    if train and len(dataset) == 0:
+        raise DrcnnError(f"{ann}: the training split has no image with a box to train on")
     expected = cfg.model.roi_head.num_classes
     if dataset.num_classes != expected:
         raise DrcnnError(
@@ -62,13 +66,34 @@ def collate(batch: list[tuple]) -> tuple[list[torch.Tensor], list[dict]]:
     return images, targets
 
 
+def worker_context() -> BaseContext:
+    """How loader workers start: from a fork server (spawned where there is none), never by
+    forking this process.
+
+    A forked child copies the parent's memory mid-flight, locks included: a lock that another
+    thread (tqdm's monitor, the :func:`~drcnn.models.threads.thread_map` pool, a pin-memory
+    thread, CPython's own thread-state lock) held at the moment of the fork stays held in the
+    child forever, and the worker hangs before it loads a sample (seen in DDP training after an
+    evaluation). The fork server is a single-threaded process, started once by fork+exec; it
+    imports the data modules up front, so workers forked from it do not import torch again, and
+    it does not import ``__main__`` (no script is re-run; workers only load drcnn's own
+    datasets). The preload list is process-wide: it applies to the fork server of every later
+    user.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def build_dataloader(
     cfg: DictConfig, split: str, distributed: bool = False, shuffle: bool | None = None
 ) -> DataLoader:
     """Loader of ``split``: ``cfg.data.batch_size`` (train) or ``test_batch_size`` (val) images
-    per process, ``cfg.data.workers`` workers, shuffled for training unless ``shuffle`` says
-    otherwise. With ``distributed=True`` a ``DistributedSampler`` shards the data (the training
-    loop calls ``loader.sampler.set_epoch``)."""
+    per process, ``cfg.data.workers`` workers (started as :func:`worker_context` says, and kept
+    between iterations), shuffled for training unless ``shuffle`` says otherwise. With
+    ``distributed=True`` a ``DistributedSampler`` shards the data."""
     dataset = build_dataset(cfg, split)
     shuffle = split == "train" if shuffle is None else shuffle
     sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
@@ -81,5 +106,6 @@ def build_dataloader(
         num_workers=workers,
         collate_fn=collate,
         persistent_workers=workers > 0,
+        multiprocessing_context=worker_context() if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )

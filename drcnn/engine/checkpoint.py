@@ -36,9 +36,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     try:
         return atomic_torch_save({"format": FORMAT, **state}, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        reason = reason or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DrcnnError(
-            f"checkpoint {path}: could not be written ({exc.strerror or exc}); "
+            f"checkpoint {path}: could not be written ({reason[:200]}); "
             "the previous checkpoint is kept"
         ) from exc
 
@@ -85,11 +88,30 @@ def first_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Ten
     return f"unexpected key '{extra}'" if extra is not None else None
 
 
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point tensor holding a NaN or an infinity, else None."""
+    return next(
+        (
+            key
+            for key, tensor in state_dict.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ),
+        None,
+    )
+
+
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights after checking that they belong to this architecture (first mismatch named)."""
+    """Load weights after checking that they belong to this architecture (first mismatch named)
+    and are finite (a diverged model would otherwise be evaluated, or trained on, silently)."""
     mismatch = first_mismatch(model.state_dict(), state_dict)
     if mismatch is not None:
         raise DrcnnError(f"checkpoint {source}: does not fit the model ({mismatch})")
+    broken = first_non_finite(state_dict)
+    if broken is not None:
+        raise DrcnnError(
+            f"checkpoint {source}: tensor '{broken}' holds NaN or infinite values "
+            "(the training diverged); use an earlier checkpoint"
+        )
     model.load_state_dict(state_dict)
 
 

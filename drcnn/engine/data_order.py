@@ -6,12 +6,17 @@ random augmentation is drawn from its own generator seeded by ``(train.seed, e, 
 changes it). The global batch of iteration ``i`` is the same whatever the number of processes:
 rank ``r`` takes every ``world``-th sample of it. This is what lets a resumed run continue
 exactly where the interrupted one stopped.
+
+One loader serves the whole run (:class:`TrainingLoader`): its sampler yields ``(epoch, index)``
+pairs, so its workers, started once, need no per-epoch state, and starting an epoch (or going on
+after an evaluation) re-creates only the iterator, never the worker processes.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,6 +25,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from drcnn.data.group_sampler import grouped_batches, training_groups
+from drcnn.data.loader import worker_context
 from drcnn.engine import distributed as dist
 
 
@@ -31,17 +37,21 @@ def mix_seed(*parts: int) -> int:
 
 
 class EpochSeededDataset(Dataset):
-    """Draws each sample's augmentation from a generator seeded by ``(seed, epoch, index)``."""
+    """Draws each sample's augmentation from a generator seeded by ``(seed, epoch, index)``.
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+    Items are addressed by ``(epoch, index)`` pairs (what :class:`EpochSampler` yields).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
@@ -95,32 +105,67 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def epoch_loader(
-    base: DataLoader, cfg: DictConfig, epoch: int, start_batch: int, device: torch.device
-) -> DataLoader:
-    """The training loader of ``epoch`` starting at (per-rank) batch ``start_batch``.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """The samples of the epoch chosen by :meth:`start`, as ``(epoch, index)`` pairs.
+
+    ``order(epoch, start_batch)`` gives the epoch's indices (a :class:`GlobalBatchSampler`).
+    The DataLoader iterates this sampler in the main process each time an iterator is made, so
+    one long-lived loader follows :meth:`start` without restarting its workers.
+    """
+
+    def __init__(self, order: Callable[[int, int], Sampler[int]]) -> None:
+        self.order = order
+        self.epoch, self.start_batch = 0, 0
+
+    def start(self, epoch: int, start_batch: int) -> None:
+        """Let the next iterator run through ``epoch`` from (per-rank) batch ``start_batch``."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.order(epoch, self.start_batch))
+
+    def __len__(self) -> int:
+        return len(self.order(self.epoch, self.start_batch))
+
+
+class TrainingLoader:
+    """The training data of a whole run: one DataLoader, its workers started once and kept.
 
     Reuses the dataset, collate function and worker count of the data part's loader ``base``
-    and replaces only the order and the seeding (see the module docstring).
+    and replaces only the order and the seeding (see the module docstring). Workers start as
+    :func:`~drcnn.data.loader.worker_context` says (never by forking this threaded process) and
+    persist: a DataLoader per epoch started new workers each time, each start a chance to hang.
     """
-    seed = cfg.train.seed
-    sampler = GlobalBatchSampler(
-        len(base.dataset),
-        cfg.data.batch_size,
-        dist.get_rank(),
-        dist.get_world_size(),
-        seed,
-        epoch,
-        start_batch,
-        training_groups(cfg, base.dataset),
-    )
-    return DataLoader(
-        EpochSeededDataset(base.dataset, seed, epoch),
-        batch_size=cfg.data.batch_size,
-        sampler=sampler,
-        collate_fn=base.collate_fn,
-        num_workers=base.num_workers,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(mix_seed(seed, epoch, dist.get_rank())),
-        pin_memory=device.type == "cuda",
-    )
+
+    def __init__(self, base: DataLoader, cfg: DictConfig, device: torch.device) -> None:
+        seed, rank = cfg.train.seed, dist.get_rank()
+        order = partial(
+            GlobalBatchSampler,
+            len(base.dataset),
+            cfg.data.batch_size,
+            rank,
+            dist.get_world_size(),
+            seed,
+            groups=training_groups(cfg, base.dataset),
+        )
+        self.sampler = EpochSampler(order)
+        workers = base.num_workers
+        self.loader = DataLoader(
+            EpochSeededDataset(base.dataset, seed),
+            batch_size=cfg.data.batch_size,
+            sampler=self.sampler,
+            collate_fn=base.collate_fn,
+            num_workers=workers,
+            worker_init_fn=seed_worker,
+            # only the workers' base seeds come from it; samples are seeded by (seed, epoch, index)
+            generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            multiprocessing_context=worker_context() if workers > 0 else None,
+        )
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[Any]:
+        """An iterator over ``epoch``'s batches from (per-rank) batch ``start_batch`` on."""
+        self.sampler.start(epoch, start_batch)
+        return iter(self.loader)

@@ -9,12 +9,16 @@ collective below is a no-op, so the engine code reads the same in both cases.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from drcnn.errors import DrcnnError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -58,16 +62,23 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda", index)
 
 
-def setup(device: str | None = None) -> torch.device:
+def setup(device: str | None = None, timeout_s: float | None = None) -> torch.device:
     """Join the torchrun process group (if launched by torchrun) and return this rank's device.
 
-    Idempotent: a second call (e.g. ``train`` then ``test`` in one script) reuses the group.
+    ``timeout_s`` (``train.dist_timeout``) bounds how long a collective operation waits for the
+    other ranks before it fails (torch's default when None), so a rank that stops answering
+    ends the run instead of holding the others forever. Idempotent: a second call (e.g.
+    ``train`` then ``test`` in one script) reuses the group and its timeout.
     """
     resolved = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=resolved if backend == "nccl" else None)
+        dist.init_process_group(
+            backend=backend,
+            device_id=resolved if backend == "nccl" else None,
+            timeout=None if timeout_s is None else timedelta(seconds=timeout_s),
+        )
     return resolved
 
 
@@ -98,6 +109,22 @@ def broadcast_object(obj: Any) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def on_main_process(fn: Callable[..., T], *args: Any) -> T | None:
+    """``fn(*args)`` on rank 0 (None elsewhere); a ``DrcnnError`` it raises is raised on every
+    rank, so all processes stop together instead of the others waiting in the next collective.
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn(*args)
+        except DrcnnError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error is not None:
+        raise DrcnnError(error)
+    return result
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

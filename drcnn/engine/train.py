@@ -7,6 +7,12 @@ Exact resume. A checkpoint stores the iteration counter and the RNG states of ev
 resumed run skips the batches already done in the epoch (the data order depends only on the seed
 and the epoch, see :mod:`drcnn.engine.data_order`), restores the RNGs and continues with exactly
 the losses the uninterrupted run would have had (on the CPU, bit for bit).
+
+Safety. A work dir that holds a run is refused unless the run is resumed; a lock on the work dir
+keeps a second training out while one runs (:class:`drcnn.io.FolderLock`); temp files left by a
+checkpoint write that was killed are removed at the start. A step that makes the weights
+non-finite stops the run before anything is saved, so the last checkpoint stays the last good
+one. A :class:`~drcnn.engine.watchdog.Watchdog` ends a run that stops making progress.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -26,7 +33,6 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from drcnn.config import to_dict, to_yaml
@@ -41,11 +47,18 @@ from drcnn.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from drcnn.engine.data_order import epoch_loader, mix_seed
+from drcnn.engine.data_order import TrainingLoader, mix_seed
 from drcnn.engine.evaluate import evaluate
 from drcnn.engine.optim import Schedule, build_optimizer, build_schedule
+from drcnn.engine.watchdog import Watchdog
 from drcnn.errors import DrcnnError
-from drcnn.io import atomic_write_text
+from drcnn.io import (
+    FolderLock,
+    append_line,
+    atomic_write_text,
+    read_json_lines,
+    remove_stale_temp_files,
+)
 from drcnn.models.detector import build_detector
 
 Batch = tuple[list[Tensor], list[dict[str, Any]]]
@@ -112,7 +125,9 @@ def train_step(ctx: StepContext, micro_batches: list[Batch], iteration: int) -> 
     """One optimiser step over ``accumulate`` micro-batches; returns rank-averaged loss values.
 
     Gradients of the micro-batches add up (each loss divided by their number, DDP syncs only on
-    the last one). A non-finite total loss stops training before the weights are touched.
+    the last one). A non-finite total loss stops training before the weights are touched; a
+    step that leaves a weight non-finite (a finite loss can still give an infinite gradient)
+    stops it before the weights can be saved.
     """
     ctx.optimizer.zero_grad(set_to_none=True)
     logged: dict[str, float] = {}
@@ -140,7 +155,26 @@ def train_step(ctx: StepContext, micro_batches: list[Batch], iteration: int) -> 
         nn.utils.clip_grad_norm_(params, ctx.grad_clip)
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
+    broken = first_non_finite_parameter(ctx.model)
+    if broken is not None:
+        raise DrcnnError(
+            f"training: the step of iteration {iteration + 1} made parameter '{broken}' "
+            "non-finite (NaN or infinite); stopped before saving it, the last good checkpoint "
+            "is kept"
+        )
     return logged
+
+
+def first_non_finite_parameter(model: nn.Module) -> str | None:
+    """Name of the first trainable parameter holding a NaN or an infinity, else None.
+
+    One host-device synchronisation for all parameters (the per-tensor checks are stacked).
+    """
+    named = [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad]
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
 
 
 def reduced_values(losses: dict[str, Tensor], loss: Tensor) -> dict[str, float]:
@@ -153,32 +187,32 @@ def reduced_values(losses: dict[str, Tensor], loss: Tensor) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- bookkeeping
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logging step or evaluation (rank 0 writes)."""
+    """``metrics.jsonl``: one JSON object per logging step or evaluation (rank 0 writes).
+
+    Each entry is appended whole or not at all (:func:`drcnn.io.append_line`); on resume a torn
+    last line (a run killed mid-append) is dropped with a warning.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.enabled = dist.is_main_process()
+        self.kept: list[dict[str, Any]] | None = None
 
-    def start(self, resume_iter: int | None) -> None:
-        """A fresh log for a new run; for a resumed one, the entries up to ``resume_iter``."""
-        if self.enabled and resume_iter is not None and self.path.is_file():
-            self._truncate_after(resume_iter)
-        elif self.enabled and resume_iter is None:
-            self.path.unlink(missing_ok=True)
+    def read_until(self, iteration: int) -> None:
+        """Read the entries up to ``iteration`` (a resumed checkpoint's) of an existing log;
+        nothing is written before :meth:`start`."""
+        if self.enabled and self.path.is_file():
+            self.kept = [e for e in read_json_lines(self.path) if e.get("iter", 0) <= iteration]
 
-    def _truncate_after(self, iteration: int) -> None:
-        """Drop entries logged after the resumed checkpoint (they will be logged again)."""
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iter", 0) <= iteration
-        ]
-        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+    def start(self) -> None:
+        """For a resumed run, drop the entries logged after its checkpoint (they will be logged
+        again)."""
+        if self.kept is not None:
+            atomic_write_text(self.path, "".join(f"{json.dumps(e)}\n" for e in self.kept))
 
     def write(self, entry: dict[str, Any]) -> None:
         if self.enabled:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            append_line(self.path, json.dumps(entry))
 
 
 class Window:
@@ -214,6 +248,7 @@ class Trainer:
     schedule: Schedule
     meta: dict[str, Any]
     log: MetricsLog
+    watchdog: Watchdog
     iteration: int = 0
     last_saved: int = -1
     last_evaluated: int = -1
@@ -253,6 +288,7 @@ class Trainer:
 
     def save(self, name: str | None) -> Path:
         """``latest.pth`` (and ``name`` if given), keeping the last ``keep_checkpoints`` named."""
+        self.watchdog.waiting("a checkpoint to be written", self.iteration)
         state = self.state()
         latest = self.work_dir / "latest.pth"
         if dist.is_main_process():
@@ -265,11 +301,18 @@ class Trainer:
         return latest
 
     def _prune(self, prefix: str) -> None:
-        keep = max(self.cfg.train.keep_checkpoints, 1)
-        files = sorted(
-            self.work_dir.glob(f"{prefix}_*.pth"), key=lambda p: int(p.stem.split("_")[1])
+        """Delete all but the newest ``keep_checkpoints`` periodic ``<prefix>_<N>.pth`` files.
+
+        Only names this loop writes are candidates: ``iter_best.pth``, ``iter_05.pth`` or any
+        other file of the user's is never touched.
+        """
+        periodic = re.compile(rf"{prefix}_(0|[1-9][0-9]*)\.pth")
+        numbered = sorted(
+            (int(match[1]), path)
+            for path in self.work_dir.iterdir()
+            if (match := periodic.fullmatch(path.name))
         )
-        for old in files[:-keep]:
+        for _, old in numbered[: -self.cfg.train.keep_checkpoints]:
             old.unlink()
 
     def evaluate(self) -> None:
@@ -277,8 +320,14 @@ class Trainer:
         model = unwrap(self.ctx.model)
         out_dir = self.work_dir / "eval" / f"iter_{self.iteration}"
         devices = [self.ctx.device.index] if self.ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            self.metrics = evaluate(model, self.cfg, self.ctx.device, out_dir)
+        self.watchdog.waiting("the evaluation", self.iteration)
+        # every evaluated batch is progress: a long evaluation is not a stalled run
+        beat = model.register_forward_pre_hook(lambda *_: self.watchdog.progress())
+        try:
+            with torch.random.fork_rng(devices=devices):
+                self.metrics = evaluate(model, self.cfg, self.ctx.device, out_dir)
+        finally:
+            beat.remove()
         model.train()
         self.log.write(
             {"type": "eval", "iter": self.iteration, "epoch": self.epoch, **self.metrics}
@@ -332,24 +381,102 @@ def train(
     every ``train.eval_interval`` epochs and at the end; 0 turns evaluation off).
     The learning rate follows the linear scaling rule of :func:`scaled_lr`; warm-up and decay
     steps follow :class:`Schedule`. ``resume`` continues from a checkpoint exactly where it
-    stopped. Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel (DDP).
+    stopped; without it, a ``work_dir`` that already holds a run is refused (nothing in it is
+    changed). The work dir is locked for the whole run (see :func:`claim_work_dir`). Under
+    torchrun (``WORLD_SIZE`` > 1) the run is data-parallel (DDP).
     """
-    torch_device = dist.setup(device)
-    seed_everything(cfg.train.seed)
+    torch_device = dist.setup(device, cfg.train.dist_timeout)
     work_dir = Path(work_dir)
+    fresh = resume is None
+    if fresh:
+        dist.on_main_process(refuse_existing_run, work_dir)
+    watchdog = Watchdog(cfg.train.stall_timeout, dist.get_rank())
+    # everything that can refuse the run reads only, before the work dir is claimed
+    trainer, loader = prepare(cfg, work_dir, resume, torch_device, watchdog)
+    lock = dist.on_main_process(claim_work_dir, work_dir, fresh)
+    try:
+        if dist.is_main_process():
+            atomic_write_text(work_dir / "config.yaml", to_yaml(cfg))
+        trainer.log.start()
+        watchdog.start()
+        run_loop(trainer, loader)
+        latest = trainer.finish()
+    finally:
+        watchdog.stop()
+        if lock is not None:
+            lock.release()
+    return {
+        "work_dir": str(work_dir),
+        "iter": trainer.iteration,
+        "epoch": trainer.epoch,
+        "checkpoint": str(latest),
+        "metrics": trainer.metrics,
+    }
+
+
+# The files a training run writes at the top of its work dir (their temp files are its own).
+RUN_OUTPUTS = re.compile(r"latest\.pth|(iter|epoch)_[0-9]+\.pth|metrics\.jsonl|config\.yaml")
+
+
+def refuse_existing_run(work_dir: Path) -> None:
+    """A fresh run must not overwrite a run's checkpoints (``*.pth``) or log: one line instead,
+    naming the first such file (``latest.pth`` first)."""
+    if not work_dir.is_dir():
+        return
+    checkpoints = [work_dir / "latest.pth", *sorted(work_dir.glob("*.pth"))]
+    found = next((path for path in checkpoints if path.is_file()), None)
+    if found is not None:
+        raise DrcnnError(
+            f"{work_dir}: holds a training run ({found.name}); pass --resume to continue it "
+            "or choose another --work-dir"
+        )
+    if (work_dir / "metrics.jsonl").exists():
+        raise DrcnnError(
+            f"{work_dir}: holds the log of a run that saved no checkpoint (metrics.jsonl); "
+            "remove it to start again or choose another --work-dir"
+        )
+
+
+def claim_work_dir(work_dir: Path, fresh: bool) -> FolderLock:
+    """Lock ``work_dir`` for the run (rank 0) and clear what killed writes left there.
+
+    A ``fresh`` run checks again under the lock that the dir holds no run (:func:`train` checks
+    before, so that a refusal leaves the dir untouched; a run may have started in between).
+    Under the lock no other training writes there, so temp files of a run's outputs are
+    leftovers of a killed write and are removed.
+    """
+    lock = FolderLock(work_dir)
+    try:
+        if fresh:
+            refuse_existing_run(work_dir)
+        remove_stale_temp_files(work_dir, RUN_OUTPUTS)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def prepare(
+    cfg: DictConfig,
+    work_dir: Path,
+    resume: str | Path | None,
+    device: torch.device,
+    watchdog: Watchdog,
+) -> tuple[Trainer, TrainingLoader]:
+    """Data, model, optimiser and schedule of the run, restored from ``resume`` if given (its log
+    read up to the checkpoint); nothing is written."""
+    seed_everything(cfg.train.seed)
     base_loader = build_dataloader(cfg, "train")
     dataset = base_loader.dataset
     schedule = build_schedule(cfg, len(dataset), training_groups(cfg, dataset))
-    model = build_detector(cfg).to(torch_device)
+    model = build_detector(cfg).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=cfg.train.amp == "fp16" and torch_device.type == "cuda"
-    )
-    ctx = StepContext(model, optimizer, scaler, torch_device, cfg.train.amp, cfg.train.grad_clip)
-    notice = amp_notice(cfg.train.amp, torch_device)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and device.type == "cuda")
+    ctx = StepContext(model, optimizer, scaler, device, cfg.train.amp, cfg.train.grad_clip)
+    notice = amp_notice(cfg.train.amp, device)
     if notice and dist.is_main_process():
-        warnings.warn(notice, stacklevel=2)
+        warnings.warn(notice, stacklevel=3)
     trainer = Trainer(
         cfg=cfg,
         work_dir=work_dir,
@@ -359,26 +486,16 @@ def train(
         schedule=schedule,
         meta=dataset_meta(dataset),
         log=MetricsLog(work_dir / "metrics.jsonl"),
+        watchdog=watchdog,
     )
     if resume is not None:
         trainer.restore(Path(resume))
-    if dist.is_main_process():
-        work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work_dir / "config.yaml", to_yaml(cfg))
-    trainer.log.start(trainer.iteration if resume is not None else None)
+        trainer.log.read_until(trainer.iteration)
     if dist.is_distributed():
         ctx.model = DistributedDataParallel(
-            model, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    run_loop(trainer, base_loader)
-    latest = trainer.finish()
-    return {
-        "work_dir": str(work_dir),
-        "iter": trainer.iteration,
-        "epoch": trainer.epoch,
-        "checkpoint": str(latest),
-        "metrics": trainer.metrics,
-    }
+    return trainer, TrainingLoader(base_loader, cfg, device)
 
 
 def dataset_meta(dataset: Any) -> dict[str, Any]:
@@ -389,9 +506,9 @@ def dataset_meta(dataset: Any) -> dict[str, Any]:
     }
 
 
-def run_loop(trainer: Trainer, base_loader: DataLoader) -> None:
+def run_loop(trainer: Trainer, loader: TrainingLoader) -> None:
     """Iterate epochs from ``trainer.iteration`` to the schedule's end, logging on rank 0."""
-    cfg, schedule = trainer.cfg, trainer.schedule
+    cfg, schedule, watchdog = trainer.cfg, trainer.schedule, trainer.watchdog
     accumulate = cfg.train.accumulate
     window = Window()
     bar = tqdm(
@@ -404,17 +521,18 @@ def run_loop(trainer: Trainer, base_loader: DataLoader) -> None:
     while trainer.iteration < schedule.total_iters:
         epoch = trainer.epoch
         done_in_epoch = trainer.iteration - epoch * schedule.iters_per_epoch
-        batches = iter(
-            epoch_loader(base_loader, cfg, epoch, done_in_epoch * accumulate, trainer.ctx.device)
-        )
+        batches = loader.epoch(epoch, done_in_epoch * accumulate)
         for _ in range(done_in_epoch, schedule.iters_per_epoch):
             start = time.perf_counter()
+            watchdog.waiting("the next batch from the loader", trainer.iteration)
             micro_batches = [next(batches) for _ in range(accumulate)]
             data_time = time.perf_counter() - start
             lr = trainer.ctx.optimizer.param_groups[0]["lr"]
+            watchdog.waiting("the training step", trainer.iteration)
             values = train_step(trainer.ctx, micro_batches, trainer.iteration)
             trainer.scheduler.step()
             trainer.iteration += 1
+            watchdog.progress()
             window.add({**values, "time": time.perf_counter() - start, "data_time": data_time})
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}")
