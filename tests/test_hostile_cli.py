@@ -288,7 +288,7 @@ def test_an_output_folder_that_cannot_be_made(
     }[command]  # fmt: skip
     watch = [tmp_path, synthetic_root, checkpoint, perturbed_results]
     err = expect_refusal(argv, capsys, watch)
-    assert err.startswith(f"error: {blocked}") and err.endswith(f": {os.strerror(errno.ENOTDIR)}")
+    assert err.startswith(f"error: {blocked}") and os.strerror(errno.ENOTDIR) in err
 
 
 def test_report_into_a_path_taken_by_a_folder(tmp_path, capsys) -> None:
