@@ -191,6 +191,18 @@ def test_eval_refuses_bad_ground_truth(synthetic_root, tmp_path, capsys, name) -
     assert re.search(f"{re.escape(str(ann))}: .*{GROUND_TRUTH_DEFECTS[name][1]}", err), err
 
 
+@pytest.mark.parametrize("target", ["--ann", "--results"])
+def test_eval_refuses_out_over_an_input(synthetic_root, tmp_path, capsys, target) -> None:
+    """``--out`` equal to an input would have overwritten it with the metrics."""
+    ann = shutil.copy(synthetic_root / VAL_ANN, tmp_path / "ann.json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_ground_truth_as_results(synthetic_root)))
+    out = {"--ann": ann, "--results": results}[target]
+    argv = ["eval", "--ann", ann, "--results", results, "--out", out]
+    err = expect_refusal(argv, capsys, watch=[tmp_path])
+    assert err.startswith(f"error: {out}: --out would overwrite the "), err
+
+
 def _ground_truth_as_results(root: Path) -> list[dict]:
     """The val ground truth as a perfect COCO result list (score 1)."""
     gt = json.loads((root / VAL_ANN).read_text())
