@@ -149,7 +149,7 @@ def load_model(
         if "config" not in state:
             raise DrcnnError(f"checkpoint {source}: has no stored config; pass a CONFIG file")
         cfg = config_from_dict(state["config"], f"checkpoint {source}: stored config")
-    model = build_detector(cfg)
+    model = build_detector(cfg, pretrained=False)  # the checkpoint replaces every weight
     load_model_state(model, state["model"], source)
     return model.to(device).eval(), cfg
 
