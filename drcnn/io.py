@@ -205,9 +205,9 @@ class FolderLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
-            raise DrcnnError(
-                f"{self.path.parent}: cannot write there ({exc.strerror or exc}); expected a "
-                "writable folder"
+            raise DrcnnError(  # ends in the reason, as the CLI prints any other OSError
+                f"{self.path.parent}: cannot write there (expected a writable folder): "
+                f"{exc.strerror or exc}"
             ) from exc
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
