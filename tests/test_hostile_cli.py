@@ -291,6 +291,35 @@ def test_a_junk_checkpoint_is_one_line(tmp_path, synthetic_root, capsys, recwarn
     assert not [str(w.message) for w in recwarn if "pickle" in str(w.message)]  # torch's notice
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("text", "(not a file that torch.save wrote: KeyError)"),
+        ("pickled_list", "(not loadable as tensors and plain values: Unsupported operand 149)"),
+    ],
+)
+def test_convert_refuses_a_junk_file_in_one_plain_line(
+    tmp_path, capsys, recwarn, name, reason
+) -> None:
+    """``convert mmdet`` reads foreign files as ``load_checkpoint`` does (it printed torch's
+    "(101)" or its weights_only advice, with terminal colour codes)."""
+    bad = tmp_path / "bad.pth"
+    JUNK_CHECKPOINTS[name](bad)
+    argv = ["convert", "mmdet", bad, "--config", FASTER, "--out", tmp_path / "out.pth"]
+    err = expect_refusal(argv, capsys, watch=[tmp_path])
+    assert err.startswith(f"error: {bad}: not loadable with torch.load(weights_only=True)"), err
+    assert err.endswith(reason), err
+    assert not [str(w.message) for w in recwarn if "pickle" in str(w.message)]
+
+
+def test_convert_refuses_code_without_torchs_advice(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": {}, "meta": argparse.Namespace(x=1)}, bad)
+    argv = ["convert", "mmdet", bad, "--config", FASTER, "--out", tmp_path / "out.pth"]
+    err = expect_refusal(argv, capsys, watch=[tmp_path])
+    assert "argparse.Namespace" in err and "\x1b" not in err and "trust" not in err, err
+
+
 # --------------------------------------------------- unwritable output, full disk (item 15)
 BLOCKED_COMMANDS = ("data synth", "eval", "train", "test", "infer", "benchmark", "sensitivity",
                     "run")  # fmt: skip

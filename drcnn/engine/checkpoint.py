@@ -50,20 +50,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DrcnnError(f"checkpoint {path}: file not found")
+    state = load_weights_only(path, f"checkpoint {path}: not a drcnn checkpoint")
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not _is_weights(state):
+        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint (no '{FORMAT}' model state)")
+    return state
+
+
+def load_weights_only(path: Path, refusal: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (no code in the file runs), for files
+    that may come from anywhere; one that does not parse is the ``DrcnnError`` line
+    ``<refusal> (<why>)``, without torch's advice to turn ``weights_only`` off."""
     try:
         with warnings.catch_warnings():  # torch's note on a foreign pickle protocol
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise  # a file that cannot be read: the CLI names it with the reason
     except Exception as exc:  # any parse failure of a foreign file
         # torch's unpickler fails on junk bytes in many ways: UnpicklingError, KeyError,
         # IndexError, EOFError, struct.error, UnicodeDecodeError, RuntimeError (zip), ...
-        reason = _load_failure(exc)
-        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint ({reason})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT or not _is_weights(state):
-        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint (no '{FORMAT}' model state)")
-    return state
+        raise DrcnnError(f"{refusal} ({_load_failure(exc)})") from exc
 
 
 def _is_weights(state: dict[str, Any]) -> bool:
