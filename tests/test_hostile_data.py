@@ -22,6 +22,7 @@ import pytest
 import torch
 from hostile import expect_refusal
 from PIL import Image
+from test_coco_eval import without_area_and_iscrowd
 from test_train import FASTER, tiny_overrides
 
 from drcnn.cli import main
@@ -373,14 +374,8 @@ def test_test_fills_in_missing_area_and_iscrowd(
     after the whole inference. Now it scores what pycocotools gives the file with area = w * h
     and iscrowd = 0 written in."""
     root = _dataset_root(synthetic_root, tmp_path / "data")
-    gt = json.loads((root / VAL_ANN).read_text())
-    for ann in gt["annotations"]:
-        del ann["area"], ann["iscrowd"]
-    (root / VAL_ANN).write_text(json.dumps(gt))
-    for ann in gt["annotations"]:
-        ann["area"], ann["iscrowd"] = ann["bbox"][2] * ann["bbox"][3], 0
     filled = tmp_path / "filled.json"
-    filled.write_text(json.dumps(gt))
+    without_area_and_iscrowd(root / VAL_ANN, root / VAL_ANN, filled)
     out = tmp_path / "out" / "results.bbox.json"
     argv = ["test", FASTER, checkpoint, "--out", out, "--device", "cpu",
             "--set", *tiny_overrides(root)]  # fmt: skip
