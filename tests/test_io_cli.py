@@ -3,6 +3,9 @@
 import json
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +95,16 @@ def test_folder_lock_as_a_context_manager_with_its_own_message(tmp_path):
             FolderLock(tmp_path, busy=busy)
         assert str(refused.value).startswith(f"{tmp_path}: taken by (pid {os.getpid()} on ")
     FolderLock(tmp_path).release()  # the block released it
+
+
+def test_lazy_exports_resolve_and_keep_the_import_light():
+    """Every name that ``drcnn`` and ``drcnn.models`` export on first use is there, an unknown
+    one is an AttributeError, and importing them loads no torch (``drcnn --help`` stays fast)."""
+    code = (
+        "import sys, drcnn, drcnn.models; assert 'torch' not in sys.modules\n"
+        "for p in (drcnn, drcnn.models):\n"
+        "    [getattr(p, name) for name in p._LAZY]; assert not hasattr(p, 'no_such_name')"
+    )
+    repo = Path(__file__).resolve().parents[1]  # python -c puts the cwd first on the path
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    assert done.returncode == 0, done.stderr[-2000:]
