@@ -7,6 +7,7 @@ The Python API mirrors the command line; heavy modules (torch) load on first use
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from drcnn.config import load_config
@@ -31,8 +32,17 @@ _LAZY = {
 __all__ = ["DrcnnError", "load_config", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'drcnn' has no attribute {name!r}")
-    module, attr = _LAZY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+def lazy_attributes(package: str, table: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for ``package`` that imports each name of ``table``
+    (name -> ``"module:attribute"``) on first use, so that importing the package stays light."""
+
+    def get(name: str) -> Any:
+        if name not in table:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, attr = table[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    return get
+
+
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -185,39 +185,54 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
 
 class FolderLock:
     """An exclusive lock on a folder: ``fcntl.flock`` on ``<folder>/.lock``, held until
-    :meth:`release` or the end of the process.
+    :meth:`release`, the end of a ``with`` block, or the end of the process.
 
     The kernel drops the lock when the process ends however it ends (a kill included), so a
     crashed run never leaves a stale lock; the ``.lock`` file itself stays and is reused. The
     file holds the holder's pid and host for the message a second process gets.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        """Take the lock, or raise a ``DrcnnError`` naming the process that holds it."""
+    BUSY = (
+        "{folder}: in use by another drcnn process ({holder}); wait for it to finish or use "
+        "another folder"
+    )
+
+    def __init__(self, folder: str | Path, busy: str = BUSY) -> None:
+        """Take the lock, or raise a one-line ``DrcnnError``: ``busy`` with ``{folder}`` and
+        ``{holder}`` (the holder's pid and host) filled in."""
         self.path = Path(folder) / ".lock"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
-            raise DrcnnError(
-                f"{self.path.parent}: cannot write there ({exc.strerror or exc}); expected a "
-                "writable folder"
+            raise DrcnnError(  # ends in the reason, as the CLI prints any other OSError
+                f"{self.path.parent}: cannot write there (expected a writable folder): "
+                f"{exc.strerror or exc}"
             ) from exc
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = self.path.read_text().strip() or "unknown"
+            holder = self._holder()
             self.release()
-            raise DrcnnError(
-                f"{self.path.parent}: in use by another drcnn process ({holder}); wait for it to "
-                "finish or use another folder"
-            ) from None
+            raise DrcnnError(busy.format(folder=self.path.parent, holder=holder)) from None
         with contextlib.suppress(OSError):  # the lock holds even if the note cannot be written
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+
+    def _holder(self) -> str:
+        """The holder's note, on one line; a bare number (what ``drcnn run`` wrote before it
+        took this lock) is a pid."""
+        note = " ".join(os.pread(self.fd, 200, 0).decode(errors="replace").split())
+        return f"pid {note}" if note.isdigit() else note or "unknown"
 
     def release(self) -> None:
         """Give the lock up (closing the file releases the flock); a second call does nothing."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

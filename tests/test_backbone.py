@@ -150,6 +150,19 @@ def test_pretrained_torchvision_from_cache(tmp_path, monkeypatch):
     _assert_loaded(backbone, state)
 
 
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache (``TORCH_HOME``, returned) and no network: downloads fail."""
+    home = tmp_path / "torch"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return home
+
+
 @pytest.mark.parametrize(
     ("name", "shown"),
     [
@@ -157,13 +170,7 @@ def test_pretrained_torchvision_from_cache(tmp_path, monkeypatch):
         ("ResNet34_Weights.IMAGENET1K_V1", "ResNet34_Weights.IMAGENET1K_V1"),
     ],
 )
-def test_pretrained_offline_is_a_one_line_error(tmp_path, monkeypatch, name, shown):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+def test_pretrained_offline_is_a_one_line_error(offline, name, shown):
     with pytest.raises(DrcnnError) as info:
         build_backbone(small_cfg(f"model.backbone.pretrained=torchvision://{name}"))
     message = str(info.value)
@@ -445,19 +452,13 @@ def test_open_mmlab_resnext_weights_load_from_the_mmcv_cache_file(tmp_path, monk
         assert torch.equal(body[key], state[key]), key
 
 
-def test_open_mmlab_offline_names_the_file_and_the_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+def test_open_mmlab_offline_names_the_file_and_the_folder(offline):
     with pytest.raises(DrcnnError) as info:
         read_pretrained("open-mmlab://resnext101_64x4d")
     message = str(info.value)
     assert "\n" not in message
     assert "resnext101_64x4d-ee2c6f71.pth" in message
-    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert str(offline / "hub" / "checkpoints") in message
 
 
 def test_unknown_open_mmlab_name():
@@ -465,13 +466,7 @@ def test_unknown_open_mmlab_name():
         read_pretrained("open-mmlab://resnet50")
 
 
-def test_cli_refuses_missing_open_mmlab_weights_offline(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("timed out")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+def test_cli_refuses_missing_open_mmlab_weights_offline(tmp_path, offline, capsys):
     config = Path("configs/decoupled_rcnn/decoupled_rcnn_x101_32x4d_fpn_2x_coco.yaml")
     argv = ["benchmark", config, "--size", "64", "64", "--images", "1", "--warmup", "0"]
     err = expect_refusal([*argv, "--device", "cpu"], capsys, watch=[tmp_path, Path("configs")])

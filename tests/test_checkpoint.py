@@ -59,6 +59,30 @@ def test_load_model_rebuilds_from_the_stored_config(synthetic_root, tmp_path):
         assert torch.equal(expected[key], got[key])
 
 
+# an ImageNet weight file that is not there (offline, a COCO config's torchvision://resnet50
+# is the same: the hub cache lacks it)
+MISSING_WEIGHTS = "model.backbone.pretrained=/nonexistent/imagenet_resnet18.pth"
+
+
+def test_load_model_reads_no_imagenet_weights(synthetic_root, tmp_path):
+    """The checkpoint holds every weight, so loading it never reads the ImageNet file that its
+    config names (it failed when that file could not be had)."""
+    cfg = load_config(FASTER, [*tiny_overrides(synthetic_root), MISSING_WEIGHTS])
+    with pytest.raises(DrcnnError, match=r"model\.backbone\.pretrained: /nonexistent/"):
+        build_detector(cfg)  # what the config asks for cannot be had
+    torch.manual_seed(1)
+    original = build_detector(load_config(FASTER, tiny_overrides(synthetic_root))).eval()
+    path = save_checkpoint(
+        tmp_path / "m.pth", {"model": original.state_dict(), "config": to_dict(cfg)}
+    )
+    image = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))]
+    for given in (None, cfg):  # the stored config, a config file's
+        loaded, returned = load_model(path, given)
+        assert returned == cfg  # the config is not changed
+        with torch.no_grad():
+            assert torch.equal(original(image)[0]["boxes"], loaded(image)[0]["boxes"])
+
+
 def test_other_architecture_names_the_first_mismatching_key(synthetic_root, tmp_path):
     faster = load_config(FASTER, tiny_overrides(synthetic_root))
     decoupled = load_config(DECOUPLED, tiny_overrides(synthetic_root))

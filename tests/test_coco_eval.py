@@ -154,20 +154,26 @@ def test_non_finite_ground_truth_is_refused(synthetic_root: Path, tmp_path: Path
         evaluate_coco(ann, _ground_truth_as_results(_val_ann(synthetic_root)))
 
 
+def without_area_and_iscrowd(ann_file: Path, bare: Path, filled: Path) -> None:
+    """Write ``ann_file``'s ground truth to ``bare`` without the annotations' area and iscrowd
+    (as other tools write it) and to ``filled`` with area = w * h and iscrowd = 0 written in
+    (what pycocotools' loaders assume); ``bare`` may be ``ann_file`` itself."""
+    gt = json.loads(ann_file.read_text())
+    for ann in gt["annotations"]:
+        del ann["area"], ann["iscrowd"]
+    bare.write_text(json.dumps(gt))
+    for ann in gt["annotations"]:
+        ann["area"], ann["iscrowd"] = ann["bbox"][2] * ann["bbox"][3], 0
+    filled.write_text(json.dumps(gt))
+
+
 def test_missing_area_and_iscrowd_evaluate_as_if_filled_in(
     synthetic_root: Path, perturbed_results: Path, tmp_path: Path, coco_reference
 ) -> None:
     """A ground-truth file without area/iscrowd (written by other tools) scores what pycocotools
     gives the same file with area = w * h and iscrowd = 0 written in."""
-    gt = json.loads(_val_ann(synthetic_root).read_text())
-    for ann in gt["annotations"]:
-        del ann["area"], ann["iscrowd"]
-    bare = tmp_path / "bare.json"
-    bare.write_text(json.dumps(gt))
-    for ann in gt["annotations"]:
-        ann["area"], ann["iscrowd"] = ann["bbox"][2] * ann["bbox"][3], 0
-    filled = tmp_path / "filled.json"
-    filled.write_text(json.dumps(gt))
+    bare, filled = tmp_path / "bare.json", tmp_path / "filled.json"
+    without_area_and_iscrowd(_val_ann(synthetic_root), bare, filled)
     metrics = evaluate_coco(bare, perturbed_results)
     reference = coco_reference(filled, perturbed_results)
     for name, index in zip(NAMES, STAT_INDEX, strict=True):

@@ -19,10 +19,13 @@ from drcnn.engine.data_order import EpochSeededDataset, GlobalBatchSampler, Trai
 from drcnn.engine.optim import build_schedule
 
 
-def global_batches(world: int, per_rank: int, epoch: int, start_batch: int = 0) -> list[list[int]]:
-    """Each global batch as the concatenation of the ranks' shares (rank 0's first)."""
+def global_batches(
+    world: int, per_rank: int, epoch: int, start_batch: int = 0, groups: list[int] | None = None
+) -> list[list[int]]:
+    """Each global batch as the concatenation of the ranks' shares (rank 0's first); ``groups``:
+    the samples' aspect-ratio groups, if grouped."""
     ranks = [
-        list(GlobalBatchSampler(50, per_rank, rank, world, 7, epoch, start_batch))
+        list(GlobalBatchSampler(50, per_rank, rank, world, 7, epoch, start_batch, groups))
         for rank in range(world)
     ]
     batches = []
@@ -89,16 +92,7 @@ def sample_groups(seed: int = 0) -> list[int]:
 
 def grouped_global_batches(world: int, per_rank: int, epoch: int, start_batch: int = 0):
     """As :func:`global_batches`, with the samples' aspect-ratio groups."""
-    groups = sample_groups()
-    ranks = [
-        list(GlobalBatchSampler(50, per_rank, rank, world, 7, epoch, start_batch, groups))
-        for rank in range(world)
-    ]
-    batches = []
-    for b in range(len(ranks[0]) // per_rank):
-        shares = [r[b * per_rank : (b + 1) * per_rank] for r in ranks]
-        batches.append([shares[i % world][i // world] for i in range(world * per_rank)])
-    return batches
+    return global_batches(world, per_rank, epoch, start_batch, sample_groups())
 
 
 def test_grouped_batches_are_single_group_and_cover_every_sample():

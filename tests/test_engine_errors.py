@@ -86,8 +86,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
 def test_non_finite_loss_names_the_iteration(synthetic_root, tmp_path, capsys, monkeypatch):
     real_build = train_module.build_detector
 
-    def nan_from_third_call(cfg):
-        model = real_build(cfg)
+    def nan_from_third_call(cfg, **options):
+        model = real_build(cfg, **options)
         forward, calls = model.forward, []
 
         def poisoned(images, targets=None):

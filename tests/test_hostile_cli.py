@@ -12,9 +12,12 @@ import argparse
 import errno
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -256,6 +259,65 @@ def test_a_checkpoint_with_code_is_refused_without_torchs_advice(
     err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root])
     assert err.startswith(f"error: checkpoint {bad}: not a drcnn checkpoint")
     assert "argparse.Namespace" in err and "weights_only" not in err
+
+
+def _zip_without_torch_data(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "a zip file, not a torch file")
+
+
+# name -> writes a file that is not a drcnn checkpoint at the given path
+JUNK_CHECKPOINTS: dict[str, Callable[[Path], object]] = {
+    "text": lambda path: path.write_bytes(b"hello"),  # torch's unpickler raised KeyError 101
+    "empty": lambda path: path.write_bytes(b""),
+    "zip_not_torch": _zip_without_torch_data,
+    "pickled_list": lambda path: path.write_bytes(pickle.dumps([1, 2, 3])),
+    "torch_list": lambda path: torch.save([1, 2, 3], path),
+    "model_not_a_dict": lambda path: torch.save({"format": "drcnn-checkpoint", "model": [1]}, path),
+    "model_of_strings": lambda path: torch.save(
+        {"format": "drcnn-checkpoint", "model": {"backbone.body.conv1.weight": "text"}}, path
+    ),
+}
+
+
+@pytest.mark.parametrize("name", JUNK_CHECKPOINTS)
+def test_a_junk_checkpoint_is_one_line(tmp_path, synthetic_root, capsys, recwarn, name) -> None:
+    bad = tmp_path / "bad.pth"
+    JUNK_CHECKPOINTS[name](bad)
+    argv = ["test", FASTER, bad, "--out", tmp_path / "r.json", *model_options(synthetic_root)]
+    err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root])
+    assert err.startswith(f"error: checkpoint {bad}: not a drcnn checkpoint ("), err
+    assert "weights_only" not in err
+    assert not [str(w.message) for w in recwarn if "pickle" in str(w.message)]  # torch's notice
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("text", "(not a file that torch.save wrote: KeyError)"),
+        ("pickled_list", "(not loadable as tensors and plain values: Unsupported operand 149)"),
+    ],
+)
+def test_convert_refuses_a_junk_file_in_one_plain_line(
+    tmp_path, capsys, recwarn, name, reason
+) -> None:
+    """``convert mmdet`` reads foreign files as ``load_checkpoint`` does (it printed torch's
+    "(101)" or its weights_only advice, with terminal colour codes)."""
+    bad = tmp_path / "bad.pth"
+    JUNK_CHECKPOINTS[name](bad)
+    argv = ["convert", "mmdet", bad, "--config", FASTER, "--out", tmp_path / "out.pth"]
+    err = expect_refusal(argv, capsys, watch=[tmp_path])
+    assert err.startswith(f"error: {bad}: not loadable with torch.load(weights_only=True)"), err
+    assert err.endswith(reason), err
+    assert not [str(w.message) for w in recwarn if "pickle" in str(w.message)]
+
+
+def test_convert_refuses_code_without_torchs_advice(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": {}, "meta": argparse.Namespace(x=1)}, bad)
+    argv = ["convert", "mmdet", bad, "--config", FASTER, "--out", tmp_path / "out.pth"]
+    err = expect_refusal(argv, capsys, watch=[tmp_path])
+    assert "argparse.Namespace" in err and "\x1b" not in err and "trust" not in err, err
 
 
 # --------------------------------------------------- unwritable output, full disk (item 15)

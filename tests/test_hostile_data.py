@@ -22,6 +22,7 @@ import pytest
 import torch
 from hostile import expect_refusal
 from PIL import Image
+from test_coco_eval import without_area_and_iscrowd
 from test_train import FASTER, tiny_overrides
 
 from drcnn.cli import main
@@ -189,6 +190,18 @@ def test_eval_refuses_bad_ground_truth(synthetic_root, tmp_path, capsys, name) -
     argv = ["eval", "--ann", ann, "--results", results, "--out", tmp_path / "out" / "m.json"]
     err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root])
     assert re.search(f"{re.escape(str(ann))}: .*{GROUND_TRUTH_DEFECTS[name][1]}", err), err
+
+
+@pytest.mark.parametrize("target", ["--ann", "--results"])
+def test_eval_refuses_out_over_an_input(synthetic_root, tmp_path, capsys, target) -> None:
+    """``--out`` equal to an input would have overwritten it with the metrics."""
+    ann = shutil.copy(synthetic_root / VAL_ANN, tmp_path / "ann.json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_ground_truth_as_results(synthetic_root)))
+    out = {"--ann": ann, "--results": results}[target]
+    argv = ["eval", "--ann", ann, "--results", results, "--out", out]
+    err = expect_refusal(argv, capsys, watch=[tmp_path])
+    assert err.startswith(f"error: {out}: --out would overwrite the "), err
 
 
 def _ground_truth_as_results(root: Path) -> list[dict]:
@@ -361,14 +374,8 @@ def test_test_fills_in_missing_area_and_iscrowd(
     after the whole inference. Now it scores what pycocotools gives the file with area = w * h
     and iscrowd = 0 written in."""
     root = _dataset_root(synthetic_root, tmp_path / "data")
-    gt = json.loads((root / VAL_ANN).read_text())
-    for ann in gt["annotations"]:
-        del ann["area"], ann["iscrowd"]
-    (root / VAL_ANN).write_text(json.dumps(gt))
-    for ann in gt["annotations"]:
-        ann["area"], ann["iscrowd"] = ann["bbox"][2] * ann["bbox"][3], 0
     filled = tmp_path / "filled.json"
-    filled.write_text(json.dumps(gt))
+    without_area_and_iscrowd(root / VAL_ANN, root / VAL_ANN, filled)
     out = tmp_path / "out" / "results.bbox.json"
     argv = ["test", FASTER, checkpoint, "--out", out, "--device", "cpu",
             "--set", *tiny_overrides(root)]  # fmt: skip

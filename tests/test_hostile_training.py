@@ -239,6 +239,16 @@ def test_resume_drops_a_torn_last_log_line_and_prune_spares_other_files(
     assert names == ["iter_05.pth", "iter_3.pth", "iter_best.pth", "latest.pth"]
 
 
+def test_resume_reads_no_imagenet_weights(synthetic_root, trained_run, tmp_path):
+    """The checkpoint replaces every weight: a resumed run never reads the ImageNet file that its
+    config names (offline, a COCO config's torchvision://resnet50 cannot be had)."""
+    work_dir = copy_run(trained_run, tmp_path)
+    missing = "model.backbone.pretrained=/nonexistent/imagenet_resnet18.pth"
+    overrides = [*tiny_overrides(synthetic_root), *SMALL, *PER_ITER, "train.max_iters=3", missing]
+    train(load_config(FASTER, overrides), work_dir, resume=work_dir / "latest.pth", device="cpu")
+    assert load_checkpoint(work_dir / "latest.pth")["iter"] == 3
+
+
 def test_resume_refuses_a_corrupt_line_inside_the_log(
     synthetic_root, trained_run, tmp_path, capsys
 ):

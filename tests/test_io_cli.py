@@ -3,12 +3,15 @@
 import json
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from drcnn.cli import COMMANDS, main
 from drcnn.errors import DrcnnError
-from drcnn.io import TEMP_NAME, atomic_write, atomic_write_json, read_json_lines
+from drcnn.io import TEMP_NAME, FolderLock, atomic_write, atomic_write_json, read_json_lines
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -80,3 +83,28 @@ def test_json_lines_drop_a_torn_last_line_and_refuse_a_bad_one_inside(tmp_path):
     log.write_text('{"iter": 1}\n[2]\n{"iter": 3}\n')
     with pytest.raises(DrcnnError, match=r"metrics\.jsonl: line 2: expected a JSON object"):
         read_json_lines(log)
+
+
+def test_folder_lock_as_a_context_manager_with_its_own_message(tmp_path):
+    """``drcnn run`` holds its OUT this way (it had its own flock code): refused inside the
+    block with the caller's message naming the holder's pid, free again after it."""
+    busy = "{folder}: taken by ({holder})"
+    with FolderLock(tmp_path) as lock:
+        assert lock.fd is not None
+        with pytest.raises(DrcnnError) as refused:
+            FolderLock(tmp_path, busy=busy)
+        assert str(refused.value).startswith(f"{tmp_path}: taken by (pid {os.getpid()} on ")
+    FolderLock(tmp_path).release()  # the block released it
+
+
+def test_lazy_exports_resolve_and_keep_the_import_light():
+    """Every name that ``drcnn`` and ``drcnn.models`` export on first use is there, an unknown
+    one is an AttributeError, and importing them loads no torch (``drcnn --help`` stays fast)."""
+    code = (
+        "import sys, drcnn, drcnn.models; assert 'torch' not in sys.modules\n"
+        "for p in (drcnn, drcnn.models):\n"
+        "    [getattr(p, name) for name in p._LAZY]; assert not hasattr(p, 'no_such_name')"
+    )
+    repo = Path(__file__).resolve().parents[1]  # python -c puts the cwd first on the path
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -250,3 +250,16 @@ def test_report_md_escapes_what_comes_from_the_experiment(experiment: Path):
     cells = header.count(" | ")
     assert row.replace(r"\|", "").count(" | ") == cells
     assert r"data.root=x\|y" in row and r"model.rpn.nms\_thresh" not in row
+
+
+def test_metrics_log_drops_a_torn_last_line(tmp_path: Path):
+    """A training killed mid-append (or a full disk) leaves half a line; resume drops it, and
+    so does the log reader of the figures (it raised a JSONDecodeError)."""
+    from drcnn.analysis.plots import read_metrics_log
+
+    log = tmp_path / "metrics.jsonl"
+    entries = [{"iter": 1, "loss": 2.5}, {"iter": 2, "loss": 1.5}]
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"iter": 3, "lo')
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(log))}: line 3 is incomplete"):
+        table = read_metrics_log(log)
+    assert table.to_dict("records") == entries

@@ -170,6 +170,24 @@ def test_benchmark_writes_fps(tmp_path):
     assert result["proposals"].startswith("anchors")
 
 
+@pytest.mark.parametrize("command", ["test", "infer", "benchmark"])
+def test_commands_load_a_checkpoint_without_its_imagenet_weights(
+    synthetic_root, checkpoint, tmp_path, command
+):
+    """``drcnn test COCO_CONFIG CKPT`` read torchvision://resnet50 first, and failed offline."""
+    missing = "model.backbone.pretrained=/nonexistent/imagenet_resnet18.pth"
+    options = ["--device", "cpu", "--set", *tiny_overrides(synthetic_root), missing]
+    argv, written = {
+        "test": (["test", FASTER, checkpoint, "--out", tmp_path / "r.json"], "metrics.json"),
+        "infer": (["infer", FASTER, checkpoint, synthetic_root / "val" / "000000.png",
+                   "--out", tmp_path / "drawn"], "drawn/detections.json"),
+        "benchmark": (["benchmark", FASTER, checkpoint, "--images", "1", "--warmup", "0",
+                       "--size", "96", "128", "--out", tmp_path / "bench.json"], "bench.json"),
+    }[command]  # fmt: skip
+    assert main([str(a) for a in [*argv, *options]]) == 0
+    assert (tmp_path / written).is_file()
+
+
 def rpn_proposals_and_anchors(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode proposals of one random image and the anchors clipped to it (resized pixels)."""
     image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))

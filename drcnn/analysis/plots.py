@@ -9,7 +9,6 @@ on the ~10^5 rows of a sensitivity table, unlike bootstrapping).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from drcnn.analysis.sensitivity import (
     regression_curve,
 )
 from drcnn.errors import DrcnnError
-from drcnn.io import atomic_write
+from drcnn.io import atomic_write, read_json_lines
 
 BAND = ("se", 1.96)
 IOU_BINS = np.linspace(0.0, 1.0, 21)
@@ -170,12 +169,12 @@ def ap_vs_iou(per_iou: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_metrics_log(path: str | Path) -> pd.DataFrame:
-    """The training log ``metrics.jsonl`` (one JSON object per line) as a table."""
+    """The training log ``metrics.jsonl`` (one JSON object per line) as a table; a torn last
+    line (a run killed mid-append) is dropped with a warning, as a resumed run drops it."""
     path = Path(path)
     if not path.is_file():
         raise DrcnnError(f"{path}: training log not found")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return pd.DataFrame([json.loads(line) for line in lines])
+    return pd.DataFrame(read_json_lines(path))
 
 
 def loss_curves(log: pd.DataFrame, path: str | Path, x: str = "iter") -> Path:

@@ -31,7 +31,6 @@ output folder: ``run_experiment`` holds an exclusive lock on ``OUT/.lock`` while
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -40,7 +39,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,13 +52,17 @@ from drcnn.analysis import provenance
 from drcnn.analysis.tables import seed_run
 from drcnn.config import reject_interpolations
 from drcnn.errors import DrcnnError
-from drcnn.io import atomic_write_text
+from drcnn.io import FolderLock, atomic_write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 STEP_KINDS = ("train", "test", "sensitivity", "ap_table", "report")
 DATASET_TYPES = ("synthetic", "coco")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a plain folder name (fullmatch)
-LOCK_FILE = ".lock"
+# what a second run on the same OUT is told (drcnn.io.FolderLock fills in folder and holder)
+RUN_BUSY = (
+    "{folder}: another drcnn run ({holder}) is using this folder; "
+    "wait for it to end or choose another --out"
+)
 SUPERSEDED_DIR = "superseded"
 KERNEL = "python3"
 
@@ -401,30 +404,6 @@ def _ready(step: Step, status: dict[str, str]) -> tuple[bool, dict[str, Any]]:
     return True, step.parameters
 
 
-@contextlib.contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out/.lock`` (which keeps the holder's pid) while the block
-    runs; a folder already locked by another process is a one-line error naming its pid. The
-    operating system drops the lock when the holder exits, however it ends."""
-    import fcntl
-
-    with open(out / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise DrcnnError(
-                f"{out}: another drcnn run (pid {holder}) is using this folder; "
-                "wait for it to end or choose another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-
-
 @dataclass
 class Superseded:
     """Moves outputs a run replaces to ``OUT/superseded/<UTC time of the run>/``, at the same
@@ -463,7 +442,7 @@ def run_experiment(
     spec = load_spec(spec_path)
     out = Path(out if out is not None else Path("experiments/runs") / spec.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
+    with FolderLock(out, busy=RUN_BUSY):
         return _run_locked(spec, out, force, echo)
 
 

@@ -11,14 +11,21 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--ann", required=True, help="COCO instances JSON (ground truth)")
     parser.add_argument("--results", required=True, help="COCO results JSON (list of boxes)")
-    parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="also write the metrics to this JSON file (refused if it is --ann or --results)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from drcnn.engine.coco_eval import evaluate_coco, format_metrics
-    from drcnn.io import atomic_write_json
+    from drcnn.io import atomic_write_json, refuse_collisions
 
+    if args.out:
+        inputs = [(args.ann, "the annotation file"), (args.results, "the results file")]
+        refuse_collisions(inputs, [(args.out, "--out")])
     metrics = evaluate_coco(args.ann, args.results)
     print(format_metrics(metrics))
     if args.out:

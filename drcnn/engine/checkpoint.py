@@ -12,9 +12,8 @@ the previous file untouched and loadable.
 
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +50,34 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DrcnnError(f"checkpoint {path}: file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
-        reason = _load_failure(exc)
-        raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint ({reason})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+    state = load_weights_only(path, f"checkpoint {path}: not a drcnn checkpoint")
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not _is_weights(state):
         raise DrcnnError(f"checkpoint {path}: not a drcnn checkpoint (no '{FORMAT}' model state)")
     return state
+
+
+def load_weights_only(path: Path, refusal: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (no code in the file runs), for files
+    that may come from anywhere; one that does not parse is the ``DrcnnError`` line
+    ``<refusal> (<why>)``, without torch's advice to turn ``weights_only`` off."""
+    try:
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # a file that cannot be read: the CLI names it with the reason
+    except Exception as exc:  # any parse failure of a foreign file
+        # torch's unpickler fails on junk bytes in many ways: UnpicklingError, KeyError,
+        # IndexError, EOFError, struct.error, UnicodeDecodeError, RuntimeError (zip), ...
+        raise DrcnnError(f"{refusal} ({_load_failure(exc)})") from exc
+
+
+def _is_weights(state: dict[str, Any]) -> bool:
+    """Whether ``state["model"]`` is a state dict: tensors by name."""
+    weights = state.get("model")
+    return isinstance(weights, dict) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
+    )
 
 
 def _load_failure(exc: Exception) -> str:
@@ -69,6 +88,8 @@ def _load_failure(exc: Exception) -> str:
         reason = text.split("WeightsUnpickler error:", 1)[1]
         reason = reason.split(" Please ")[0].split(" Check the documentation")[0].strip(" .")
         return f"not loadable as tensors and plain values: {reason[:160]}"
+    if isinstance(exc, KeyError | IndexError | EOFError):  # junk or truncated bytes
+        return f"not a file that torch.save wrote: {type(exc).__name__}"
     if "weights_only" in text or not text:
         return type(exc).__name__
     return text[:200]
@@ -134,7 +155,7 @@ def load_model(
         if "config" not in state:
             raise DrcnnError(f"checkpoint {source}: has no stored config; pass a CONFIG file")
         cfg = config_from_dict(state["config"], f"checkpoint {source}: stored config")
-    model = build_detector(cfg)
+    model = build_detector(cfg, pretrained=False)  # the checkpoint replaces every weight
     load_model_state(model, state["model"], source)
     return model.to(device).eval(), cfg
 

@@ -469,7 +469,8 @@ def prepare(
     base_loader = build_dataloader(cfg, "train")
     dataset = base_loader.dataset
     schedule = build_schedule(cfg, len(dataset), training_groups(cfg, dataset))
-    model = build_detector(cfg).to(device)
+    # a resumed run's checkpoint replaces every weight: its ImageNet weights are not read
+    model = build_detector(cfg, pretrained=resume is None).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and device.type == "cuda")

@@ -9,17 +9,11 @@ mmdetection 2.x checkpoints (``drcnn.models.load_mmdet_checkpoint`` is loaded on
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from drcnn import lazy_attributes
 
 # public name -> "module:attribute", imported lazily by __getattr__
 _LAZY = {"load_mmdet_checkpoint": "drcnn.models.mmdet_compat:load_mmdet_checkpoint"}
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'drcnn.models' has no attribute {name!r}")
-    module, attr = _LAZY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -188,13 +188,14 @@ def build_trunk(arch: str, norm: str) -> ResNet:
     )
 
 
-def build_backbone(cfg: DictConfig) -> ResNetFPN:
-    """The backbone of ``cfg.model.backbone``: trunk, optional pretrained weights, FPN, freezing."""
+def build_backbone(cfg: DictConfig, pretrained: bool = True) -> ResNetFPN:
+    """The backbone of ``cfg.model.backbone``: trunk, the pretrained weights it names (unless
+    ``pretrained`` is False: see :func:`drcnn.models.detector.build_detector`), FPN, freezing."""
     bcfg = cfg.model.backbone
-    pretrained = read_pretrained(str(bcfg.pretrained)) if bcfg.pretrained else None
+    weights = read_pretrained(str(bcfg.pretrained)) if pretrained and bcfg.pretrained else None
     trunk = build_trunk(bcfg.arch, bcfg.norm)
-    if pretrained is not None:
-        load_trunk_weights(trunk, pretrained, str(bcfg.pretrained))
+    if weights is not None:
+        load_trunk_weights(trunk, weights, str(bcfg.pretrained))
     return ResNetFPN(
         trunk, bcfg.frozen_stages, bcfg.fpn_channels, bcfg.channels_last, bcfg.fpn_init
     )

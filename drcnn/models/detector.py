@@ -114,9 +114,12 @@ def build_transform(cfg: DictConfig) -> DetectorTransform:
     )
 
 
-def build_detector(cfg: DictConfig) -> Detector:
-    """The detector of ``cfg.model``: backbone + FPN, RPN, RoI heads of ``roi_head.type``."""
-    backbone = build_backbone(cfg)
+def build_detector(cfg: DictConfig, pretrained: bool = True) -> Detector:
+    """The detector of ``cfg.model``: backbone + FPN, RPN, RoI heads of ``roi_head.type``.
+
+    ``pretrained=False`` skips the ImageNet weights that ``model.backbone.pretrained`` names:
+    for a model whose every weight a checkpoint is about to replace (no download, no file)."""
+    backbone = build_backbone(cfg, pretrained)
     rpn = build_rpn(cfg, backbone.out_channels)
     roi_heads = build_roi_heads(cfg, backbone.out_channels)
     return Detector(backbone, rpn, roi_heads, build_transform(cfg))

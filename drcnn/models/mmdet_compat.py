@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 from drcnn.config import to_dict
-from drcnn.engine.checkpoint import save_checkpoint
+from drcnn.engine.checkpoint import load_weights_only, save_checkpoint
 from drcnn.errors import DrcnnError
 from drcnn.models.box_heads import DecoupledHead, FastRCNNHead, RefineHead
 from drcnn.models.detector import build_detector
@@ -227,14 +227,11 @@ def read_mmdet_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, A
     path = Path(path)
     if not path.is_file():
         raise DrcnnError(f"{path}: mmdetection checkpoint not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling or format problem is the user's file
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DrcnnError(
-            f"{path}: not loadable with torch.load(weights_only=True), which reads tensors and "
-            f"plain Python values only ({reason})"
-        ) from exc
+    data = load_weights_only(
+        path,
+        f"{path}: not loadable with torch.load(weights_only=True), which reads tensors and "
+        "plain Python values only",
+    )
     if isinstance(data, dict) and isinstance(data.get("state_dict"), Mapping):
         meta = data.get("meta")
         return dict(data["state_dict"]), dict(meta) if isinstance(meta, Mapping) else {}
