@@ -15,9 +15,10 @@ type-checked assignment, and ``to_yaml`` for saving the resolved config beside a
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,10 @@ NORM_TYPES = ("eval_bn", "frozen_bn", "bn")
 FPN_INITS = ("xavier_uniform", "kaiming_uniform")
 ROI_HEAD_TYPES = ("standard", "cascade", "decoupled")
 NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
-BOX_LOSSES = ("l1", "smooth_l1")
+# Box regression losses and the fields each one uses (every other field must stay unset).
+BOX_LOSS_FIELDS: dict[str, tuple[str, ...]] = {"l1": (), "smooth_l1": ("beta",)}
+# How the RPN lays out and labels its anchors (see RPNConfig.anchor_convention).
+ANCHOR_CONVENTIONS = ("torchvision", "mmdet")
 AMP_MODES = ("none", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULE_UNITS = ("epoch", "iter")
@@ -93,6 +97,20 @@ class TransformConfig:
 
 
 @dataclass
+class BoxLossConfig:
+    """A box regression loss, summed over the positive rows; the head divides by its normaliser.
+
+    ``type``: "l1" or "smooth_l1". ``beta`` (smooth_l1 only, and required there): where the
+    loss turns from quadratic to linear, in normalised delta units (mmdetection's
+    ``SmoothL1Loss`` beta: 1/9 in its RPN, 1.0 in its RoI heads; torchvision uses 1/9 in both).
+    A field that the type does not use must stay unset (null): it is an error, not ignored.
+    """
+
+    type: str = "l1"
+    beta: float | None = None
+
+
+@dataclass
 class RPNConfig:
     # One anchor size per FPN level (P2..P6) = anchor scale 8 x stride 4..64.
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
@@ -111,7 +129,22 @@ class RPNConfig:
     test_nms_thresh: float = 0.7
     score_thresh: float = 0.0
     min_size: float = 0.0
-    loss_bbox: str = "l1"
+    loss_bbox: BoxLossConfig = field(default_factory=BoxLossConfig)
+    # Anchor layout and training labels. "torchvision": torchvision's RPN (each level's stride is
+    # the padded batch size // the feature-map size, e.g. 61 instead of 64 on P6 for an 800-px
+    # side; base anchors rounded to whole pixels; every anchor labelled, batch padding included;
+    # a gt's best anchors are positive whatever their IoU, matched to their own best gt).
+    # "mmdet": mmdetection 2.x's AnchorGenerator + MaxIoUAssigner (nominal strides 4..64, base
+    # anchors not rounded; anchors on grid cells outside an image's own padded area (size
+    # rounded up to transform.size_divisible) are ignored in training; low-quality matches need
+    # IoU >= min_pos_iou and go to that gt), with allowed_border below.
+    anchor_convention: str = "torchvision"
+    # mmdet only (null for torchvision): the IoU floor of low-quality matches (official 0.3).
+    min_pos_iou: float | None = None
+    # mmdet only (null for torchvision): -1 keeps anchors crossing the image border (official
+    # Faster / Decoupled R-CNN); b >= 0 ignores, in training, anchors reaching more than b
+    # pixels beyond the unpadded image (Cascade R-CNN: 0).
+    allowed_border: int | None = None
 
 
 @dataclass
@@ -166,7 +199,7 @@ class RoIHeadConfig:
         default_factory=lambda: SamplerConfig(num=512, pos_fraction=1.0, add_gt=False)
     )
     reg_class_agnostic: bool = False  # standard / cascade heads
-    loss_bbox: str = "l1"
+    loss_bbox: BoxLossConfig = field(default_factory=BoxLossConfig)
     test: TestConfig = field(default_factory=TestConfig)
 
 
@@ -394,8 +427,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise DrcnnError("config model.backbone.frozen_stages: expected 0..4")
     _check_choice(cfg.model.roi_head.type, "model.roi_head.type", ROI_HEAD_TYPES)
     _check_choice(cfg.model.roi_head.test.nms, "model.roi_head.test.nms", NMS_TYPES)
-    _check_choice(cfg.model.roi_head.loss_bbox, "model.roi_head.loss_bbox", BOX_LOSSES)
-    _check_choice(cfg.model.rpn.loss_bbox, "model.rpn.loss_bbox", BOX_LOSSES)
+    validate_box_loss(cfg.model.roi_head.loss_bbox, "model.roi_head.loss_bbox")
+    validate_box_loss(cfg.model.rpn.loss_bbox, "model.rpn.loss_bbox")
+    validate_anchor_convention(cfg.model.rpn)
     _check_choice(cfg.train.amp, "train.amp", AMP_MODES)
     _check_choice(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
     _check_choice(cfg.train.lr_step_unit, "train.lr_step_unit", SCHEDULE_UNITS)
@@ -420,6 +454,56 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise DrcnnError("config train.accumulate: expected a positive integer")
     _check_numbers(cfg)
     return cfg
+
+
+def validate_box_loss(entry: DictConfig, key: str) -> None:
+    """A known ``type``; each field it uses set (beta > 0), every other field unset."""
+    _check_choice(entry.type, f"{key}.type", tuple(BOX_LOSS_FIELDS))
+    used = BOX_LOSS_FIELDS[entry.type]
+    for name in (f.name for f in fields(BoxLossConfig) if f.name != "type"):
+        value = entry[name]
+        if name in used and (value is None or value <= 0):
+            raise DrcnnError(f"config {key}.{name}: type {entry.type} needs a positive {name}")
+        if name not in used and value is not None:
+            raise DrcnnError(
+                f"config {key}.{name}: type {entry.type} takes no {name} (got {value}; set null)"
+            )
+
+
+def validate_anchor_convention(rpn: DictConfig) -> None:
+    """``mmdet`` needs ``min_pos_iou`` in [0, 1] and ``allowed_border`` >= -1; ``torchvision``
+    takes neither."""
+    key = "model.rpn"
+    _check_choice(rpn.anchor_convention, f"{key}.anchor_convention", ANCHOR_CONVENTIONS)
+    if rpn.anchor_convention == "torchvision":
+        for name in ("min_pos_iou", "allowed_border"):
+            if rpn[name] is not None:
+                raise DrcnnError(
+                    f"config {key}.{name}: anchor_convention torchvision takes no {name} "
+                    f"(got {rpn[name]}; set null)"
+                )
+        return
+    if rpn.min_pos_iou is None or not 0 <= rpn.min_pos_iou <= 1:
+        raise DrcnnError(f"config {key}.min_pos_iou: anchor_convention mmdet needs 0..1")
+    if rpn.allowed_border is None or rpn.allowed_border < -1:
+        raise DrcnnError(
+            f"config {key}.allowed_border: anchor_convention mmdet needs -1 (keep every "
+            "anchor) or a border in pixels >= 0"
+        )
+
+
+def upgrade_stored_model(data: dict) -> dict:
+    """A stored config (checkpoint) as this schema reads it, as a new dict: a ``loss_bbox``
+    written as a plain string (before the typed entry) becomes the entry that code meant
+    (its smooth_l1 had beta 1/9)."""
+    data = copy.deepcopy(data)
+    model = data.get("model") if isinstance(data, dict) else None
+    for part in ("rpn", "roi_head"):
+        section = model.get(part) if isinstance(model, dict) else None
+        if isinstance(section, dict) and isinstance(section.get("loss_bbox"), str):
+            kind = section["loss_bbox"]
+            section["loss_bbox"] = {"type": kind, "beta": 1 / 9 if kind == "smooth_l1" else None}
+    return data
 
 
 def rpn_nms_thresholds(rpn: DictConfig) -> tuple[float, ...]:
@@ -488,7 +572,7 @@ def config_from_dict(data: dict, source: str = "stored config") -> DictConfig:
     start with ``source`` (e.g. ``checkpoint PATH: stored config``)."""
     reject_interpolations(data, source)
     try:
-        cfg = OmegaConf.merge(default_config(), data)
+        cfg = OmegaConf.merge(default_config(), upgrade_stored_model(data))
     except OmegaConfBaseException as exc:
         raise DrcnnError(f"{source}: {_describe(exc)}") from exc
     OmegaConf.set_struct(cfg, True)

@@ -53,6 +53,41 @@ def test_output_layer_init():
     assert head.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert head.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert head.cls_score.bias.abs().sum() == 0 and head.bbox_pred.bias.abs().sum() == 0
+    refine = RefineHead(IN_FEATURES, 1024)
+    assert refine.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.05)
+    assert refine.bbox_pred.bias.abs().sum() == 0
+
+
+def assert_uniform(weight: torch.Tensor, bound: float) -> None:
+    """Weights drawn from U(-bound, bound): inside it, reaching its edge, std bound / sqrt(3)."""
+    assert weight.abs().max().item() <= bound
+    assert weight.abs().max().item() > 0.99 * bound
+    assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+
+
+def test_trunk_init_is_xavier_uniform_where_the_official_code_runs_it():
+    """Shared2FCBBoxHead and DecoupledBBoxHead: xavier-uniform fcs, zero bias. RefineBBoxHead's
+    xavier init is never called (``__init_weights``): PyTorch's default Linear init."""
+    torch.manual_seed(0)
+    fc_dim = 256
+    xavier = {
+        "fc6": (6 / (IN_FEATURES + fc_dim)) ** 0.5,
+        "fc7": (6 / (fc_dim + fc_dim)) ** 0.5,
+    }
+    heads = {
+        "": FastRCNNHead(IN_FEATURES, fc_dim, num_classes=5),
+        "cls_": DecoupledHead(IN_FEATURES, fc_dim, num_classes=5),
+        "reg_": DecoupledHead(IN_FEATURES, fc_dim, num_classes=5),
+    }
+    for prefix, head in heads.items():
+        for name, bound in xavier.items():
+            layer = getattr(head, prefix + name)
+            assert_uniform(layer.weight, bound)
+            assert layer.bias.abs().sum() == 0
+    refine = RefineHead(IN_FEATURES, fc_dim)
+    for layer, fan_in in ((refine.fc6, IN_FEATURES), (refine.fc7, fc_dim)):
+        assert_uniform(layer.weight, fan_in**-0.5)
+        assert layer.bias.abs().max() > 0 and layer.bias.abs().max() <= fan_in**-0.5
 
 
 def test_delta_layout_per_head():

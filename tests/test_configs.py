@@ -1,4 +1,5 @@
-"""Every shipped config loads and builds; the Decoupled R-CNN configs carry the official values."""
+"""Every shipped config loads and builds, and carries the official values of its model: the
+Decoupled R-CNN configs those of the official release, the baselines mmdetection 2.x's."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile import expect_refusal
+from omegaconf import OmegaConf
 
 from drcnn.config import load_config, rpn_nms_thresholds
 from drcnn.models.detector import build_detector
@@ -52,44 +55,166 @@ def test_config_builds(path):
     assert model.roi_heads.box_roi_pool.aligned == ("torchvision" not in path.stem)
 
 
+# Official sources. DEC: the official Decoupled R-CNN repository (shouwangzhe134/Decoupled-R-CNN,
+# commit 39c1ea5) configs/decoupled_rcnn/coco/decoupled_refine_rcnn_r50_fpn_2x_coco.py; FASTER:
+# that repository's configs/_base_/models/faster_rcnn_r50_fpn.py (mmdetection 2.4); CASCADE:
+# mmdetection 2.x configs/_base_/models/cascade_rcnn_r50_fpn.py. "DEC:105" = line 105 there.
+OFFICIAL_RPN = {
+    "anchor_sizes": [8 * s for s in (4, 8, 16, 32, 64)],  # DEC:34,36 scales 8 x strides
+    "aspect_ratios": [0.5, 1.0, 2.0],  # DEC:35
+    "fg_iou_thresh": 0.7,  # DEC:105
+    "bg_iou_thresh": 0.3,  # DEC:106
+    "min_pos_iou": 0.3,  # DEC:107 (match_low_quality=True, DEC:108)
+    "anchor_convention": "mmdet",
+    "batch_size_per_image": 256,  # DEC:112
+    "positive_fraction": 0.5,  # DEC:113
+    "pre_nms_top_n_train": 2000,  # DEC:121
+    "pre_nms_top_n_test": 1000,  # DEC:181
+    "post_nms_top_n_test": 1000,  # DEC:182
+    "test_nms_thresh": 0.7,  # DEC:184
+    "min_size": 0.0,  # DEC:125,185 min_bbox_size=0
+    "score_thresh": 0.0,  # no score filter in mmdetection's RPN
+}
+OFFICIAL_ROI = {
+    "num_classes": 80,
+    "roi_size": 7,  # DEC:51 output_size=7
+    "sampling_ratio": 0,  # DEC:51
+    "aligned": True,  # mmcv RoIAlign default
+    "fc_dim": 1024,  # DEC:58
+}
+COCO = [p for p in CONFIGS if p.stem.endswith("_coco")]
+
+
+def plain(node):
+    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+
+
+@pytest.mark.parametrize("path", COCO, ids=lambda p: p.stem)
+def test_shared_rpn_and_roi_values(path):
+    cfg = load_config(path)
+    for key, value in OFFICIAL_RPN.items():
+        assert plain(cfg.model.rpn[key]) == value, key
+    for key, value in OFFICIAL_ROI.items():
+        assert cfg.model.roi_head[key] == value, key
+    assert (cfg.model.roi_head.test.nms_iou, cfg.model.roi_head.test.max_per_image) == (0.5, 100)
+    assert cfg.model.roi_head.stages[0].iou_thresh == 0.5
+    assert list(cfg.model.roi_head.stages[0].target_stds) == [0.1, 0.1, 0.2, 0.2]
+    assert cfg.model.roi_head.test.min_box_size == 0.0
+
+
 @pytest.mark.parametrize("path", DECOUPLED, ids=lambda p: p.stem)
 def test_decoupled_official_values(path):
-    """Numbers from METHOD.md (official mmdetection-2.4 release)."""
+    """Numbers of the official Decoupled R-CNN configs (DEC line numbers)."""
     cfg = load_config(path)
     rpn, roi, train = cfg.model.rpn, cfg.model.roi_head, cfg.train
-    assert rpn_nms_thresholds(rpn) == (0.7, 0.85)
-    assert rpn.post_nms_top_n_train == 1000 and rpn.post_nms_top_n_test == 1000
-    assert rpn.test_nms_thresh == 0.7 and rpn.loss_bbox == "l1"
-    assert list(rpn.anchor_sizes) == [8 * s for s in (4, 8, 16, 32, 64)]
-    assert roi.type == "decoupled" and roi.num_classes == 80
+    assert rpn_nms_thresholds(rpn) == (0.7, 0.85)  # DEC:124
+    assert rpn.post_nms_top_n_train == 1000  # DEC:122 nms_post
+    assert rpn.allowed_border == -1  # DEC:116
+    assert plain(rpn.loss_bbox) == {"type": "l1", "beta": None}  # DEC:44
+    assert roi.type == "decoupled" and len(roi.stages) == 3  # DEC:46-47
     assert (roi.cls_sampler.num, roi.cls_sampler.pos_fraction, roi.cls_sampler.add_gt) == (
-        512,
-        0.25,
-        True,
+        512,  # DEC:137
+        0.25,  # DEC:138
+        True,  # DEC:140
     )
-    assert (roi.reg_sampler.num, roi.reg_sampler.pos_fraction, roi.reg_sampler.add_gt) == (
-        512,
-        1.0,
-        False,
-    )
+    assert (roi.reg_sampler.num, roi.reg_sampler.add_gt) == (512, False)  # DEC:141-143
     assert [list(s.target_stds) for s in roi.stages] == [
-        [0.1, 0.1, 0.2, 0.2],
-        [0.05, 0.05, 0.1, 0.1],
-        [0.033, 0.033, 0.067, 0.067],
+        [0.1, 0.1, 0.2, 0.2],  # DEC:64
+        [0.05, 0.05, 0.1, 0.1],  # DEC:79
+        [0.033, 0.033, 0.067, 0.067],  # DEC:94
     ]
-    assert [s.loss_weight for s in roi.stages] == [1.0, 0.5, 0.25]
-    assert all(s.iou_thresh == 0.5 for s in roi.stages)
-    assert roi.fc_dim == 1024 and roi.roi_size == 7
-    assert (roi.test.nms_iou, roi.test.max_per_image) == (0.5, 100)
+    assert [s.loss_weight for s in roi.stages] == [1.0, 0.5, 0.25]  # DEC:48
+    assert all(s.iou_thresh == 0.5 for s in roi.stages)  # DEC:130,149,165
+    assert plain(roi.loss_bbox) == {"type": "l1", "beta": None}  # DEC:69,83,98
+    assert roi.test.score_thresh == 0.001  # DEC:188
     assert (train.lr, train.reference_batch_size, train.epochs) == (0.01, 8, 24)
     assert list(train.lr_steps) == [16, 22] and train.warmup_iters == 500
     assert cfg.model.backbone.frozen_stages == 1 and cfg.model.backbone.norm == "eval_bn"
     assert cfg.model.transform.max_size == 1333 and cfg.model.transform.test_min_size == 800
     if "mstrain" in path.name:
         assert list(cfg.model.transform.min_size) == [640, 672, 704, 736, 768, 800]
-        assert roi.test.nms.startswith("soft_nms")
+        # x101 mstrain configs: nms=dict(type='soft_nms', iou_threshold=0.5, min_score=0.001),
+        # mmcv's soft_nms defaulting to method='linear'
+        assert (roi.test.nms, roi.test.nms_iou, roi.test.soft_nms_min_score) == (
+            "soft_nms_linear",
+            0.5,
+            0.001,
+        )
     else:
         assert list(cfg.model.transform.min_size) == [800] and roi.test.nms == "nms"
+
+
+def test_faster_rcnn_2x_official_values():
+    """mmdetection 2.4's Faster R-CNN (FASTER line numbers)."""
+    cfg = load_config("configs/baselines/faster_rcnn_r50_fpn_2x_coco.yaml")
+    rpn, roi = cfg.model.rpn, cfg.model.roi_head
+    assert rpn_nms_thresholds(rpn) == (0.7,)  # FASTER:79
+    assert rpn.post_nms_top_n_train == 1000  # FASTER:77
+    assert rpn.allowed_border == -1  # FASTER:71
+    assert plain(rpn.loss_bbox) == {"type": "l1", "beta": None}  # FASTER:33
+    assert roi.type == "standard" and len(roi.stages) == 1  # FASTER:35,42
+    assert (roi.cls_sampler.num, roi.cls_sampler.pos_fraction, roi.cls_sampler.add_gt) == (
+        512,  # FASTER:91
+        0.25,  # FASTER:92
+        True,  # FASTER:94
+    )
+    assert roi.reg_class_agnostic is False  # FASTER:51
+    assert plain(roi.loss_bbox) == {"type": "l1", "beta": None}  # FASTER:54
+    assert (roi.test.score_thresh, roi.test.nms) == (0.05, "nms")  # FASTER:106-107
+
+
+def test_cascade_rcnn_20e_official_values():
+    """mmdetection 2.x's Cascade R-CNN (CASCADE line numbers)."""
+    cfg = load_config("configs/baselines/cascade_rcnn_r50_fpn_20e_coco.yaml")
+    rpn, roi = cfg.model.rpn, cfg.model.roi_head
+    assert rpn_nms_thresholds(rpn) == (0.7,)  # CASCADE:118
+    assert rpn.post_nms_top_n_train == 2000  # CASCADE:117 (nms_post=max_num=2000 before 2.12)
+    assert rpn.allowed_border == 0  # CASCADE:112
+    assert plain(rpn.loss_bbox) == {"type": "smooth_l1", "beta": 1 / 9}  # CASCADE:34
+    assert roi.type == "cascade"  # CASCADE:36-37
+    assert [s.iou_thresh for s in roi.stages] == [0.5, 0.6, 0.7]  # CASCADE:124,140,156
+    assert [list(s.target_stds) for s in roi.stages] == [
+        [0.1, 0.1, 0.2, 0.2],  # CASCADE:54
+        [0.05, 0.05, 0.1, 0.1],  # CASCADE:71
+        [0.033, 0.033, 0.067, 0.067],  # CASCADE:88
+    ]
+    assert [s.loss_weight for s in roi.stages] == [1.0, 0.5, 0.25]  # CASCADE:38
+    assert roi.reg_class_agnostic is True  # CASCADE:55,72,89
+    assert plain(roi.loss_bbox) == {"type": "smooth_l1", "beta": 1.0}  # CASCADE:60,77,94
+    assert (roi.cls_sampler.num, roi.cls_sampler.pos_fraction, roi.cls_sampler.add_gt) == (
+        512,
+        0.25,
+        True,
+    )
+    assert (roi.test.score_thresh, roi.test.nms) == (0.05, "nms")  # CASCADE:177-178
+
+
+def test_torchvision_config_keeps_torchvision_conventions():
+    cfg = load_config("configs/baselines/faster_rcnn_r50_fpn_torchvision.yaml")
+    rpn, roi = cfg.model.rpn, cfg.model.roi_head
+    assert rpn.anchor_convention == "torchvision"
+    assert rpn.min_pos_iou is None and rpn.allowed_border is None
+    assert plain(rpn.loss_bbox) == {"type": "smooth_l1", "beta": 1 / 9}
+    assert plain(roi.loss_bbox) == {"type": "smooth_l1", "beta": 1 / 9}
+    assert rpn.post_nms_top_n_train == 2000 and roi.sampling_ratio == 2 and not roi.aligned
+
+
+def test_cli_refuses_a_loss_field_its_type_does_not_use(tmp_path, capsys):
+    """Switching Cascade R-CNN's smooth L1 to L1 must also unset its beta."""
+    out = tmp_path / "out"
+    err = expect_refusal(
+        [
+            "train",
+            "configs/baselines/cascade_rcnn_r50_fpn_20e_coco.yaml",
+            "--work-dir",
+            out,
+            "--set",
+            "model.roi_head.loss_bbox={type: l1}",
+        ],
+        capsys,
+        watch=[tmp_path, Path("configs")],
+    )
+    assert "model.roi_head.loss_bbox.beta" in err and not out.exists()
 
 
 def test_synthetic_configs_are_cpu_sized():

@@ -85,8 +85,11 @@ def test_two_process_ddp_matches_single_process(synthetic_root, tmp_path):
     single = load_checkpoint(single_dir / "latest.pth")["model"]
     ddp = load_checkpoint(ddp_dir / "latest.pth")
     assert len(ddp["rng"]) == 2  # every rank's RNG state is stored
+    # Summation order differs (all-reduce of two half batches): weights agree to float noise,
+    # up to ~2e-6 after 3 steps whose updates are ~1e-3; a real mismatch (say a per-rank loss
+    # normaliser off by 5%) would move them by ~5e-5.
     for key, value in single.items():
-        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=5e-6, msg=key)
     losses = [[e["loss"] for e in read_jsonl(d / "metrics.jsonl")] for d in (ddp_dir, single_dir)]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-6, atol=0)
     assert len(losses[0]) == 3

@@ -181,12 +181,14 @@ def test_tiny_decoupled_model_overfits_one_image():
     model = small_detector("decoupled").train()
     image, target = image_with_boxes(torch.Generator().manual_seed(0), 128, 128)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    # 0.01 for one image is already 8x the official per-image rate (0.01 for 8); at 0.02 the
+    # official xavier-initialised box heads can diverge on this from-scratch model
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
     history: list[float] = []
     start = time.monotonic()
     for step in range(300):
         for group in optimizer.param_groups:  # short linear warm-up
-            group["lr"] = 0.02 * min(1.0, (step + 1) / 20)
+            group["lr"] = 0.01 * min(1.0, (step + 1) / 20)
         loss = total_loss(model([image], [target]))
         optimizer.zero_grad()
         loss.backward()

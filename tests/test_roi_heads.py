@@ -14,6 +14,7 @@ from drcnn.config import StageConfig, load_config
 from drcnn.errors import DrcnnError
 from drcnn.models.roi_heads import base as roi_base
 from drcnn.models.roi_heads import build_roi_heads
+from drcnn.models.roi_heads.decoupled import padded_reg_count
 
 K = 3  # foreground classes
 CHANNELS = 8
@@ -162,7 +163,7 @@ def torchvision_twin(head) -> RoIHeads:
 def test_standard_head_equals_torchvision_roi_heads():
     settings = (
         "model.roi_head.sampling_ratio=2",
-        "model.roi_head.loss_bbox=smooth_l1",
+        "model.roi_head.loss_bbox={type: smooth_l1, beta: 0.1111111111111111}",
         "model.roi_head.test.score_thresh=0.05",
         "model.roi_head.test.min_box_size=0.01",
     )
@@ -221,9 +222,9 @@ def test_losses_finite_with_empty_and_one_box_images(kind, num_stages):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_decoupled_sampling_refinement_and_normalisers(monkeypatch):
-    head = make_head("decoupled", 3)
-    num_reg = 512
+@pytest.mark.parametrize("num_reg", [512, 100])
+def test_decoupled_sampling_refinement_and_normalisers(monkeypatch, num_reg):
+    head = make_head("decoupled", 3, f"model.roi_head.reg_sampler.num={num_reg}")
     calls = []
 
     def spy(proposals, gt_boxes, gt_labels, iou_thresh, sampler, add_gt):
@@ -272,18 +273,30 @@ def test_decoupled_sampling_refinement_and_normalisers(monkeypatch):
     )
     assert all(c[1] == 0.7 for c in s2_calls)
 
-    # Normalisers: stage 0 by cls samples + reg budget; refine stages by the reg budget.
+    # Normalisers (official avg_factor): the official positive sampler pads each image's
+    # regression sample with negatives to num rows, min(num, proposals); stage 0 divides by
+    # cls samples + those rows, each refine stage by 2 x those rows (refine_bbox_head.py).
+    padded = sum(min(num_reg, len(p)) for p in sets.reg)
+    assert padded == (195 if num_reg == 512 else 185)  # 110 and 85 proposals
     num_cls = sum(len(c[3].boxes) for c in cls_calls)
     reg_gt = torch.cat([c[3].gt_boxes for c in reg_calls])
     l1 = (picked0.double() - encode64(reg_rois, reg_gt, STAGES[0].target_stds)).abs().sum()
     assert losses["s0.loss_bbox"].item() == pytest.approx(
-        (l1 / (num_cls + num_reg * 2)).item(), rel=1e-4
+        (l1 / (num_cls + padded)).item(), rel=1e-4
     )
-    s1_gt = torch.cat([c[3].gt_boxes for c in s1_calls])
-    l1 = (deltas[1].double() - encode64(s1_rois, s1_gt, STAGES[1].target_stds)).abs().sum()
-    assert losses["s1.loss_bbox"].item() == pytest.approx(
-        (0.5 * l1 / (num_reg * 2)).item(), rel=1e-4
-    )
+    for stage, stage_calls in ((1, s1_calls), (2, s2_calls)):
+        rois = torch.cat([c[3].boxes for c in stage_calls])
+        gt = torch.cat([c[3].gt_boxes for c in stage_calls])
+        target = encode64(rois, gt, STAGES[stage].target_stds)
+        l1 = (deltas[stage].double() - target).abs().sum()
+        expected = STAGES[stage].loss_weight * l1 / (2 * padded)
+        assert losses[f"s{stage}.loss_bbox"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_padded_reg_count_formula():
+    """Hand-worked: num 4; images with 6, 2 and 0 regression proposals -> 4 + 2 + 0 rows."""
+    assert padded_reg_count([6, 2, 0], 4) == 6
+    assert padded_reg_count([512, 700], 512) == 1024  # COCO: 512 rows per image, 1024 refine
 
 
 # ---- inference ----------------------------------------------------------------------------------
@@ -300,16 +313,16 @@ def capture_nms_inputs(monkeypatch) -> list:
 
 
 def manual_chain(head, feats, props, labels=None):
-    """Stages run by hand: per-stage softmax, the boxes each stage sees, and its raw outputs."""
+    """Stages run by hand: per-stage class logits, the boxes each stage sees, its raw outputs."""
     counts = [len(p) for p in props]
     boxes = torch.cat(props)
-    probs, inputs, raw = [], [], []
+    logit_list, inputs, raw = [], [], []
     for i, stage in enumerate(head.stages):
         x = head.box_roi_pool(feats, list(boxes.split(counts)), SHAPES)
         out = stage(x)
         logits, d = out if isinstance(out, tuple) else (None, out)
         if logits is not None:
-            probs.append(torch.softmax(logits, 1))
+            logit_list.append(logits)
         inputs.append(boxes)
         raw.append(d)
         if d.shape[1] > 4:
@@ -317,21 +330,29 @@ def manual_chain(head, feats, props, labels=None):
             slots = chosen if d.shape[1] == 4 * (K + 1) else chosen - 1
             d = d.unflatten(1, (-1, 4))[torch.arange(len(d)), slots]
         boxes = decode64(boxes, d, STAGES[i].target_stds, SHAPES, counts).float()
-    return probs, inputs, raw, boxes
+    return logit_list, inputs, raw, boxes
 
 
-def test_cascade_scores_are_stage_average(monkeypatch):
+def scores_of(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Inference scores: the softmax of the logits averaged over the classifying stages, in
+    float64 (mmdetection's CascadeRoIHead: sum(ms_scores) / num_stages, then softmax)."""
+    return torch.softmax(torch.stack([lg.double() for lg in logits]).mean(0), 1)
+
+
+def test_cascade_scores_are_softmax_of_stage_averaged_logits(monkeypatch):
     head = make_head("cascade", 3)
     seen = capture_nms_inputs(monkeypatch)
     feats, props = features(), proposals(6, targets())
     head.eval()
     with torch.no_grad():
         head(feats, props, SHAPES)
-        probs, inputs, raw, _ = manual_chain(head, feats, props)
+        logits, inputs, raw, _ = manual_chain(head, feats, props)
     counts = [len(p) for p in props]
-    average = (sum(probs) / 3)[:, 1:]
-    assert (probs[0] - probs[2]).abs().max() > 1e-2  # stages disagree: the average matters
-    torch.testing.assert_close(torch.cat([s for _, s in seen]), average, rtol=0, atol=1e-5)
+    expected = scores_of(logits)[:, 1:]
+    mean_of_probs = sum(torch.softmax(lg.double(), 1) for lg in logits)[:, 1:] / 3
+    assert (expected - mean_of_probs).abs().max() > 1e-3  # the order of mean and softmax matters
+    got = torch.cat([s for _, s in seen]).double()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # Boxes: the last stage's class-specific decode of its own inputs (clipped by the NMS step).
     last = raw[2].unflatten(1, (K + 1, 4))[:, 1:]
     stds = STAGES[2].target_stds
@@ -356,9 +377,11 @@ def test_decoupled_inference_uses_stage0_scores_and_last_boxes(monkeypatch):
     head.eval()
     with torch.no_grad():
         dets, _ = head(feats, props, SHAPES)
-        probs, _, _, final = manual_chain(head, feats, props)
-    assert len(probs) == 1
-    torch.testing.assert_close(torch.cat([s for _, s in seen]), probs[0][:, 1:], rtol=0, atol=1e-6)
+        logits, _, _, final = manual_chain(head, feats, props)
+    assert len(logits) == 1
+    torch.testing.assert_close(
+        torch.cat([s for _, s in seen]), torch.softmax(logits[0], 1)[:, 1:], rtol=0, atol=1e-6
+    )
     shared = torch.cat([b for b, _ in seen])
     assert shared.shape == (sum(len(p) for p in props), 4)
     torch.testing.assert_close(shared, final, rtol=0, atol=1e-3)
@@ -379,7 +402,7 @@ def test_analyze_shapes_and_given_label(kind, num_stages):
     with torch.no_grad():
         out = head.analyze(feats, boxes, SHAPES, labels)
         other = head.analyze(feats, boxes, SHAPES, flipped)
-        probs, _, raw, _ = manual_chain(head, feats, boxes, torch.cat(labels))
+        logits, _, raw, _ = manual_chain(head, feats, boxes, torch.cat(labels))
     n = sum(len(b) for b in boxes)
     assert out["class_probs"].shape == (n, K + 1)
     assert (
@@ -395,7 +418,7 @@ def test_analyze_shapes_and_given_label(kind, num_stages):
         for x in out[key]
     )
     torch.testing.assert_close(out["stage_inputs"][0], torch.cat(boxes))
-    torch.testing.assert_close(out["class_probs"], sum(probs) / len(probs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["class_probs"].double(), scores_of(logits), rtol=0, atol=1e-6)
     # stage 0 moves each box with the deltas of its GIVEN label
     lab = torch.cat(labels)
     slots = lab if kind != "decoupled" else lab - 1
@@ -423,3 +446,15 @@ def test_build_table_and_stage_count_error():
     assert hasattr(head, "box_roi_pool")
     with pytest.raises(DrcnnError, match=r"model\.roi_head\.stages"):
         build_roi_heads(make_cfg("standard", 3), CHANNELS)
+
+
+def test_level_mapping_is_mmdetection_finest_scale_56():
+    """mmdetection's SingleRoIExtractor (finest_scale 56): FPN level floor(log2(sqrt(wh) / 56))
+    clamped to P2..P5; torchvision's mapper (224 at level 4) gives the same levels."""
+    head = make_head("standard")
+    sides = torch.tensor([10.0, 111.0, 113.0, 223.0, 225.0, 447.0, 449.0, 2000.0])
+    boxes = torch.stack([torch.zeros(8), torch.zeros(8), sides, sides], 1)
+    head._pool(features(), [boxes, boxes[:1]], SHAPES)  # sets up the pooler's level mapper
+    levels = head.box_roi_pool.map_levels([boxes])
+    expected = torch.floor(torch.log2(sides.double() / 56 + 1e-6)).clamp(0, 3).long()
+    assert levels.tolist() == expected.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]

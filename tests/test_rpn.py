@@ -1,4 +1,5 @@
-"""RPN: two proposal sets from one set of candidates, torchvision parity, the two box losses."""
+"""RPN: two proposal sets from one set of candidates, torchvision parity, the box losses, and
+mmdetection's anchor convention (strides, unrounded anchors, padding, border, min_pos_iou)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou
 
 from drcnn.config import load_config
-from drcnn.models.rpn import DecoupledRPN, ProposalSets, build_rpn
+from drcnn.errors import DrcnnError
+from drcnn.models.rpn import DecoupledRPN, ProposalSets, build_rpn, mmdet_anchor_labels
 
 CHANNELS = 16
 IMAGE_SIZES = [(128, 128), (112, 96)]
@@ -121,8 +123,11 @@ def test_single_threshold_and_eval_give_one_list():
         torch.testing.assert_close(ours, ref)
 
 
+SMOOTH_L1_TORCHVISION = "model.rpn.loss_bbox={type: smooth_l1, beta: 0.1111111111111111}"
+
+
 def test_smooth_l1_losses_equal_torchvision():
-    rpn = make_rpn("model.rpn.loss_bbox=smooth_l1").train()
+    rpn = make_rpn(SMOOTH_L1_TORCHVISION).train()
     images, features, targets = inputs()
     torch.manual_seed(5)
     _, losses = rpn(images, features, targets)
@@ -140,8 +145,22 @@ class SampleAll:
         return [lab == 1 for lab in labels], [lab == 0 for lab in labels]
 
 
-def test_l1_loss_is_sum_over_positives_per_sampled_anchor():
-    rpn = make_rpn("model.rpn.loss_bbox=l1").train()
+def smooth_l1_64(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """Elementwise smooth L1 written out: 0.5 x^2 / beta below beta, |x| - beta / 2 above."""
+    x = x.abs()
+    return torch.where(x < beta, 0.5 * x * x / beta, x - 0.5 * beta)
+
+
+@pytest.mark.parametrize(
+    ("entry", "elementwise"),
+    [
+        ("{type: l1}", torch.abs),
+        ("{type: smooth_l1, beta: 1.0}", lambda x: smooth_l1_64(x, 1.0)),
+        ("{type: smooth_l1, beta: 0.05}", lambda x: smooth_l1_64(x, 0.05)),
+    ],
+)
+def test_box_loss_is_sum_over_positives_per_sampled_anchor(entry, elementwise):
+    rpn = make_rpn(f"model.rpn.loss_bbox={entry}").train()
     rpn.fg_bg_sampler = SampleAll()
     images, features, targets = inputs()
     _, losses = rpn(images, features, targets)
@@ -162,7 +181,7 @@ def test_l1_loss_is_sum_over_positives_per_sampled_anchor():
     targets64 = torch.stack(rpn.box_coder.encode(matched, anchors)).double()
     label = torch.stack(labels).double()
     pos, sampled = label == 1, label >= 0
-    expected_bbox = (flat_deltas - targets64).abs()[pos].sum() / sampled.sum()
+    expected_bbox = elementwise(flat_deltas - targets64)[pos].sum() / sampled.sum()
     expected_cls = torch.nn.functional.binary_cross_entropy_with_logits(
         flat_logits[sampled], label[sampled]
     )
@@ -184,7 +203,150 @@ def test_images_without_boxes_train():
 
 @pytest.mark.parametrize("value", ["[0.7,0.85,0.9]", "1.5"])
 def test_bad_nms_threshold_is_rejected(value):
-    from drcnn.errors import DrcnnError
-
     with pytest.raises(DrcnnError, match=r"model\.rpn\.nms_thresh"):
         make_rpn(f"model.rpn.nms_thresh={value}")
+
+
+# ---- mmdetection's anchor convention -------------------------------------------------------------
+MMDET = ("model.rpn.anchor_convention=mmdet", "model.rpn.min_pos_iou=0.3")
+
+
+def mmdet_rpn(allowed_border: int = -1) -> DecoupledRPN:
+    return make_rpn(*MMDET, f"model.rpn.allowed_border={allowed_border}")
+
+
+def grid_features(padded: tuple[int, int]) -> list[torch.Tensor]:
+    """P2..P6 maps of a ``padded`` batch as the FPN gives them (ceil halving per level)."""
+    h, w = padded[0] // 4, padded[1] // 4
+    maps = []
+    for _ in range(5):
+        maps.append(torch.zeros(1, CHANNELS, h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return maps
+
+
+def mmdet_anchors_64(maps: list[torch.Tensor]) -> torch.Tensor:
+    """mmdetection 2.x's AnchorGenerator written out in float64: scale 8 x stride, centre at
+    (column, row) x stride, half sizes 4 * stride / sqrt(r) and 4 * stride * sqrt(r)."""
+    rows = []
+    for fmap, stride in zip(maps, (4, 8, 16, 32, 64), strict=True):
+        for y in range(fmap.shape[-2]):
+            for x in range(fmap.shape[-1]):
+                for ratio in (0.5, 1.0, 2.0):
+                    w, h = 8 * stride / ratio**0.5, 8 * stride * ratio**0.5
+                    cx, cy = x * stride, y * stride
+                    rows.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_mmdet_anchors_use_nominal_strides_and_are_not_rounded():
+    padded = (800, 96)  # P6 is 13 rows: torchvision's stride there is 800 // 13 = 61, not 64
+    maps = grid_features(padded)
+    images = ImageList(torch.zeros(1, 3, *padded), [padded])
+    ours = mmdet_rpn().anchor_generator(images, maps)[0]
+    torch.testing.assert_close(ours.double(), mmdet_anchors_64(maps), rtol=0, atol=1e-4)
+    torchvision_anchors = make_rpn().anchor_generator(images, maps)[0]
+    assert torchvision_anchors.shape == ours.shape
+    assert torchvision_anchors[-1, 1] + torchvision_anchors[-1, 3] == 2 * 12 * 61  # last P6 row
+    assert torchvision_anchors[0, 2] == 23 and ours[0, 2] == pytest.approx(16 * 2**0.5, abs=1e-5)
+
+
+def labels_of(rpn: DecoupledRPN, images: ImageList, maps: list[torch.Tensor], targets):
+    anchors = rpn.anchor_generator(images, maps)
+    grids = [tuple(m.shape[-2:]) for m in maps]
+    labels, matched = rpn.label_anchors(anchors, targets, images.image_sizes, grids)
+    return anchors[0], labels, matched
+
+
+def test_anchors_in_batch_padding_are_ignored():
+    padded = (128, 128)
+    maps = [m.expand(2, -1, -1, -1) for m in grid_features(padded)]
+    # image 1 is 70 x 90: mmdetection pads it to 96 x 96 by itself, the rest is batch padding
+    images = ImageList(torch.zeros(2, 3, *padded), [(128, 128), (70, 90)])
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]])}] * 2
+    anchors, labels, _ = labels_of(mmdet_rpn(), images, maps, targets)
+    centre = (anchors[:, :2] + anchors[:, 2:]) / 2
+    in_pad = (centre[:, 1] > 96 - 1) | (centre[:, 0] > 96 - 1)  # cell origin at or past 96
+    assert in_pad.sum() > 0 and (labels[1][in_pad] == -1).all()
+    # the same anchors in the full-size image, and every anchor of image 1 inside 96 x 96
+    # (also those past its 70 x 90 content), are labelled as usual: far ones negative
+    assert (labels[0] != -1).sum() > (labels[1] != -1).sum()
+    far_inside = ~in_pad & (box_iou(anchors, targets[1]["boxes"])[:, 0] < 0.3)
+    assert (labels[1][far_inside] == 0).all()
+    assert (labels[1][(centre[:, 1] > 70) & ~in_pad] == 0).any()
+    # torchvision's convention labels the padding anchors too
+    _, tv_labels, _ = labels_of(make_rpn(), images, maps, targets)
+    assert (tv_labels[1][in_pad] == 0).any()
+
+
+def test_allowed_border_zero_ignores_anchors_crossing_the_image():
+    padded = (128, 128)
+    maps = grid_features(padded)
+    images = ImageList(torch.zeros(1, 3, *padded), [(112, 120)])
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]])}]
+    anchors, labels, _ = labels_of(mmdet_rpn(0), images, maps, targets)
+    crossing = (anchors[:, :2] < 0).any(1) | (anchors[:, 2] >= 120) | (anchors[:, 3] >= 112)
+    assert (labels[0][crossing] == -1).all()
+    assert (labels[0][~crossing] == 0).sum() > 0 and (labels[0][~crossing] == 1).sum() > 0
+    _, kept, _ = labels_of(mmdet_rpn(-1), images, maps, targets)
+    assert (kept[0][crossing] == 0).sum() > 0  # allowed_border -1 keeps them
+
+
+def test_empty_image_labels_only_usable_anchors_negative():
+    maps = grid_features((128, 128))
+    images = ImageList(torch.zeros(1, 3, 128, 128), [(64, 128)])
+    anchors, labels, matched = labels_of(mmdet_rpn(), images, maps, [{"boxes": torch.zeros(0, 4)}])
+    usable = mmdet_rpn().usable_anchors(anchors, (64, 128), [tuple(m.shape[-2:]) for m in maps])
+    assert usable.sum() < len(anchors)
+    assert (labels[0][usable] == 0).all() and (labels[0][~usable] == -1).all()
+    assert matched[0].shape == anchors.shape
+
+
+@pytest.mark.parametrize(("best_iou", "positive"), [(0.25, False), (0.35, True)])
+def test_low_quality_match_needs_min_pos_iou(best_iou, positive):
+    iou = torch.tensor([[best_iou, 0.1, 0.0, best_iou]])  # a tie: both best anchors count
+    labels, matched = mmdet_anchor_labels(iou, torch.ones(4, dtype=torch.bool), 0.7, 0.3, 0.3)
+    expected = [1.0, 0.0, 0.0, 1.0] if positive else [0.0, 0.0, 0.0, 0.0]
+    assert labels.tolist() == expected and matched.tolist() == [0, 0, 0, 0]
+
+
+def test_low_quality_match_goes_to_that_gt_and_skips_unusable_anchors():
+    iou = torch.tensor(
+        [
+            [0.80, 0.20, 0.00, 0.50],  # gt 0: anchor 0 positive (>= 0.7)
+            [0.40, 0.10, 0.95, 0.00],  # gt 1: anchor 2 (0.95) lies in the padding
+        ]
+    )
+    usable = torch.tensor([True, True, False, True])
+    labels, matched = mmdet_anchor_labels(iou, usable, 0.7, 0.3, 0.3)
+    # gt 1's best usable anchor is anchor 0 (0.40 >= 0.3): it becomes gt 1's, not gt 0's;
+    # anchor 3's best IoU 0.5 is between the thresholds: ignored; anchor 2 is unusable
+    assert labels.tolist() == [1.0, 0.0, -1.0, -1.0]
+    assert matched[0] == 1
+
+
+def test_tiny_gt_gets_no_anchor_under_the_floor_but_does_in_torchvision():
+    maps = grid_features((128, 128))
+    images = ImageList(torch.zeros(1, 3, 128, 128), [(128, 128)])
+    targets = [{"boxes": torch.tensor([[40.0, 40.0, 46.0, 46.0], [10.0, 60.0, 80.0, 120.0]])}]
+    anchors, labels, matched = labels_of(mmdet_rpn(), images, maps, targets)
+    best = box_iou(targets[0]["boxes"], anchors).max(dim=1).values
+    assert best[0] < 0.3 <= best[1]
+    positives = labels[0] == 1
+    assert positives.any() and not (matched[0][positives] == targets[0]["boxes"][0]).all(1).any()
+    _, tv_labels, tv_matched = labels_of(make_rpn(), images, maps, targets)
+    tv_pos = tv_labels[0] == 1
+    assert (tv_matched[0][tv_pos] == targets[0]["boxes"][0]).all(1).any()
+
+
+def test_mmdet_rpn_trains_and_the_settings_are_validated():
+    rpn = mmdet_rpn(0).train()
+    images, features, targets = inputs()
+    _, losses = rpn(images, features, targets)
+    assert losses["rpn.loss_bbox"] > 0 and torch.isfinite(losses["rpn.loss_cls"])
+    with pytest.raises(DrcnnError, match=r"model\.rpn\.min_pos_iou"):
+        make_rpn("model.rpn.min_pos_iou=0.3")  # torchvision convention takes none
+    with pytest.raises(DrcnnError, match=r"model\.rpn\.allowed_border"):
+        make_rpn(*MMDET)  # mmdet needs allowed_border
+    with pytest.raises(DrcnnError, match=r"model\.rpn\.anchor_convention"):
+        make_rpn("model.rpn.anchor_convention=detectron")

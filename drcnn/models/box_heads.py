@@ -10,6 +10,14 @@ torchvision's ``TwoMLPHead`` does:
 - :class:`RefineHead` (Decoupled R-CNN stages 1..N-1): a regression-only trunk with
   class-agnostic deltas.
 
+Initialisation follows the official code as it runs: the 2-fc trunks of :class:`FastRCNNHead`
+(mmdetection's ``ConvFCBBoxHead.init_weights``) and :class:`DecoupledHead`
+(``DecoupledBBoxHead.init_weights``) are xavier-uniform with zero bias; :class:`RefineHead`'s
+trunk keeps PyTorch's default ``nn.Linear`` init, because ``RefineBBoxHead`` names its xavier
+init ``__init_weights`` (name-mangled, never called) and so runs ``BBoxHead.init_weights``,
+which only sets the output layer. Output layers: normal(0, 0.01) logits, normal(0, 0.001)
+deltas, zero bias.
+
 Deltas are in the std-normalised units of the stage's ``BoxCoder``. Class ``k`` (1..K) reads its
 deltas from slot ``k`` when the head has a background slot (torchvision ``FastRCNNPredictor``
 layout) and from slot ``k - 1`` otherwise; :meth:`BoxHead.deltas_for_labels` and
@@ -23,8 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _two_fc(in_features: int, fc_dim: int) -> tuple[nn.Linear, nn.Linear]:
-    return nn.Linear(in_features, fc_dim), nn.Linear(fc_dim, fc_dim)
+def _two_fc(in_features: int, fc_dim: int, xavier: bool = True) -> tuple[nn.Linear, nn.Linear]:
+    """The 2-fc trunk; ``xavier``: xavier-uniform weights and zero bias, else PyTorch's init."""
+    layers = nn.Linear(in_features, fc_dim), nn.Linear(fc_dim, fc_dim)
+    if xavier:
+        for layer in layers:
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return layers
 
 
 def _mlp(x: Tensor, fc6: nn.Linear, fc7: nn.Linear) -> Tensor:
@@ -114,7 +128,7 @@ class RefineHead(BoxHead):
 
     def __init__(self, in_features: int, fc_dim: int) -> None:
         super().__init__()
-        self.fc6, self.fc7 = _two_fc(in_features, fc_dim)
+        self.fc6, self.fc7 = _two_fc(in_features, fc_dim, xavier=False)  # as the official runs
         self.bbox_pred = _output_layer(fc_dim, 4, 0.001)
 
     def forward(self, x: Tensor) -> Tensor:

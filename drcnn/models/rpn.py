@@ -4,17 +4,26 @@ torchvision's ``RegionProposalNetwork`` supplies anchors, the head, matching, sa
 coding. This subclass changes what happens after the per-level pre-NMS top-k in training when
 ``nms_thresh`` is a pair ``(t_cls, t_reg)``: the same candidates go through the per-level NMS
 twice, giving the *classification* proposals (``t_cls``, usually 0.7) and the *regression*
-proposals (``t_reg``, usually 0.85: more highly overlapping boxes survive). It also offers the
-official L1 box loss besides torchvision's smooth L1 and names its losses ``rpn.loss_*``.
+proposals (``t_reg``, usually 0.85: more highly overlapping boxes survive). Its box loss is the
+configured one (:func:`drcnn.models.losses.box_loss`) and its losses are named ``rpn.loss_*``.
+
+With ``anchor_convention: mmdet`` it lays out and labels anchors as mmdetection 2.x does (the
+official code and its baselines): :class:`MMDetAnchorGenerator` puts each level's anchors at the
+level's nominal stride with unrounded base anchors, and training ignores the anchors of grid
+cells outside an image's own padded area (they lie in the batch padding), optionally those
+crossing the image border (``allowed_border``), and accepts a gt's best anchors as positives
+only from IoU ``min_pos_iou`` on (:func:`mmdet_anchor_labels`). ``torchvision`` keeps
+torchvision's behaviour for all of these.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -26,7 +35,11 @@ from torchvision.models.detection.rpn import (
 from torchvision.ops import boxes as box_ops
 
 from drcnn.config import rpn_nms_thresholds
+from drcnn.models.losses import box_loss
 from drcnn.models.threads import thread_map
+
+# Nominal strides of the FPN levels P2..P6 the RPN runs on.
+LEVEL_STRIDES = (4, 8, 16, 32, 64)
 
 
 class ProposalSets(NamedTuple):
@@ -44,12 +57,122 @@ class Candidates(NamedTuple):
     levels: Tensor
 
 
+class MMDetAnchorGenerator(AnchorGenerator):
+    """mmdetection 2.x's ``AnchorGenerator`` (scale-major, centre offset 0) in torchvision's API.
+
+    Two differences from torchvision's: each level's anchors sit at the level's nominal
+    ``strides`` (torchvision divides the padded batch size by the feature-map size, which
+    gives 61 instead of 64 on P6 when a padded side is 800), and the base anchors keep their
+    fractional half-sizes (torchvision rounds them to whole pixels). Anchor order is the same:
+    level, then row, column, then aspect ratio.
+    """
+
+    def __init__(
+        self,
+        sizes: tuple[tuple[int, ...], ...],
+        aspect_ratios: tuple[tuple[float, ...], ...],
+        strides: tuple[int, ...],
+    ) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self.strides = tuple(int(s) for s in strides)
+
+    def generate_anchors(
+        self,
+        scales: list[int],
+        aspect_ratios: list[float],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """Zero-centred base anchors ``(-w/2, -h/2, w/2, h/2)``, not rounded."""
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        aspect_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(aspect_ratios)
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        """The same anchors for every image of the batch, ``(sum over levels of H*W*A, 4)``."""
+        if len(feature_maps) != len(self.strides):
+            raise ValueError(
+                f"MMDetAnchorGenerator: {len(feature_maps)} feature maps for "
+                f"{len(self.strides)} strides"
+            )
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
+
+    def valid_mask(
+        self, grid_sizes: list[tuple[int, int]], valid_size: tuple[int, int], device: torch.device
+    ) -> Tensor:
+        """``(num_anchors,)`` True for the anchors of grid cells inside ``valid_size`` ``(H, W)``.
+
+        mmdetection's ``AnchorGenerator.valid_flags``: a cell (row ``i``, column ``j``) of a
+        level with stride ``s`` is valid when ``i * s < H`` and ``j * s < W``.
+        """
+        masks = []
+        for (rows, cols), stride, per_cell in zip(
+            grid_sizes, self.strides, self.num_anchors_per_location(), strict=True
+        ):
+            inside_y = torch.arange(rows, device=device) * stride < valid_size[0]
+            inside_x = torch.arange(cols, device=device) * stride < valid_size[1]
+            cells = (inside_y[:, None] & inside_x[None, :]).flatten()
+            masks.append(cells.repeat_interleave(per_cell))
+        return torch.cat(masks)
+
+
+def inside_border(anchors: Tensor, image_size: tuple[int, int], border: int) -> Tensor:
+    """``(N,)`` True for anchors that reach at most ``border`` pixels beyond the ``(H, W)`` image
+    (mmdetection's ``anchor_inside_flags``: ``x1, y1 >= -b``, ``x2 < W + b``, ``y2 < H + b``)."""
+    height, width = image_size
+    return (
+        (anchors[:, 0] >= -border)
+        & (anchors[:, 1] >= -border)
+        & (anchors[:, 2] < width + border)
+        & (anchors[:, 3] < height + border)
+    )
+
+
+def mmdet_anchor_labels(
+    iou: Tensor, usable: Tensor, fg_iou_thresh: float, bg_iou_thresh: float, min_pos_iou: float
+) -> tuple[Tensor, Tensor]:
+    """mmdetection's ``MaxIoUAssigner`` on the ``usable`` anchors: ``(labels, matched_gt)``.
+
+    ``iou``: ``(G, N)`` gt x anchor IoU (``G >= 1``). Labels (float, as torchvision's RPN keeps
+    them): 1 when the anchor's best IoU is >= ``fg_iou_thresh``, 0 when it is below
+    ``bg_iou_thresh``, -1 in between and for anchors not ``usable``. Then every gt whose best
+    IoU over the usable anchors is >= ``min_pos_iou`` takes all anchors with that IoU as
+    positives matched to itself (gts in order, so a later gt wins a shared anchor); torchvision
+    instead keeps them whatever their IoU, matched to their own best gt.
+    """
+    iou = torch.where(usable[None, :], iou, torch.full_like(iou, -1.0))
+    best_iou, matched = iou.max(dim=0)
+    labels = torch.full_like(best_iou, -1.0)
+    labels[(best_iou >= 0) & (best_iou < bg_iou_thresh)] = 0.0
+    labels[best_iou >= fg_iou_thresh] = 1.0
+    gt_best = iou.max(dim=1, keepdim=True).values
+    low_quality = (iou == gt_best) & (gt_best >= min_pos_iou)
+    taken = low_quality.any(dim=0)
+    last_gt = iou.shape[0] - 1 - low_quality.flip(0).to(torch.uint8).argmax(dim=0)
+    matched = torch.where(taken, last_gt, matched)
+    labels[taken] = 1.0
+    return labels, matched
+
+
 class DecoupledRPN(RegionProposalNetwork):
     """RPN returning ``ProposalSets`` in training with two NMS thresholds, else ``list[Tensor]``.
 
     ``train_nms_thresh`` holds one or two thresholds; ``nms_thresh`` (torchvision's attribute)
-    is the test-time threshold. ``loss_bbox`` is ``"l1"`` or ``"smooth_l1"`` (beta 1/9); both are
-    summed over positive anchors and divided by the number of sampled anchors.
+    is the test-time threshold. ``loss_bbox`` (``type`` l1 / smooth_l1, ``beta``) is summed over
+    positive anchors and divided by the number of sampled anchors. ``anchor_convention``
+    "mmdet" labels anchors with :func:`mmdet_anchor_labels` (``min_pos_iou``), ignoring those
+    outside each image's padded size (its size rounded up to ``size_divisible``) and, with
+    ``allowed_border >= 0``, those crossing the image border; "torchvision" labels every anchor
+    with torchvision's matcher.
     """
 
     def __init__(
@@ -67,7 +190,11 @@ class DecoupledRPN(RegionProposalNetwork):
         test_nms_thresh: float,
         score_thresh: float,
         min_size: float,
-        loss_bbox: str,
+        loss_bbox: Any,
+        anchor_convention: str = "torchvision",
+        min_pos_iou: float | None = None,
+        allowed_border: int | None = None,
+        size_divisible: int = 32,
     ) -> None:
         super().__init__(
             anchor_generator,
@@ -84,6 +211,10 @@ class DecoupledRPN(RegionProposalNetwork):
         self.train_nms_thresh = tuple(train_nms_thresh)
         self.min_size = min_size
         self.loss_bbox = loss_bbox
+        self.anchor_convention = anchor_convention
+        self.min_pos_iou = min_pos_iou
+        self.allowed_border = allowed_border
+        self.size_divisible = size_divisible
 
     def active_nms_thresholds(self) -> tuple[float, ...]:
         """The NMS thresholds of the current mode: one or two in training, one in eval."""
@@ -143,14 +274,56 @@ class DecoupledRPN(RegionProposalNetwork):
         pos = torch.where(torch.cat(pos_masks))[0]
         sampled = torch.cat([pos, torch.where(torch.cat(neg_masks))[0]])
         deltas, targets = pred_bbox_deltas[pos], torch.cat(regression_targets)[pos]
-        if self.loss_bbox == "l1":
-            box_loss = F.l1_loss(deltas, targets, reduction="sum")
-        else:
-            box_loss = F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="sum")
         cls_loss = F.binary_cross_entropy_with_logits(
             objectness.flatten()[sampled], torch.cat(labels)[sampled]
         )
-        return cls_loss, box_loss / max(sampled.numel(), 1)
+        return cls_loss, box_loss(deltas, targets, self.loss_bbox) / max(sampled.numel(), 1)
+
+    def label_anchors(
+        self,
+        anchors: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+        grid_sizes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: anchor labels (1 / 0 / -1 ignored) and each anchor's matched gt box."""
+        if self.anchor_convention == "torchvision":
+            return self.assign_targets_to_anchors(anchors, targets)
+        labels, matched_boxes = [], []
+        for anchors_i, target, size in zip(anchors, targets, image_sizes, strict=True):
+            usable = self.usable_anchors(anchors_i, size, grid_sizes)
+            gt_boxes = target["boxes"].to(anchors_i.dtype)
+            if gt_boxes.shape[0] == 0:
+                labels.append(torch.where(usable, 0.0, -1.0).to(anchors_i.dtype))
+                matched_boxes.append(torch.zeros_like(anchors_i))
+                continue
+            iou = self.box_similarity(gt_boxes, anchors_i)
+            lab, matched = mmdet_anchor_labels(
+                iou,
+                usable,
+                self.proposal_matcher.high_threshold,
+                self.proposal_matcher.low_threshold,
+                self.min_pos_iou,
+            )
+            labels.append(lab)
+            matched_boxes.append(gt_boxes[matched])
+        return labels, matched_boxes
+
+    def usable_anchors(
+        self, anchors: Tensor, image_size: tuple[int, int], grid_sizes: list[tuple[int, int]]
+    ) -> Tensor:
+        """mmdet convention: the anchors one image trains on (``(N,)`` bool).
+
+        Those of grid cells inside the image's padded size (mmdetection pads each image to a
+        multiple of ``size_divisible`` and marks anchors beyond it, in the batch padding, as
+        invalid) and, when ``allowed_border >= 0``, inside the image by that border.
+        """
+        pad = self.size_divisible
+        padded = (math.ceil(image_size[0] / pad) * pad, math.ceil(image_size[1] / pad) * pad)
+        usable = self.anchor_generator.valid_mask(grid_sizes, padded, anchors.device)
+        if self.allowed_border >= 0:
+            usable &= inside_border(anchors, image_size, self.allowed_border)
+        return usable
 
     def forward(
         self,
@@ -177,7 +350,10 @@ class DecoupledRPN(RegionProposalNetwork):
         if self.training:
             if targets is None:
                 raise ValueError("DecoupledRPN: targets are required in training mode")
-            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
+            labels, matched_gt_boxes = self.label_anchors(
+                anchors, targets, images.image_sizes, grid_sizes
+            )
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
             loss_cls, loss_bbox = self.compute_loss(
                 objectness, pred_bbox_deltas, labels, regression_targets
@@ -189,10 +365,12 @@ class DecoupledRPN(RegionProposalNetwork):
 def build_rpn(cfg: DictConfig, in_channels: int) -> DecoupledRPN:
     """The RPN of ``cfg.model.rpn`` on FPN features with ``in_channels`` channels."""
     rcfg = cfg.model.rpn
-    anchor_generator = AnchorGenerator(
-        sizes=tuple((int(s),) for s in rcfg.anchor_sizes),
-        aspect_ratios=(tuple(float(r) for r in rcfg.aspect_ratios),) * len(rcfg.anchor_sizes),
-    )
+    sizes = tuple((int(s),) for s in rcfg.anchor_sizes)
+    ratios = (tuple(float(r) for r in rcfg.aspect_ratios),) * len(rcfg.anchor_sizes)
+    if rcfg.anchor_convention == "mmdet":
+        anchor_generator = MMDetAnchorGenerator(sizes, ratios, LEVEL_STRIDES)
+    else:
+        anchor_generator = AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
     head = RPNHead(in_channels, anchor_generator.num_anchors_per_location()[0])
     return DecoupledRPN(
         anchor_generator,
@@ -210,5 +388,9 @@ def build_rpn(cfg: DictConfig, in_channels: int) -> DecoupledRPN:
         test_nms_thresh=rcfg.test_nms_thresh,
         score_thresh=rcfg.score_thresh,
         min_size=rcfg.min_size,
-        loss_bbox=rcfg.loss_bbox,
+        loss_bbox=OmegaConf.to_object(rcfg.loss_bbox),
+        anchor_convention=rcfg.anchor_convention,
+        min_pos_iou=rcfg.min_pos_iou,
+        allowed_border=rcfg.allowed_border,
+        size_divisible=cfg.model.transform.size_divisible,
     )

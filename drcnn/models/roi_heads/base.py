@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 
+from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import multiclass_nms
 from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign
 from drcnn.models.sampling import Sampler, Samples, sample_rois
@@ -40,13 +41,6 @@ class StageOutput(NamedTuple):
 def box_coder(target_stds: Sequence[float]) -> BoxCoder:
     """torchvision BoxCoder whose weights are the inverse delta stds (0.1, 0.2 -> 10, 5)."""
     return BoxCoder(tuple(1.0 / s for s in target_stds), bbox_xform_clip=BBOX_XFORM_CLIP)
-
-
-def box_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Summed L1 or smooth L1 (beta 1/9, torchvision's fastrcnn_loss) box loss."""
-    if kind == "l1":
-        return F.l1_loss(pred, target, reduction="sum")
-    return F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum")
 
 
 def split_proposals(proposals: Any) -> tuple[list[Tensor], list[Tensor]]:
@@ -200,9 +194,14 @@ class RoIHeadsBase(nn.Module):
 
     @staticmethod
     def _class_probs(outs: list[StageOutput]) -> Tensor:
-        """Softmax averaged over the stages that classify (stage 0 only for decoupled)."""
-        probs = [F.softmax(o.logits, dim=1) for o in outs if o.logits is not None]
-        return torch.stack(probs).mean(dim=0)
+        """Softmax of the class logits averaged over the stages that classify.
+
+        Cascade R-CNN averages its three stages' logits, then takes the softmax (mmdetection's
+        ``CascadeRoIHead.simple_test``); with one classifying stage (Faster R-CNN, and
+        Decoupled R-CNN's stage 0) this is that stage's softmax, bit for bit.
+        """
+        logits = [o.logits for o in outs if o.logits is not None]
+        return F.softmax(torch.stack(logits).mean(dim=0), dim=1)
 
     def _final_boxes(self, outs: list[StageOutput]) -> Tensor:
         """Detection boxes: ``(N, K, 4)`` per-class decode of the last stage, or ``(N, 4)``."""

@@ -7,10 +7,19 @@ regression-only: the previous stage's positive RoIs, moved by its predicted delt
 re-assigned at the stage's IoU threshold and all positives are regressed again. At inference the
 class scores come from stage 0 only; each stage moves every proposal once more (stage 0 with the
 deltas of its arg-max class) and the last stage's boxes are the detections.
+
+Box-loss normalisers (the official code's ``avg_factor``): the official positive sampler pads
+each image's regression sample with negatives up to ``reg_sampler.num``, and those padded rows
+are carried through every refine stage, so each stage counts ``min(num, regression proposals)``
+rows per image (:func:`padded_reg_count`) although only positives carry a loss. Stage 0 divides
+its L1 by the cls samples + that count (``decoupled_bbox_head.py``, ``labels_reg.size(0)``), the
+refine stages by ``REFINE_NORMALISER_SCALE`` x that count (``refine_bbox_head.py``,
+``avg_factor=2*labels.size(0)``: 1024 per image when padded to 512).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -20,6 +29,21 @@ from torch import Tensor, nn
 from drcnn.models.box_heads import DecoupledHead, RefineHead
 from drcnn.models.roi_heads.base import RoIHeadsBase, StageOutput, split_proposals
 from drcnn.models.sampling import Samples, positive_sample, random_sample
+
+# The refine stages' box-loss normaliser is this many times the padded regression sample count
+# (official refine_bbox_head.py, avg_factor=2*labels.size(0), "lamda=0.5").
+REFINE_NORMALISER_SCALE = 2
+
+
+def padded_reg_count(candidates: Sequence[int], num: int) -> int:
+    """Rows of the official padded regression sample over the batch: ``sum min(num, P_i)``.
+
+    ``candidates``: the regression proposals ``P_i`` each image samples from. The official
+    positive sampler takes every positive (at most ``num``) and pads with negatives up to
+    ``num``; with one IoU threshold every proposal is positive or negative, so an image gives
+    ``min(num, P_i)`` rows, in stage 0 and, carried along as proposals, in every refine stage.
+    """
+    return sum(min(num, p) for p in candidates)
 
 
 class DecoupledRoIHeads(RoIHeadsBase):
@@ -69,12 +93,17 @@ class DecoupledRoIHeads(RoIHeadsBase):
 
         cls_labels = torch.cat([s.labels for s in cls_samples])
         losses = self._cls_losses(0, logits, cls_labels)
-        reg_budget = self.cfg.reg_sampler.num * len(image_shapes)
+        add_gt = self.cfg.reg_sampler.add_gt
+        candidates = [
+            len(b) + (len(t["boxes"]) if add_gt else 0)
+            for b, t in zip(reg_boxes, targets, strict=True)
+        ]
+        reg_rows = padded_reg_count(candidates, self.cfg.reg_sampler.num)
         picked = self.stages[0].deltas_for_labels(
             deltas, torch.cat([s.labels for s in reg_samples])
         )
         losses["s0.loss_bbox"] = self._stage_box_loss(
-            0, picked, reg_samples, cls_labels.numel() + reg_budget
+            0, picked, reg_samples, cls_labels.numel() + reg_rows
         )
         samples = reg_samples
         for stage in range(1, len(self.stages)):
@@ -83,7 +112,9 @@ class DecoupledRoIHeads(RoIHeadsBase):
             picked = self.stages[stage](
                 self._pool(features, [s.boxes for s in samples], image_shapes)
             )
-            losses[f"s{stage}.loss_bbox"] = self._stage_box_loss(stage, picked, samples, reg_budget)
+            losses[f"s{stage}.loss_bbox"] = self._stage_box_loss(
+                stage, picked, samples, REFINE_NORMALISER_SCALE * reg_rows
+            )
         return losses
 
     def _stage0_predict(
