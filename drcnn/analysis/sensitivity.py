@@ -192,17 +192,20 @@ def _stage_columns(
 
 
 def true_log_odds(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Log-odds ``log(p / (1 - p))`` of class ``labels[i]`` under the mean of the stages' softmax.
+    """Log-odds ``log(p / (1 - p))`` of class ``labels[i]`` under the scores the model reports:
+    the softmax of the stages' mean logits (one stage: its softmax; Cascade R-CNN: the mean of
+    its three, as mmdetection scores it).
 
-    ``logits``: one ``(N, K+1)`` tensor per classifying stage. Computed in float64 from
-    log-softmaxes (``log mean_s p_s,c - log mean_s sum_{j != c} p_s,j``; the ``1/S`` cancels), so
-    it stays finite where ``p`` rounds to 1 in float32.
+    ``logits``: one ``(N, K+1)`` tensor per classifying stage. Computed in float64 from the
+    log-softmax (``log p_c - log sum_{j != c} p_j``), so it stays finite where ``p`` rounds to 1
+    in float32.
     """
-    log_p = torch.stack([torch.log_softmax(z.detach().double().cpu(), dim=1) for z in logits])
-    index = labels.cpu()[None, :, None].expand(len(logits), -1, 1)
-    true = log_p.gather(2, index).squeeze(2)
-    others = log_p.scatter(2, index, float("-inf")).logsumexp(dim=2)
-    return true.logsumexp(dim=0) - others.logsumexp(dim=0)
+    mean = torch.stack([z.detach().double().cpu() for z in logits]).mean(dim=0)
+    log_p = torch.log_softmax(mean, dim=1)
+    index = labels.cpu()[:, None]
+    true = log_p.gather(1, index).squeeze(1)
+    others = log_p.scatter(1, index, float("-inf")).logsumexp(dim=1)
+    return true - others
 
 
 @torch.no_grad()
