@@ -140,6 +140,8 @@ class TrainingLoader:
 
     def __init__(self, base: DataLoader, cfg: DictConfig, device: torch.device) -> None:
         seed, rank = cfg.train.seed, dist.get_rank()
+        # each sample's aspect-ratio group (None: no grouping); the schedule counts batches by it
+        self.groups = training_groups(cfg, base.dataset)
         order = partial(
             GlobalBatchSampler,
             len(base.dataset),
@@ -147,7 +149,7 @@ class TrainingLoader:
             rank,
             dist.get_world_size(),
             seed,
-            groups=training_groups(cfg, base.dataset),
+            groups=self.groups,
         )
         self.sampler = EpochSampler(order)
         workers = base.num_workers

@@ -36,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from drcnn.config import to_dict, to_yaml
-from drcnn.data.group_sampler import training_groups
 from drcnn.data.loader import build_dataloader
 from drcnn.engine import distributed as dist
 from drcnn.engine.benchmark import peak_memory_mb
@@ -468,7 +467,8 @@ def prepare(
     seed_everything(cfg.train.seed)
     base_loader = build_dataloader(cfg, "train")
     dataset = base_loader.dataset
-    schedule = build_schedule(cfg, len(dataset), training_groups(cfg, dataset))
+    loader = TrainingLoader(base_loader, cfg, device)  # workers start with its first iterator
+    schedule = build_schedule(cfg, len(dataset), loader.groups)
     # a resumed run's checkpoint replaces every weight: its ImageNet weights are not read
     model = build_detector(cfg, pretrained=resume is None).to(device)
     model.train()
@@ -496,7 +496,7 @@ def prepare(
         ctx.model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return trainer, TrainingLoader(base_loader, cfg, device)
+    return trainer, loader
 
 
 def dataset_meta(dataset: Any) -> dict[str, Any]:
