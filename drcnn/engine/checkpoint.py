@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +110,19 @@ def first_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Ten
     return f"unexpected key '{extra}'" if extra is not None else None
 
 
-def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """The first floating-point tensor holding a NaN or an infinity, else None."""
-    return next(
-        (
-            key
-            for key, tensor in state_dict.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-        ),
-        None,
-    )
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or an infinity, else None.
+
+    One host-device synchronisation for all tensors (the per-tensor checks are stacked), so
+    training can run it after every step.
+    """
+    named = [(key, t) for key, t in tensors.items() if t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

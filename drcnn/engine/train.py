@@ -41,6 +41,7 @@ from drcnn.engine import distributed as dist
 from drcnn.engine.benchmark import peak_memory_mb
 from drcnn.engine.checkpoint import (
     capture_rng_state,
+    first_non_finite,
     load_checkpoint,
     load_model_state,
     restore_rng_state,
@@ -165,15 +166,10 @@ def train_step(ctx: StepContext, micro_batches: list[Batch], iteration: int) -> 
 
 
 def first_non_finite_parameter(model: nn.Module) -> str | None:
-    """Name of the first trainable parameter holding a NaN or an infinity, else None.
-
-    One host-device synchronisation for all parameters (the per-tensor checks are stacked).
-    """
-    named = [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad]
-    finite = torch.stack([torch.isfinite(p).all() for _, p in named])
-    if bool(finite.all()):
-        return None
-    return named[int((~finite).nonzero()[0, 0])][0]
+    """Name of the first trainable parameter holding a NaN or an infinity, else None."""
+    return first_non_finite(
+        {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    )
 
 
 def reduced_values(losses: dict[str, Tensor], loss: Tensor) -> dict[str, float]:
