@@ -53,7 +53,7 @@ NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
 BOX_LOSS_FIELDS: dict[str, tuple[str, ...]] = {"l1": (), "smooth_l1": ("beta",)}
 # How the RPN lays out and labels its anchors (see RPNConfig.anchor_convention).
 ANCHOR_CONVENTIONS = ("torchvision", "mmdet")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the device computes it natively
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULE_UNITS = ("epoch", "iter")
 

@@ -22,6 +22,7 @@ from drcnn.engine.train import (
     MetricsLog,
     StepContext,
     amp_notice,
+    resolve_amp,
     total_loss,
     train,
     train_step,
@@ -194,6 +195,20 @@ def test_amp_notice_names_the_setting_that_will_not_help(monkeypatch):
     assert amp_notice("bf16", cuda) is None
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
     assert amp_notice("bf16", cpu) is None
+
+
+def test_amp_auto_uses_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    """train.amp=auto: bf16 on a CPU with AVX512-BF16/AMX or a bf16 GPU, fp32 elsewhere."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_amp("auto", cpu) == "none"
+    assert resolve_amp("bf16", cpu) == "bf16" and resolve_amp("fp16", cpu) == "fp16"  # as asked
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_amp("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", cuda) == "none"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", cuda) == "bf16"
 
 
 def test_bf16_autocast_step_on_cpu(synthetic_root):

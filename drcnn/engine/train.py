@@ -109,6 +109,17 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``train.amp`` as the run uses it: ``auto`` becomes ``bf16`` where ``device`` computes bf16
+    natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX) and ``none`` elsewhere,
+    where emulated bf16 is slower than fp32; any other mode is kept as asked."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"
+
+
 def amp_notice(amp: str, device: torch.device) -> str | None:
     """Why ``train.amp`` will not speed this run up on ``device``, or None when it should."""
     if amp == "fp16" and device.type != "cuda":
@@ -469,9 +480,10 @@ def prepare(
     model = build_detector(cfg, pretrained=resume is None).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16" and device.type == "cuda")
-    ctx = StepContext(model, optimizer, scaler, device, cfg.train.amp, cfg.train.grad_clip)
-    notice = amp_notice(cfg.train.amp, device)
+    amp = resolve_amp(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.type == "cuda")
+    ctx = StepContext(model, optimizer, scaler, device, amp, cfg.train.grad_clip)
+    notice = amp_notice(amp, device)
     if notice and dist.is_main_process():
         warnings.warn(notice, stacklevel=3)
     trainer = Trainer(
