@@ -298,6 +298,9 @@ def test_missing_outputs_fail_the_step(tmp_path, synthetic_root, monkeypatch):
         ({"dataset": {"type": "voc"}}, "dataset.type"),
         ({"sensitivity": {"models": ["zzz"]}}, "sensitivity.models"),
         ({"seeds": [1, 2, 1]}, "seeds: expected distinct seeds"),
+        ({"base": "missing.yaml"}, "missing.yaml: file not found"),
+        ({"base": "spec.yaml"}, "base: specs name each other in a cycle"),
+        ({"base": 3}, "base: expected the path of another spec"),
     ],
 )
 def test_bad_specs_are_one_line_errors(tmp_path, synthetic_root, change, message, capsys):
@@ -309,3 +312,17 @@ def test_bad_specs_are_one_line_errors(tmp_path, synthetic_root, change, message
     assert cli.main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: spec ") and err.count("\n") == 1
+
+
+def test_a_spec_starts_from_its_base(tmp_path, synthetic_root):
+    """``base:`` merges the named spec first; the file's own keys win, lists are replaced."""
+    base = {"name": "b", "seeds": [0, 1], "models": [{"name": "a", "config": FASTER}]}
+    base["overrides"] = ["train.max_iters=5", "train.lr=0.1"]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sub").mkdir()
+    child = {"base": "../base.yaml", "name": "c", "overrides": ["train.max_iters=7"]}
+    (tmp_path / "sub" / "child.yaml").write_text(yaml.safe_dump(child))
+    spec = runner.load_spec(tmp_path / "sub" / "child.yaml")
+    assert spec.name == "c" and list(spec.seeds) == [0, 1]
+    assert [m.name for m in spec.models] == ["a"]
+    assert list(spec.overrides) == ["train.max_iters=7"]

@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from drcnn.analysis import provenance
@@ -137,17 +137,31 @@ class Step:
     needs_any: bool = False  # run when at least one (not all) of ``needs`` succeeded
 
 
-def load_spec(path: str | Path) -> Any:
-    """Read and validate a spec file (unknown keys, wrong types, bad names, interpolations:
-    one-line errors)."""
-    path = Path(path)
+def _read_spec(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """The raw YAML of a spec, merged over the spec its ``base:`` names (a path relative to the
+    spec file; the file's own keys win, lists are replaced, not appended)."""
     if not path.is_file():
         raise DrcnnError(f"spec {path}: file not found")
+    if path.resolve() in chain:
+        raise DrcnnError(f"spec {path}: base: specs name each other in a cycle")
     try:
         loaded = OmegaConf.load(path)
     except Exception as exc:  # YAML syntax errors come in several types
         raise DrcnnError(f"spec {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     reject_interpolations(OmegaConf.to_container(loaded, resolve=False), f"spec {path}")
+    base = loaded.pop("base", None) if isinstance(loaded, DictConfig) else None
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise DrcnnError(f"spec {path}: base: expected the path of another spec")
+    return OmegaConf.merge(_read_spec(path.parent / base, (*chain, path.resolve())), loaded)
+
+
+def load_spec(path: str | Path) -> Any:
+    """Read and validate a spec file (unknown keys, wrong types, bad names, interpolations:
+    one-line errors). A spec may start from another: ``base: other_spec.yaml``."""
+    path = Path(path)
+    loaded = _read_spec(path)
     try:
         spec = OmegaConf.merge(OmegaConf.structured(Spec), loaded)
     except OmegaConfBaseException as exc:
