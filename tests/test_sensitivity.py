@@ -454,3 +454,30 @@ def test_summary_keeps_model_order_and_each_model_is_summarised_on_its_own():
         pd.testing.assert_frame_equal(
             both[both["model"] == name].reset_index(drop=True), own, check_dtype=False
         )
+
+
+def test_shift_heatmaps_pool_seed_runs_and_label_every_other_shift(tmp_path, monkeypatch):
+    """One row of heat maps per model (its seed runs pooled, values their mean), and every
+    other shift labelled so that the 11 labels of an axis do not overlap."""
+    import matplotlib.pyplot as plt
+
+    from drcnn.analysis import plots
+
+    table = _table("oracle", "iou")
+    runs = [table.assign(model=f"m-seed{k}", true_prob=table["true_prob"] * k) for k in (1, 2)]
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    plots.shift_heatmaps(pd.concat(runs, ignore_index=True), tmp_path / "h.png")
+    axes = figures[0].axes
+    heatmaps = [ax for ax in axes if ax.get_title()]
+    assert [ax.get_title() for ax in heatmaps] == [
+        "m: true-class probability",
+        "m: final output IoU",
+    ]
+    labels = [t.get_text() for t in heatmaps[0].get_xticklabels()]
+    assert labels[0] == "-0.5" and labels[1] == "" and labels[2] == "-0.3"
+    pooled = heatmaps[0].collections[0].get_array()
+    flat = table[np.isclose(table["scale"], 1.0)]
+    expected = flat.pivot_table(index="dy", columns="dx", values="true_prob") * 1.5
+    np.testing.assert_allclose(np.asarray(pooled).ravel(), expected.to_numpy().ravel())
+    plt.close("all")

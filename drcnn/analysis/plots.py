@@ -29,6 +29,7 @@ from drcnn.analysis.sensitivity import (
     probability_curve,
     regression_curve,
 )
+from drcnn.analysis.tables import model_of
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write, read_json_lines
 
@@ -136,27 +137,36 @@ def response_curves(table: pd.DataFrame, path: str | Path) -> Path:
     return save(fig, path)
 
 
+def _sparse_ticks(ax: plt.Axes, every: int = 2) -> None:
+    """Label every ``every``-th heat-map cell with its shift (``-0.5``, ``-0.3``, ...), so the
+    labels of an 11 x 11 grid do not run into each other."""
+    for axis, labels in ((ax.xaxis, ax.get_xticklabels()), (ax.yaxis, ax.get_yticklabels())):
+        texts = [f"{float(t.get_text()):g}" if i % every == 0 else "" for i, t in enumerate(labels)]
+        axis.set_ticklabels(texts, rotation=0, fontsize=8)
+
+
 def shift_heatmaps(table: pd.DataFrame, path: str | Path) -> Path:
-    """Mean true-class probability and final output IoU over (dx, dy) at scale 1, per model."""
+    """Mean true-class probability and final output IoU over (dx, dy) at scale 1: one row per
+    model (its seed runs pooled), the two quantities side by side."""
     data = table[np.isclose(table["scale"], 1.0)]
+    data = data.assign(model=data["model"].map(model_of))
     models = list(dict.fromkeys(data["model"]))
     values = [("true_prob", "true-class probability"), ("final_iou", "final output IoU")]
     fig, axes = plt.subplots(
-        len(values),
         len(models),
-        figsize=(3.6 * len(models), 6.4),
+        len(values),
+        figsize=(7.6, 3.4 * len(models)),
         squeeze=False,
         constrained_layout=True,
     )
-    for col, model in enumerate(models):
+    for row, model in enumerate(models):
         rows = data[data["model"] == model]
-        for row, (column, label) in enumerate(values):
+        for col, (column, label) in enumerate(values):
             grid = rows.pivot_table(index="dy", columns="dx", values=column, aggfunc="mean")
             ax = axes[row, col]
-            sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=col == len(models) - 1)
+            sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, square=True)
             ax.set_title(f"{model}: {label}", fontsize=9)
-            ax.set_xticklabels([f"{float(t.get_text()):g}" for t in ax.get_xticklabels()])
-            ax.set_yticklabels([f"{float(t.get_text()):g}" for t in ax.get_yticklabels()])
+            _sparse_ticks(ax)
     return save(fig, path)
 
 
