@@ -105,7 +105,7 @@ class FakeExecutor:
         elif notebook == "translation_sensitivity.ipynb":
             out = Path(parameters["out_dir"])
             out.mkdir(parents=True, exist_ok=True)
-            for name in ("sensitivity.parquet", "summary.csv"):
+            for name in ("sensitivity.parquet", "summary.csv", "proposal_iou.csv"):
                 (out / name).write_text("x")
         else:
             (cwd / "tables").mkdir(exist_ok=True)
