@@ -113,10 +113,14 @@ def test_sensitivity_notebook_writes_table_summary_and_figures(
         "out_dir": str(out),
         "steps": 3,
         "max_images": 3,
+        "proposal_images": 2,
     }
     execute_notebook(
         "translation_sensitivity.ipynb", tmp_path / "executed.ipynb", parameters, tmp_path
     )
+    proposal_iou = pd.read_csv(out / "proposal_iou.csv")  # two training images, seeded samples
+    assert set(proposal_iou["images"]) == {2} and set(proposal_iou["nms"]) >= {"0.7/0.85"}
+    assert (out / "proposal_iou_hist.csv").is_file() and (out / "proposal_iou.png").is_file()
     for name in (
         "sensitivity.parquet",
         "sensitivity.csv",

@@ -105,7 +105,7 @@ class FakeExecutor:
         elif notebook == "translation_sensitivity.ipynb":
             out = Path(parameters["out_dir"])
             out.mkdir(parents=True, exist_ok=True)
-            for name in ("sensitivity.parquet", "summary.csv"):
+            for name in ("sensitivity.parquet", "summary.csv", "proposal_iou.csv"):
                 (out / name).write_text("x")
         else:
             (cwd / "tables").mkdir(exist_ok=True)
@@ -132,6 +132,7 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
     }
     study = dict(fake.calls)["sensitivity"]
     assert list(study["checkpoints"]) == ["faster"]  # only the model that trained
+    assert study["proposal_images"] == runner.SensitivitySpec().proposal_images  # passed on
     # overrides: dataset root, spec-wide, then the model's own (the model's win)
     train = dict(fake.calls)["train-broken"]
     assert train["overrides"][0] == f"data.root={synthetic_root.resolve()}"

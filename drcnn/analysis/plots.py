@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from drcnn.analysis.proposals import BRANCH_PROPOSALS
 from drcnn.analysis.sensitivity import (
     BRANCH_CLS,
     BRANCH_REG,
@@ -175,6 +176,49 @@ def ap_vs_iou(per_iou: pd.DataFrame, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=per_iou, x="iou", y="AP", hue="model", marker="o", ax=ax)
     ax.set(xlabel="IoU threshold", ylabel="AP (%)", title="AP vs IoU threshold")
+    return save(fig, path)
+
+
+def proposal_iou_histograms(hist: pd.DataFrame, path: str | Path) -> Path:
+    """IoU with the ground truth of the stage-0 samples each branch trains on, per image.
+
+    ``hist``: :func:`drcnn.analysis.proposals.histograms`. One row of panels per model (the
+    runs of its seeds averaged), one column per RPN NMS setting ``t_cls/t_reg``; in each, the
+    classification and the regression samples per image as step histograms (0.05 wide; symlog
+    y axis, linear below 0.1 per image). A head that trains both branches on one sample (Faster
+    / Cascade R-CNN) has one line; the dotted line marks IoU 0.5.
+    """
+    data = hist[hist["branch"] != BRANCH_PROPOSALS].assign(run_model=hist["model"].map(model_of))
+    models = list(dict.fromkeys(data["run_model"]))
+    settings = list(dict.fromkeys(data["nms"]))
+    fig, axes = plt.subplots(
+        len(models),
+        len(settings),
+        figsize=(3.4 * len(settings), 2.8 * len(models)),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for row, model in enumerate(models):
+        for col, nms in enumerate(settings):
+            ax = axes[row, col]
+            panel = data[(data["run_model"] == model) & (data["nms"] == nms)]
+            if panel.empty:
+                ax.set_axis_off()
+                continue
+            shared = bool(panel["shared_sample"].any())
+            branches = [BRANCH_CLS] if shared else [BRANCH_CLS, BRANCH_REG]
+            for k, branch in enumerate(branches):
+                mean = panel[panel["branch"] == branch].groupby("bin_lo")["per_image"].mean()
+                label = "both branches (one sample)" if shared else branch
+                ax.stairs(mean.to_numpy(), [*mean.index, 1.0], color=f"C{k}", label=label, lw=1.5)
+            ax.axvline(0.5, color="grey", linestyle=":", lw=1)
+            ax.set_yscale("symlog", linthresh=0.1)  # hundreds of negatives, a few high-IoU boxes
+            ax.set(xlim=(0, 1), ylim=(0, None), xlabel="IoU with ground truth")
+            ax.set_title(f"{model}, NMS {nms}", fontsize=9)
+            ax.tick_params(labelbottom=True)
+            ax.legend(fontsize=7)
+            if col == 0:
+                ax.set_ylabel("samples per image (symlog)")
     return save(fig, path)
 
 

@@ -101,6 +101,7 @@ class SensitivitySpec:
     steps: int = 11
     scales: list[float] = field(default_factory=lambda: [1.0])
     max_images: int | None = 200
+    proposal_images: int | None = 100  # training images of the proposal-IoU histograms
 
 
 @dataclass
@@ -278,11 +279,15 @@ def _sensitivity_step(spec: Any, out: Path) -> Step:
         "steps": spec.sensitivity.steps,
         "scales": list(spec.sensitivity.scales),
         "max_images": spec.sensitivity.max_images,
+        "proposal_images": spec.sensitivity.proposal_images,
         "data_overrides": data_overrides(spec),
         "device": spec.device,
         "interactive": False,  # papermill has no frontend: the explorer draws a static example
     }
-    outputs = [out / "sensitivity" / "sensitivity.parquet", out / "sensitivity" / "summary.csv"]
+    outputs = [
+        out / "sensitivity" / name
+        for name in ("sensitivity.parquet", "summary.csv", "proposal_iou.csv")
+    ]
     inputs = [Path(p) for p in checkpoints.values()]
     needs = [f"train-{n}" for n in names] if "train" in spec.steps else []
     notebook = "translation_sensitivity.ipynb"

@@ -294,9 +294,11 @@ def load_study(
     configs: Mapping[str, str | Path] | None = None,
     data_overrides: Sequence[str] = (),
     device: torch.device | str = "cpu",
+    split: str = "val",
 ) -> tuple[dict[str, torch.nn.Module], Any]:
     """The named models (checkpoints; a config per name is optional, default the stored one)
-    and the validation split of the first model's config plus ``data_overrides``."""
+    and the ``split`` (validation; ``train`` for the proposal IoUs) of the first model's config
+    plus ``data_overrides``."""
     from drcnn.config import load_config
     from drcnn.data.loader import build_dataset
     from drcnn.engine.checkpoint import load_model
@@ -311,7 +313,7 @@ def load_study(
         if cfg.model.roi_head.num_classes != first.model.roi_head.num_classes:
             raise DrcnnError(f"sensitivity checkpoints: {name} has another number of classes")
         models[name] = model
-    return models, build_dataset(load_config(None, data_overrides, base=first), "val")
+    return models, build_dataset(load_config(None, data_overrides, base=first), split)
 
 
 def save_table(table: pd.DataFrame, stem: str | Path) -> list[Path]:

@@ -325,14 +325,12 @@ class DecoupledRPN(RegionProposalNetwork):
             usable &= inside_border(anchors, image_size, self.allowed_border)
         return usable
 
-    def forward(
-        self,
-        images: ImageList,
-        features: dict[str, Tensor],
-        targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[list[Tensor] | ProposalSets, dict[str, Tensor]]:
-        """Proposals (one set, or ``ProposalSets`` when training with two thresholds) + losses."""
-        feature_maps = list(features.values())
+    def propose_candidates(
+        self, images: ImageList, feature_maps: list[Tensor]
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[Candidates]]:
+        """Head outputs and each image's NMS candidates: ``(objectness, deltas, anchors,
+        candidates)``; the proposal sets are :meth:`nms_proposals` of the candidates, at each
+        threshold (the proposal-IoU analysis tries several on the same candidates)."""
         objectness, pred_bbox_deltas = self.head(feature_maps)
         anchors = self.anchor_generator(images, feature_maps)
         num_anchors_per_level = [o[0].numel() for o in objectness]
@@ -342,6 +340,19 @@ class DecoupledRPN(RegionProposalNetwork):
         proposals = proposals.view(len(anchors), -1, 4)
         candidates = self.select_candidates(
             proposals, objectness, images.image_sizes, num_anchors_per_level
+        )
+        return objectness, pred_bbox_deltas, anchors, candidates
+
+    def forward(
+        self,
+        images: ImageList,
+        features: dict[str, Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[Tensor] | ProposalSets, dict[str, Tensor]]:
+        """Proposals (one set, or ``ProposalSets`` when training with two thresholds) + losses."""
+        feature_maps = list(features.values())
+        objectness, pred_bbox_deltas, anchors, candidates = self.propose_candidates(
+            images, feature_maps
         )
         sets = [self.nms_proposals(candidates, t) for t in self.active_nms_thresholds()]
         boxes = ProposalSets(*sets) if len(sets) == 2 else sets[0]

@@ -36,6 +36,7 @@ class Samples(NamedTuple):
     labels: Tensor  # (n,) int64, 0 = background
     gt_boxes: Tensor  # (n, 4) matched gt box (meaningless for background RoIs)
     is_gt: Tensor  # (n,) bool, the RoI is a gt box added as a proposal
+    iou: Tensor  # (n,) IoU with the best-overlapping gt (Assignment.max_iou; 0 without gt)
 
 
 def assign_max_iou(
@@ -97,4 +98,10 @@ def sample_rois(
     assignment = assign_max_iou(proposals, gt_boxes, gt_labels, iou_thresh)
     keep = sampler(assignment.labels)
     matched_gt = gt_boxes[assignment.matched_idxs] if gt_boxes.numel() else proposals
-    return Samples(proposals[keep], assignment.labels[keep], matched_gt[keep], is_gt[keep])
+    return Samples(
+        proposals[keep],
+        assignment.labels[keep],
+        matched_gt[keep],
+        is_gt[keep],
+        assignment.max_iou[keep],
+    )

@@ -110,6 +110,17 @@ class RoIHeadsBase(nn.Module):
         """Sample RoIs against ``targets`` and return the loss dict (per head type)."""
         raise NotImplementedError
 
+    def stage0_samples(
+        self, proposals: Any, targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Samples], list[Samples]]:
+        """Per image, the (classification, regression) RoIs stage 0 trains on, drawn with the
+        head's own samplers (random draws: seed torch for repeatable samples).
+
+        ``proposals``: ``ProposalSets(cls, reg)`` or one list. One list object twice when both
+        branches train on one sample (Faster / Cascade R-CNN).
+        """
+        raise NotImplementedError
+
     # ---- shared pieces ----------------------------------------------------------------------
     def _pool(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]

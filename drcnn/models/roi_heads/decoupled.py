@@ -82,13 +82,7 @@ class DecoupledRoIHeads(RoIHeadsBase):
 
         ``proposals``: ``ProposalSets(cls, reg)`` or one list used for both.
         """
-        cls_boxes, reg_boxes = split_proposals(proposals)
-        cls_samples = self._sample(
-            cls_boxes, targets, 0, self.cls_sampler, self.cfg.cls_sampler.add_gt
-        )
-        reg_samples = self._sample(
-            reg_boxes, targets, 0, self.reg_sampler, self.cfg.reg_sampler.add_gt
-        )
+        cls_samples, reg_samples = self.stage0_samples(proposals, targets)
         logits, deltas = self._stage0_predict(features, cls_samples, reg_samples, image_shapes)
 
         cls_labels = torch.cat([s.labels for s in cls_samples])
@@ -96,7 +90,7 @@ class DecoupledRoIHeads(RoIHeadsBase):
         add_gt = self.cfg.reg_sampler.add_gt
         candidates = [
             len(b) + (len(t["boxes"]) if add_gt else 0)
-            for b, t in zip(reg_boxes, targets, strict=True)
+            for b, t in zip(split_proposals(proposals)[1], targets, strict=True)
         ]
         reg_rows = padded_reg_count(candidates, self.cfg.reg_sampler.num)
         picked = self.stages[0].deltas_for_labels(
@@ -116,6 +110,20 @@ class DecoupledRoIHeads(RoIHeadsBase):
                 stage, picked, samples, REFINE_NORMALISER_SCALE * reg_rows
             )
         return losses
+
+    def stage0_samples(
+        self, proposals: Any, targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Samples], list[Samples]]:
+        """Random samples of the classification proposals (gt added when configured) and the
+        positive samples of the regression proposals."""
+        cls_boxes, reg_boxes = split_proposals(proposals)
+        cls_samples = self._sample(
+            cls_boxes, targets, 0, self.cls_sampler, self.cfg.cls_sampler.add_gt
+        )
+        reg_samples = self._sample(
+            reg_boxes, targets, 0, self.reg_sampler, self.cfg.reg_sampler.add_gt
+        )
+        return cls_samples, reg_samples
 
     def _stage0_predict(
         self,

@@ -55,7 +55,7 @@ class StandardRoIHeads(RoIHeadsBase):
         boxes, _ = split_proposals(proposals)
         losses: dict[str, Tensor] = {}
         for stage, head in enumerate(self.stages):
-            samples = self._sample(boxes, targets, stage, self.sampler, self.cfg.cls_sampler.add_gt)
+            samples = self._stage_samples(boxes, targets, stage)
             rois = torch.cat([s.boxes for s in samples])
             labels = torch.cat([s.labels for s in samples])
             gt_boxes = torch.cat([s.gt_boxes for s in samples])
@@ -72,6 +72,19 @@ class StandardRoIHeads(RoIHeadsBase):
             if stage + 1 < len(self.stages):
                 boxes = self._next_proposals(stage, samples, logits, deltas, image_shapes)
         return losses
+
+    def stage0_samples(
+        self, proposals: Any, targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Samples], list[Samples]]:
+        """Stage 0's random sample of the (classification) proposals, for both branches."""
+        samples = self._stage_samples(split_proposals(proposals)[0], targets, 0)
+        return samples, samples
+
+    def _stage_samples(
+        self, boxes: list[Tensor], targets: list[dict[str, Tensor]], stage: int
+    ) -> list[Samples]:
+        """Random samples of ``boxes`` (gt added when configured) at ``stage``'s threshold."""
+        return self._sample(boxes, targets, stage, self.sampler, self.cfg.cls_sampler.add_gt)
 
     def _next_proposals(
         self,
