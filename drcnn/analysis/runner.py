@@ -49,7 +49,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from drcnn.analysis import provenance
-from drcnn.analysis.tables import seed_run
+from drcnn.analysis.seeds import seed_run
 from drcnn.config import reject_interpolations
 from drcnn.errors import DrcnnError
 from drcnn.io import FolderLock, atomic_write_text
