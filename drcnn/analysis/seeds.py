@@ -118,7 +118,7 @@ def over_seeds(frame: pd.DataFrame, keys: Sequence[str], columns: Sequence[str])
     rows = []
     for group, part in frame.groupby([base, *(frame[k] for k in keys)], sort=False):
         row = dict(zip(["model", *keys], group, strict=True))
-        row["seeds"] = len(part)
+        row["seeds"] = part[run_column(frame)].nunique()
         for column in columns:
             mean, lo, hi, _ = mean_interval(part[column])
             row.update({column: mean, f"{column}_lo": lo, f"{column}_hi": hi})
@@ -131,7 +131,8 @@ def has_seeds(frame: pd.DataFrame) -> bool:
     """Whether some model of ``frame`` has more than one run (something to average)."""
     if frame.empty:
         return False
-    return bool(frame[run_column(frame)].map(model_of).value_counts().max() > 1)
+    runs = frame[run_column(frame)].drop_duplicates()  # a run may have several rows
+    return bool(runs.map(model_of).value_counts().max() > 1)
 
 
 def _contrast_row(
@@ -200,3 +201,44 @@ def default_contrasts(
     return out + [
         {"name": c["name"], "plus": list(c["plus"]), "minus": list(c["minus"])} for c in extra
     ]
+
+
+# The translation-sensitivity summary's figures aggregated over seeds, per branch and stage
+# (drcnn.analysis.sensitivity.summarize: one row per run, branch and stage).
+SENSITIVITY_FIGURES = [
+    "sensitivity",
+    "ratio",
+    "gain_dx",
+    "gain_dy",
+    "prob_change",
+    "radius",
+    "iou_gain",
+]
+SENSITIVITY_KEYS = ["branch", "stage"]
+
+
+def sensitivity_over_seeds(summary: pd.DataFrame) -> pd.DataFrame | None:
+    """Per model (its ``<model>-seed<k>`` runs), branch and stage of a sensitivity summary: the
+    mean of each of :data:`SENSITIVITY_FIGURES` over the seeds with its 95% t-interval
+    (``<figure>_lo``, ``<figure>_hi``; :func:`mean_interval`) and ``seeds``, the number of runs.
+
+    This interval is over seeds (training randomness), unlike the summary's per-run bootstrap
+    intervals over objects. None when no model has more than one run.
+    """
+    if not has_seeds(summary):
+        return None
+    return over_seeds(summary, SENSITIVITY_KEYS, SENSITIVITY_FIGURES)
+
+
+def sensitivity_contrasts(
+    summary: pd.DataFrame,
+    contrasts: Sequence[Mapping[str, Any]] = (),
+    baseline: str | None = None,
+) -> pd.DataFrame:
+    """Differences of :data:`SENSITIVITY_FIGURES` between models per branch and stage, paired by
+    seed, with their 95% t-interval (:func:`paired_contrasts`): every model minus ``baseline``
+    (none when None), then ``contrasts``. A stage is compared only where every model of the
+    contrast has it (stage 0 is the first regression stage of every model)."""
+    models = list(dict.fromkeys(summary[run_column(summary)].map(model_of)))
+    every = default_contrasts(models, baseline, contrasts)
+    return paired_contrasts(summary, every, SENSITIVITY_FIGURES, SENSITIVITY_KEYS)
