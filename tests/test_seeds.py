@@ -117,6 +117,19 @@ def test_a_contrast_uses_only_the_seeds_every_model_has():
     assert not row["exceeds_noise"]
 
 
+def test_infinite_on_both_sides_is_left_out_of_a_contrast():
+    """Radius inf - inf is undefined: that seed is not counted; inf - finite stays infinite."""
+    frame = long_frame(
+        {"a": {0: math.inf, 1: 0.4, 2: 0.5}, "b": {0: math.inf, 1: 0.3, 2: 0.3}}, "radius"
+    )
+    contrast = {"name": "a - b", "plus": ["a"], "minus": ["b"]}
+    row = seeds.paired_contrasts(frame, [contrast], ["radius"]).iloc[0]
+    assert row["seeds"] == 2 and row["mean"] == pytest.approx(0.15)
+    frame.loc[frame["model"] == "b-seed0", "radius"] = 0.3
+    row = seeds.paired_contrasts(frame, [contrast], ["radius"]).iloc[0]
+    assert row["seeds"] == 3 and row["mean"] == math.inf and not row["exceeds_noise"]
+
+
 def test_exceeds_noise_when_the_interval_excludes_zero():
     frame = long_frame(
         {

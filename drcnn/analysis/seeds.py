@@ -170,8 +170,10 @@ def paired_contrasts(
     group and column: ``contrast, <keys...>, column, mean, lo, hi, seeds, exceeds_noise``.
 
     ``seeds`` is the number of seeds the difference was taken over: those where every model of
-    the contrast has a (non-NaN) value. No row where there is no such seed, e.g. a regression
-    stage that one of the models lacks, or a column that is undefined for the key group.
+    the contrast has a (non-NaN) value, less those where the difference is undefined (infinite
+    on both sides, e.g. an invariance radius of ``inf``; then ``seeds`` may be 0). No row where
+    no seed has a value for every model, e.g. a regression stage that one of the models lacks,
+    or a column that is undefined for the key group.
     """
     runs = frame[run_column(frame)]
     data = frame.assign(_model=runs.map(model_of), _seed=runs.map(seed_of))
