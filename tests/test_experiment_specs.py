@@ -50,3 +50,26 @@ def test_study_grid_differs_only_in_the_nms_pair():
         assert a == b
     schedules = {(c.train.max_iters, c.train.lr, c.train.seed) for c in cfgs.values()}
     assert len(schedules) == 1  # same schedule and seed for every model
+
+
+def test_study_contrasts_are_the_grid_effects():
+    """ap_table.contrasts: the regression- and classification-NMS main effects (each level of
+    the other factor on both sides) and the interaction (equal levels minus unequal ones)."""
+    spec = load_spec("experiments/synthetic_study.yaml")
+    contrasts = {c.name: c for c in spec.ap_table.contrasts}
+    named = {m for c in contrasts.values() for m in [*c.plus, *c.minus]}
+    nms = {
+        m.name: tuple(load_config(m.config, model_overrides(spec, m)).model.rpn.nms_thresh)
+        for m in spec.models
+        if m.name in named
+    }
+    assert list(contrasts) == ["reg NMS 0.85 - 0.7", "cls NMS 0.85 - 0.7", "interaction"]
+    for name, factor in (("reg NMS 0.85 - 0.7", 1), ("cls NMS 0.85 - 0.7", 0)):
+        plus = [nms[m] for m in contrasts[name].plus]
+        minus = [nms[m] for m in contrasts[name].minus]
+        assert {p[factor] for p in plus} == {0.85} and {m[factor] for m in minus} == {0.7}
+        other = 1 - factor
+        assert sorted(p[other] for p in plus) == sorted(m[other] for m in minus) == [0.7, 0.85]
+    interaction = contrasts["interaction"]
+    assert {nms[m] for m in interaction.plus} == {(0.7, 0.7), (0.85, 0.85)}
+    assert {nms[m] for m in interaction.minus} == {(0.7, 0.85), (0.85, 0.7)}

@@ -163,22 +163,64 @@ def test_ap_table_notebook(experiment: Path):
     assert table["AP"].item() == pytest.approx(100 * metrics["AP"])
     assert table["params_M"].item() > 1  # a ResNet-18 detector has millions of parameters
     assert (table["source"] == "measured").all()
+    # one model, no baseline (its head is not standard): the differences table has no rows
+    assert pd.read_csv(folder / "ap_contrasts.csv").empty
 
 
 def test_ap_table_notebook_averages_seed_runs(experiment: Path, tmp_path: Path):
-    """Two ``<model>-seed<k>`` runs (copies of one trained model): a means-over-seeds table."""
-    for seed in (0, 1):
-        shutil.copytree(
-            experiment / "models" / "decoupled", tmp_path / "models" / f"dec-seed{seed}"
-        )
-    execute_notebook(
-        "ap_table.ipynb", tmp_path / "executed.ipynb", {"exp_dir": str(tmp_path)}, tmp_path
-    )
+    """Two models with two ``<model>-seed<k>`` runs each (copies of one trained model): a
+    means-over-seeds table and their paired differences (all zero, with zero-width intervals)."""
+    for model in ("dec", "ref"):
+        for seed in (0, 1):
+            shutil.copytree(
+                experiment / "models" / "decoupled", tmp_path / "models" / f"{model}-seed{seed}"
+            )
+    contrasts = [{"name": "dec - ref", "plus": ["dec"], "minus": ["ref"]}]
+    parameters = {"exp_dir": str(tmp_path), "contrasts": contrasts}
+    execute_notebook("ap_table.ipynb", tmp_path / "executed.ipynb", parameters, tmp_path)
     seeds = pd.read_csv(tmp_path / "tables" / "ap_table_seeds.csv")
     metrics = json.loads((experiment / "models" / "decoupled" / "metrics.json").read_text())
-    assert seeds["model"].tolist() == ["dec"] and seeds["runs"].item() == 2
-    assert seeds["AP"].item() == pytest.approx(100 * metrics["AP"])
-    assert seeds["AP_std"].item() == 0
+    assert seeds["model"].tolist() == ["dec", "ref"] and seeds["runs"].tolist() == [2, 2]
+    assert seeds["AP"].tolist() == pytest.approx([100 * metrics["AP"]] * 2)
+    assert (seeds["AP_std"] == 0).all() and (seeds["AP_lo"] == seeds["AP_hi"]).all()
+    differences = pd.read_csv(tmp_path / "tables" / "ap_contrasts.csv")
+    assert (tmp_path / "tables" / "ap_contrasts.md").is_file()
+    assert set(differences["contrast"]) == {"dec - ref"}  # no standard head: no baseline
+    row = differences.set_index("column").loc["AP"]
+    assert row["mean"] == 0 and row["seeds"] == 2 and not row["exceeds_noise"]
+
+
+def test_sensitivity_notebook_over_seeds(experiment: Path, synthetic_root: Path, tmp_path: Path):
+    """Seed runs of two models (one checkpoint): summary over seeds and paired contrasts."""
+    checkpoint = str(experiment / "models" / "decoupled" / "latest.pth")
+    out = tmp_path / "sensitivity"
+    parameters = {
+        "checkpoints": {f"{m}-seed{k}": checkpoint for m in ("a", "b") for k in (0, 1)},
+        "data_overrides": [f"data.root={synthetic_root}"],
+        "out_dir": str(out),
+        "steps": 3,
+        "max_images": 2,
+        "interactive": False,
+        "baseline": "a",
+    }
+    execute_notebook(
+        "translation_sensitivity.ipynb", tmp_path / "executed.ipynb", parameters, tmp_path
+    )
+    summary = pd.read_csv(out / "summary.csv")
+    over = pd.read_csv(out / "summary_seeds.csv")
+    assert set(over["model"]) == {"a", "b"} and (over["seeds"] == 2).all()
+    assert len(over) == len(summary) // 2  # one row per model for two runs, per branch and stage
+    first = summary[summary["model"] == "a-seed0"].set_index(["branch", "stage"])
+    means = over[over["model"] == "a"].set_index(["branch", "stage"])
+    assert means["sensitivity"].to_numpy() == pytest.approx(
+        first["sensitivity"].to_numpy(), nan_ok=True
+    )
+    differences = pd.read_csv(out / "contrasts.csv")
+    assert set(differences["contrast"]) == {"b - a"}
+    assert set(differences["branch"]) == {"classification", "regression"}
+    defined = differences.dropna(subset=["mean"])  # inf - inf (e.g. radius) is undefined
+    assert (defined["mean"] == 0).all() and not differences["exceeds_noise"].any()
+    assert (differences["seeds"] == 2).sum() == len(defined)
 
 
 def test_inference_demo_notebook(experiment: Path, synthetic_root: Path, tmp_path: Path):

@@ -109,7 +109,8 @@ class FakeExecutor:
                 (out / name).write_text("x")
         else:
             (cwd / "tables").mkdir(exist_ok=True)
-            (cwd / "tables" / "ap_table.csv").write_text("model\n")
+            for name in ("ap_table.csv", "ap_contrasts.csv"):
+                (cwd / "tables" / name).write_text("model\n")
 
     def steps(self) -> list[str]:
         return [step for step, _ in self.calls]
@@ -260,6 +261,10 @@ def test_seeds_train_every_model_once_per_seed(tmp_path, synthetic_root, monkeyp
         models=models,
         seeds=[0, 3],
         sensitivity={"models": ["dec"]},
+        ap_table={
+            "baseline": "faster",
+            "contrasts": [{"name": "dec - faster", "plus": ["dec"], "minus": ["faster"]}],
+        },
     )
     status = runner.run_experiment(spec, tmp_path / "out", echo=lambda line: None)
     runs = ["faster-seed0", "faster-seed3", "dec-seed0", "dec-seed3"]
@@ -276,6 +281,10 @@ def test_seeds_train_every_model_once_per_seed(tmp_path, synthetic_root, monkeyp
     assert calls["test-faster-seed0"]["overrides"][-1] == "train.seed=0"
     assert calls["train-dec-seed3"]["work_dir"] == str(tmp_path / "out" / "models" / "dec-seed3")
     assert list(calls["sensitivity"]["checkpoints"]) == ["dec-seed0", "dec-seed3"]
+    # both notebooks get the spec's contrasts (plain data) and baseline
+    contrasts = [{"name": "dec - faster", "plus": ["dec"], "minus": ["faster"]}]
+    for step in ("sensitivity", "ap_table"):
+        assert calls[step]["contrasts"] == contrasts and calls[step]["baseline"] == "faster"
 
 
 def test_missing_outputs_fail_the_step(tmp_path, synthetic_root, monkeypatch):
@@ -302,13 +311,27 @@ def test_missing_outputs_fail_the_step(tmp_path, synthetic_root, monkeypatch):
         ({"base": "missing.yaml"}, "missing.yaml: file not found"),
         ({"base": "spec.yaml"}, "base: specs name each other in a cycle"),
         ({"base": 3}, "base: expected the path of another spec"),
+        (
+            {"ap_table": {"contrasts": [{"name": "c", "plus": ["a"], "minus": ["zzz"]}]}},
+            "ap_table.contrasts[0].minus: unknown models ['zzz']",
+        ),
+        (
+            {"ap_table": {"contrasts": [{"name": "c", "plus": [], "minus": ["a"]}]}},
+            "ap_table.contrasts[0].plus: expected at least one model",
+        ),
+        ({"ap_table": {"contrasts": [{"plus": ["a"], "minus": ["a"]}]}}, "contrasts[0].name"),
+        (
+            {"ap_table": {"contrasts": [{"name": "c", "plus": ["a"], "minus": ["a"]}] * 2}},
+            "ap_table.contrasts[1].name: 'c' is used twice",
+        ),
+        ({"ap_table": {"contrasts": [{"name": "c", "weight": 2}]}}, "weight"),
     ],
 )
 def test_bad_specs_are_one_line_errors(tmp_path, synthetic_root, change, message, capsys):
     spec = {"name": "bad", "models": [{"name": "a", "config": FASTER}], **change}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(DrcnnError, match=message.replace("(", r"\(")):
+    with pytest.raises(DrcnnError, match=re.escape(message)):
         runner.load_spec(path)
     assert cli.main(["run", str(path)]) == 2
     err = capsys.readouterr().err

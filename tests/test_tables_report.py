@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from drcnn.analysis import provenance, tables
+from drcnn.analysis import provenance, seeds, tables
 from drcnn.analysis.report import write_report
 from drcnn.errors import DrcnnError
 
@@ -192,6 +192,10 @@ def test_mean_over_seeds_against_numpy(seeded: Path):
         assert row["fps"] == pytest.approx(np.mean([10.0, 11.0, 20.0]))
         # AP75 = 100 * (AP + 0.2 - 5 * 0.03) per run, so its spread is AP's
         assert row["AP75_std"] == pytest.approx(row["AP_std"])
+        # 95% t-interval over the 3 seeds: mean -/+ 4.303 (t, 2 dof) * s / sqrt(3)
+        half = 4.303 * np.std(values, ddof=1) / np.sqrt(3)
+        assert row["AP_lo"] == pytest.approx(np.mean(values) - half, abs=1e-3 * half)
+        assert row["AP_hi"] == pytest.approx(np.mean(values) + half, abs=1e-3 * half)
 
 
 def test_a_seeded_baseline_is_its_lowest_seed_run(seeded: Path):
@@ -201,6 +205,33 @@ def test_a_seeded_baseline_is_its_lowest_seed_run(seeded: Path):
     assert table.loc["faster-seed0", "dAP"] == 0
     with pytest.raises(DrcnnError, match="baseline model 'fast'"):
         tables.ap_table(seeded, baseline="fast")
+
+
+def test_ap_contrasts_are_paired_by_seed(seeded: Path):
+    table = tables.ap_table(seeded)
+    grid = [{"name": "faster - decoupled", "plus": ["faster"], "minus": ["decoupled"]}]
+    out = tables.ap_contrasts(table, grid)  # default baseline: the standard head, "faster"
+    assert list(out.columns) == seeds.CONTRAST_COLUMNS
+    assert out["contrast"].unique().tolist() == ["decoupled - faster", "faster - decoupled"]
+    assert out["column"].unique().tolist() == tables.DELTA_OF
+    row = out.set_index(["contrast", "column"]).loc[("decoupled - faster", "AP")]
+    diffs = [41 - 30, 38 - 34, 45 - 29]  # per seed 0, 1, 10
+    half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert row["seeds"] == 3 and row["mean"] == pytest.approx(np.mean(diffs))
+    # (the printed t is rounded to 3 decimals: compare to a 1e-3 share of the half-width)
+    assert row["lo"] == pytest.approx(np.mean(diffs) - half, abs=1e-3 * half)
+    assert row["exceeds_noise"] == (np.mean(diffs) - half > 0)
+    back = out.set_index(["contrast", "column"]).loc[("faster - decoupled", "AP90")]
+    assert back["mean"] == pytest.approx(-np.mean(diffs))  # AP90 moves with AP here
+    # a seed one model lacks is left out: seeds 0 and 1 remain (t with 1 dof: 12.706)
+    (seeded / "models" / "faster-seed10" / "metrics.json").unlink()
+    out = tables.ap_contrasts(tables.ap_table(seeded), baseline="faster")
+    row = out.set_index("column").loc["AP"]
+    half = 12.706 * np.std([11, 4], ddof=1) / np.sqrt(2)
+    assert row["seeds"] == 2 and row["mean"] == pytest.approx(7.5)
+    assert row["hi"] == pytest.approx(7.5 + half, abs=1e-3 * half) and not row["exceeds_noise"]
+    with pytest.raises(DrcnnError, match="baseline model 'nope'"):
+        tables.ap_contrasts(table, baseline="nope")
 
 
 def test_mean_over_seeds_needs_two_runs_of_a_model(experiment: Path):

@@ -30,7 +30,7 @@ from drcnn.analysis.sensitivity import (
     probability_curve,
     regression_curve,
 )
-from drcnn.analysis.tables import model_of
+from drcnn.analysis.seeds import model_of
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write, read_json_lines
 

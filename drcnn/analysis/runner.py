@@ -2,8 +2,9 @@
 
 A spec (YAML, schema :class:`Spec`) names the dataset, the models (name, config, overrides),
 the device, the steps and, optionally, seeds: with ``seeds: [0, 1, 2]`` every model trains once
-per seed, as the run ``<model>-seed<k>`` (``train.seed=k``), and the AP table step adds the mean
-and spread over seeds (:func:`drcnn.analysis.tables.mean_over_seeds`). The runner
+per seed, as the run ``<model>-seed<k>`` (``train.seed=k``), and the AP table and sensitivity
+steps add the mean and 95% interval over seeds and the differences between models paired by
+seed (:mod:`drcnn.analysis.seeds`; ``ap_table.contrasts`` names extra differences). The runner
 
 1. writes the resolved spec to ``OUT/spec.yaml`` and, for a synthetic dataset, generates it if
    missing (``drcnn.data.synthetic.ensure_synthetic_dataset``);
@@ -49,7 +50,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from drcnn.analysis import provenance
-from drcnn.analysis.tables import seed_run
+from drcnn.analysis.seeds import seed_run
 from drcnn.config import reject_interpolations
 from drcnn.errors import DrcnnError
 from drcnn.io import FolderLock, atomic_write_text
@@ -105,9 +106,21 @@ class SensitivitySpec:
 
 
 @dataclass
+class ContrastSpec:
+    """A difference between models, paired by seed: mean(plus models) - mean(minus models)
+    (:func:`drcnn.analysis.seeds.paired_contrasts`)."""
+
+    name: str = MISSING
+    plus: list[str] = field(default_factory=list)
+    minus: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ApTableSpec:
     baseline: str | None = None  # default: the first model with roi_head.type == standard
     include_reported: bool | None = None  # default: yes for a coco dataset
+    # besides every model - baseline (AP table and sensitivity summary), e.g. 2 x 2 main effects
+    contrasts: list[ContrastSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -205,6 +218,26 @@ def _validate(spec: Any, path: Path) -> None:
         raise DrcnnError(f"spec {path}: sensitivity.models: unknown models {sorted(unknown)}")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise DrcnnError(f"spec {path}: seeds: expected distinct seeds, got {list(spec.seeds)}")
+    _validate_contrasts(spec.ap_table.contrasts, names, path)
+
+
+def _validate_contrasts(contrasts: Sequence[Any], names: list[str], path: Path) -> None:
+    """Every contrast has a unique name and names spec models on both of its sides."""
+    seen = set()
+    for index, contrast in enumerate(contrasts):
+        where = f"spec {path}: ap_table.contrasts[{index}]"
+        if OmegaConf.is_missing(contrast, "name"):
+            raise DrcnnError(f"{where}.name: missing")
+        if contrast.name in seen:
+            raise DrcnnError(f"{where}.name: {contrast.name!r} is used twice")
+        seen.add(contrast.name)
+        for side in ("plus", "minus"):
+            models = list(contrast[side])
+            if not models:
+                raise DrcnnError(f"{where}.{side}: expected at least one model")
+            unknown = sorted(set(models) - set(names))
+            if unknown:
+                raise DrcnnError(f"{where}.{side}: unknown models {unknown} (models: {names})")
 
 
 def data_overrides(spec: Any) -> list[str]:
@@ -283,6 +316,8 @@ def _sensitivity_step(spec: Any, out: Path) -> Step:
         "data_overrides": data_overrides(spec),
         "device": spec.device,
         "interactive": False,  # papermill has no frontend: the explorer draws a static example
+        "baseline": spec.ap_table.baseline,
+        "contrasts": _contrasts(spec),
     }
     outputs = [
         out / "sensitivity" / name
@@ -294,18 +329,25 @@ def _sensitivity_step(spec: Any, out: Path) -> Step:
     return Step("sensitivity", "sensitivity", notebook, params, outputs, inputs, needs, True)
 
 
+def _contrasts(spec: Any) -> list[dict[str, Any]]:
+    """The spec's contrasts as plain data (a notebook parameter)."""
+    return OmegaConf.to_container(spec.ap_table.contrasts)
+
+
 def _ap_table_step(spec: Any, out: Path) -> Step:
-    """The AP table over every tested model (published rows for COCO by default)."""
+    """The AP table over every tested model (published rows for COCO by default) and the
+    differences between models paired by seed (every model - baseline, the spec's contrasts)."""
     include = spec.ap_table.include_reported
     params = {
         "exp_dir": str(out),
         "include_reported": spec.dataset.type == "coco" if include is None else include,
         "baseline": spec.ap_table.baseline,
+        "contrasts": _contrasts(spec),
     }
     names = [run.name for run in model_runs(spec)]
     inputs = [out / "models" / n / "metrics.json" for n in names]
     needs = [f"test-{n}" for n in names] if "test" in spec.steps else []
-    outputs = [out / "tables" / "ap_table.csv"]
+    outputs = [out / "tables" / "ap_table.csv", out / "tables" / "ap_contrasts.csv"]
     return Step("ap_table", "ap_table", "ap_table.ipynb", params, outputs, inputs, needs, True)
 
 

@@ -10,21 +10,24 @@ against the reported Faster R-CNN (2x) number with the same backbone, never agai
 row.
 
 An experiment run with several seeds has one work dir per model and seed, ``<model>-seed<k>``;
-:func:`mean_over_seeds` turns their rows into one row per model: the mean and the sample standard
-deviation over its seeds.
+:func:`mean_over_seeds` turns their rows into one row per model: the mean, its 95% t-interval
+and the sample standard deviation over its seeds; :func:`ap_contrasts` gives the differences
+between models paired by seed, with their intervals (statistics: :mod:`drcnn.analysis.seeds`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
 
+from drcnn.analysis import seeds
+from drcnn.analysis.seeds import model_of, seed_of
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write_text
 
@@ -32,7 +35,6 @@ IOU_COLUMNS = {"AP80": "0.80", "AP85": "0.85", "AP90": "0.90", "AP95": "0.95"}
 AP_COLUMNS = ["AP", "AP50", "AP75", *IOU_COLUMNS, "APs", "APm", "APl"]
 DELTA_OF = ["AP", "AP50", "AP75", *IOU_COLUMNS]
 COLUMNS = ["model", "source", "type", "backbone", *AP_COLUMNS, "fps", "params_M"]
-SEED_RUN = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")  # what seed_run names
 
 # Published COCO val2017 box AP (METHOD.md): Decoupled R-CNN (official, 2x, fps on a TITAN X)
 # and the mmdetection baselines.
@@ -71,41 +73,55 @@ def model_dirs(exp_dir: str | Path) -> list[Path]:
     ]
 
 
-def seed_run(model: str, seed: int) -> str:
-    """The name of ``model``'s run with ``train.seed=seed`` (its folder under ``models/``)."""
-    return f"{model}-seed{seed}"
-
-
-def model_of(run: str) -> str:
-    """The model a run belongs to: ``a-seed3`` -> ``a``; a run without a seed is its model."""
-    match = SEED_RUN.match(run)
-    return match["model"] if match else run
-
-
 def spec_position(run: str, order: list[str]) -> tuple[int, int]:
     """Sort key of a run: its model's place in the spec (unknown models last), then its seed."""
     model = run if run in order else model_of(run)
-    seed = int(SEED_RUN.match(run)["seed"]) if model != run else -1
+    seed = seed_of(run) if model != run else -1
     return (order.index(model) if model in order else len(order), seed)
 
 
 def mean_over_seeds(table: pd.DataFrame) -> pd.DataFrame | None:
-    """One row per model of the measured rows: mean and sample std (``<column>_std``) of every
-    AP column and fps over the model's seed runs, and their number (``runs``).
+    """One row per model of the measured rows: for every AP column and fps the mean over the
+    model's seed runs, its 95% t-interval over the seeds (``<column>_lo``, ``<column>_hi``:
+    ``mean -/+ t(0.975, n-1) * s / sqrt(n)``, :func:`drcnn.analysis.seeds.mean_interval`) and
+    the sample standard deviation ``s`` (``<column>_std``); ``runs``: the number of seed runs.
 
     None when no model has more than one run (nothing to average).
     """
     measured = table[table["source"] == "measured"]
-    groups = measured.groupby(measured["model"].map(model_of), sort=False)
-    if measured.empty or groups.size().max() < 2:
+    if not seeds.has_seeds(measured):
         return None
     values = [*AP_COLUMNS, "fps"]
-    mean, std = groups[values].mean(), groups[values].std(ddof=1)
-    out = groups[["type", "backbone"]].first()
-    out.insert(0, "runs", groups.size())
-    for column in values:
-        out[column], out[f"{column}_std"] = mean[column], std[column]
-    return out.rename_axis("model").reset_index()
+    groups = measured.groupby(measured["model"].map(model_of), sort=False)
+    out = seeds.over_seeds(measured, [], values).rename(columns={"seeds": "runs"})
+    out = out.set_index("model").join(groups[["type", "backbone"]].first())
+    out = out.join(groups[values].std(ddof=1).add_suffix("_std"))
+    spread = [f"{c}{s}" for c in values for s in ("", "_lo", "_hi", "_std")]
+    return out[["runs", "type", "backbone", *spread]].rename_axis("model").reset_index()
+
+
+def ap_contrasts(
+    table: pd.DataFrame,
+    contrasts: Sequence[Mapping[str, Any]] = (),
+    baseline: str | None = None,
+) -> pd.DataFrame:
+    """Differences in AP between models, paired by seed, with their 95% t-interval over seeds
+    (:func:`drcnn.analysis.seeds.paired_contrasts`): every model minus the baseline, then
+    ``contrasts`` (``{name, plus, minus}``, e.g. a spec's 2 x 2 main effects), on the columns
+    :data:`DELTA_OF` of the measured rows of an :func:`ap_table`.
+
+    ``baseline`` defaults to the first model whose RoI head is ``standard`` (no baseline
+    contrasts without one). Columns: :data:`drcnn.analysis.seeds.CONTRAST_COLUMNS`.
+    """
+    measured = table[table["source"] == "measured"]
+    models = list(dict.fromkeys(measured["model"].map(model_of)))
+    if baseline is None:
+        standard = measured[measured["type"] == "standard"]
+        baseline = model_of(standard["model"].iloc[0]) if not standard.empty else None
+    elif baseline not in models:
+        raise DrcnnError(f"ap table: baseline model {baseline!r} has no test metrics")
+    every = seeds.default_contrasts(models, baseline, contrasts)
+    return seeds.paired_contrasts(measured, every, DELTA_OF)
 
 
 def measured_row(work_dir: Path) -> dict:
