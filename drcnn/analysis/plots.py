@@ -22,6 +22,7 @@ import pandas as pd
 import seaborn as sns
 
 from drcnn.analysis.proposals import BRANCH_PROPOSALS
+from drcnn.analysis.seeds import model_of
 from drcnn.analysis.sensitivity import (
     BRANCH_CLS,
     BRANCH_REG,
@@ -30,7 +31,6 @@ from drcnn.analysis.sensitivity import (
     probability_curve,
     regression_curve,
 )
-from drcnn.analysis.seeds import model_of
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write, read_json_lines
 
