@@ -240,13 +240,65 @@ def test_mean_over_seeds_needs_two_runs_of_a_model(experiment: Path):
     assert tables.mean_over_seeds(reported_only) is None
 
 
-def test_report_shows_the_means_over_seeds(seeded: Path):
+def test_report_answers_first_and_compact_tables_over_seeds(seeded: Path):
+    """With seeds the report opens with one sentence per AP difference and per model's
+    regressor/classifier ratio (t-intervals over seeds), and its tables show ``mean [lo, hi]``
+    cells instead of one column per statistic."""
     table = tables.ap_table(seeded)
     tables.write_table(table, seeded / "tables" / "ap_table")
     tables.write_table(tables.mean_over_seeds(table), seeded / "tables" / "ap_table_seeds")
-    md = write_report(seeded)[0].read_text()
-    assert "Over seeds" in md and "AP_std" in md
-    assert f"{np.mean([41, 38, 45]):.1f}" in md  # decoupled's mean AP
+    tables.write_table(tables.ap_contrasts(table), seeded / "tables" / "ap_contrasts")
+    (seeded / "sensitivity").mkdir()
+    runs = pd.DataFrame(
+        {
+            "model": [f"{m}-seed{k}" for m in ("faster", "decoupled") for k in (0, 1, 10)],
+            "branch": "regression",
+            "stage": 0,
+            "sensitivity": 0.1,
+            "ratio": [2.0, 2.5, 3.0, 4.0, 4.0, 4.6],
+            "gain_dx": 0.5,
+            "gain_dy": 0.5,
+            "prob_change": 0.05,
+            "radius": 0.3,
+            "iou_gain": 0.1,
+        }
+    )
+    runs.to_csv(seeded / "sensitivity" / "summary.csv", index=False)
+    seeds.sensitivity_over_seeds(runs).to_csv(
+        seeded / "sensitivity" / "summary_seeds.csv", index=False
+    )
+    md, page = (p.read_text() for p in write_report(seeded))
+    diffs = [41 - 30, 38 - 34, 45 - 29]  # decoupled - faster per seed, AP points
+    half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)
+    mean = np.mean(diffs)
+    verdict = "exceeds the noise" if mean - half > 0 else "within the noise"
+    sentence = (
+        f"AP difference decoupled - faster: {mean:+.1f} points "
+        f"[{mean - half:+.1f}, {mean + half:+.1f}] over 3 seeds, {verdict}."
+    )
+    ratio = [2.0, 2.5, 3.0]
+    r_half = 4.303 * np.std(ratio, ddof=1) / np.sqrt(3)
+    ratio_sentence = (
+        f"Translation sensitivity of faster: its first regression stage responds 2.50 times as "
+        f"strongly as its classifier [{2.5 - r_half:.2f}, {2.5 + r_half:.2f}] "
+        "(t-interval over 3 seeds)."
+    )
+    for text in (md, page):
+        assert sentence in text and ratio_sentence in text
+        assert text.index("Answers") < text.index("AP table (COCO")  # answers come first
+    ap = np.mean([41, 38, 45])
+    ap_half = 4.303 * np.std([41, 38, 45], ddof=1) / np.sqrt(3)
+    assert f"{ap:.1f} [{ap - ap_half:.1f}, {ap + ap_half:.1f}]" in page
+    assert f"| {ap:.1f} \\[{ap - ap_half:.1f}, {ap + ap_half:.1f}\\] |" in md  # escaped
+    assert "AP_std" not in md and "AP_lo" not in md and "dAP" not in md  # compact columns
+
+
+def test_interval_cells():
+    from drcnn.analysis.report import interval_cell
+
+    assert interval_cell(1.234, 1.0, 1.5, 2) == "1.23 [1.00, 1.50]"
+    assert interval_cell(1.234, math.nan, math.nan, 1) == "1.2"
+    assert interval_cell(math.inf, math.nan, math.nan, 1) == "inf"
 
 
 def test_report_md_escapes_what_comes_from_the_experiment(experiment: Path):

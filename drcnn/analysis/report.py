@@ -17,6 +17,7 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -34,6 +35,7 @@ SENSITIVITY_FIGURES = {
     "confidence_vs_iou.png": "Classifier quality: true-class probability vs input IoU",
     "regression_vs_iou.png": "Regressor quality: output IoU vs input IoU per stage",
     "shift_heatmaps.png": "Mean true-class probability and final IoU over the (dx, dy) grid",
+    "proposal_iou.png": "IoU with the ground truth of each branch's training samples, per image",
 }
 SENSITIVITY_TEXT = (
     "Ground-truth boxes of the evaluation images were shifted by s = (dx, dy) (fractions of the "
@@ -47,6 +49,28 @@ SENSITIVITY_TEXT = (
     "regression stage's sensitivity over its model's classifier's; `_lo`/`_hi` are 95% "
     "bootstrap intervals over objects. `iou_gain` (output minus input IoU) and `frac_iou_0.9` "
     "(share of boxes brought to IoU >= 0.9) measure quality, not sensitivity."
+)
+
+
+# The columns each report table shows (the files keep every column).
+RUN_AP_COLUMNS = ["model", "source", "AP", "AP50", "AP75", "AP85", "AP90", "AP95", "fps"]
+SEED_AP_COLUMNS = ["AP", "AP50", "AP75", "AP90"]
+SEED_SENSITIVITY_COLUMNS = ["sensitivity", "ratio", "prob_change", "iou_gain"]
+PROPOSAL_COLUMNS = [
+    "model",
+    "nms",
+    "branch",
+    "set_nms",
+    "per_image",
+    "per_image_iou_0.7",
+    "per_image_iou_0.9",
+    "mean_pos_iou",
+]
+PROPOSAL_TEXT = (
+    "Proposal availability: on training images, as a training step sees them, the RPN "
+    "proposals after NMS at each threshold and each branch's stage-0 training samples, counted "
+    "per image by their IoU with the ground truth (nms = classification / regression "
+    "threshold; Faster and Cascade R-CNN train both branches on one sample)."
 )
 
 
@@ -131,29 +155,144 @@ def _missing(what: str) -> tuple:
     return _text(f"Not available: {what}.")
 
 
+def interval_cell(mean: float, lo: float, hi: float, digits: int) -> str:
+    """``mean [lo, hi]`` (just ``mean`` when the interval is undefined), for compact tables."""
+    if not math.isfinite(mean):
+        return f"{mean}"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def with_intervals(
+    table: pd.DataFrame, keys: list[str], columns: list[str], digits: int
+) -> pd.DataFrame:
+    """``keys`` as they are and each of ``columns`` as one ``mean [lo, hi]`` cell (from the
+    ``<column>``, ``<column>_lo``, ``<column>_hi`` columns of :mod:`drcnn.analysis.seeds`)."""
+    out = table[keys].copy()
+    for column in columns:
+        out[column] = [
+            interval_cell(m, lo, h, digits)
+            for m, lo, h in zip(
+                table[column], table[f"{column}_lo"], table[f"{column}_hi"], strict=True
+            )
+        ]
+    return out
+
+
+def contrast_table(contrasts: pd.DataFrame, keys: list[str], digits: int) -> pd.DataFrame:
+    """Paired differences (``seeds.paired_contrasts``) as one row per contrast (and key group),
+    one ``mean [lo, hi]`` cell per column, ``*`` marking those whose interval excludes 0."""
+    cells = contrasts.assign(
+        cell=[
+            interval_cell(r.mean, r.lo, r.hi, digits) + (" *" if r.exceeds_noise else "")
+            for r in contrasts.itertuples()
+        ]
+    )
+    index = ["contrast", *keys]
+    wide = cells.pivot_table(index=index, columns="column", values="cell", aggfunc="first")
+    order = list(dict.fromkeys(contrasts["column"]))
+    rows = cells[index].drop_duplicates()
+    return rows.merge(wide[order].reset_index(), on=index, how="left")
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    """The table at ``path``, or None when it does not exist or has no rows."""
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    return None if table.empty else table
+
+
+def _verdict(row: Any) -> str:
+    if row.seeds < 2 or not math.isfinite(row.lo):
+        return "no interval (fewer than 2 seeds)"
+    return "exceeds the noise" if row.exceeds_noise else "within the noise"
+
+
+def answers_section(exp_dir: Path) -> Section:
+    """The experiment's answers in one sentence each, with their 95% intervals over seeds:
+    every AP difference of ``tables/ap_contrasts.csv`` (each model against the baseline, the
+    spec's contrasts), and each model's regressor-to-classifier sensitivity ratio."""
+    section = Section("Answers (95% intervals over seeds, differences paired by seed)")
+    contrasts = _read_csv(exp_dir / "tables" / "ap_contrasts.csv")
+    if contrasts is None:
+        section.blocks.append(_missing("no AP differences (tables/ap_contrasts.csv)"))
+    else:
+        for row in contrasts[contrasts["column"] == "AP"].itertuples():
+            section.blocks.append(
+                _text(
+                    "AP difference {}: {} points [{}, {}] over {} seeds, {}.",
+                    row.contrast,
+                    f"{row.mean:+.1f}",
+                    f"{row.lo:+.1f}",
+                    f"{row.hi:+.1f}",
+                    row.seeds,
+                    _verdict(row),
+                )
+            )
+    summary = _read_csv(exp_dir / "sensitivity" / "summary_seeds.csv")
+    per_seed = summary is not None
+    if summary is None:  # one run per model: the per-run bootstrap intervals over objects
+        summary = _read_csv(exp_dir / "sensitivity" / "summary.csv")
+    if summary is None:
+        section.blocks.append(_missing("no sensitivity summary"))
+        return section
+    if not {"branch", "stage", "ratio", "ratio_lo", "ratio_hi"} <= set(summary.columns):
+        section.blocks.append(_missing("no regressor/classifier ratio in the summary"))
+        return section
+    first_reg = summary[(summary["branch"] == "regression") & (summary["stage"] == 0)]
+    for row in first_reg.itertuples():
+        section.blocks.append(
+            _text(
+                "Translation sensitivity of {}: its first regression stage responds {} times "
+                "as strongly as its classifier [{}, {}] ({}).",
+                row.model,
+                f"{row.ratio:.2f}",
+                f"{row.ratio_lo:.2f}",
+                f"{row.ratio_hi:.2f}",
+                f"t-interval over {row.seeds} seeds"
+                if per_seed
+                else "bootstrap interval over objects, one run",
+            )
+        )
+    return section
+
+
 def ap_section(exp_dir: Path) -> Section:
-    """The AP table (``tables/ap_table.csv``), its means over seeds, the AP-vs-IoU figure."""
+    """The AP table (``tables/ap_table.csv``), its means over seeds with intervals, the paired
+    differences, the AP-vs-IoU figure. Columns are chosen so that each table fits the page."""
     section = Section("AP table (COCO-style box AP, %)")
     csv = exp_dir / "tables" / "ap_table.csv"
     if not csv.is_file():
         section.blocks.append(_missing("the AP table step has not produced tables/ap_table.csv"))
         return section
-    section.blocks.append(
-        _text(
-            "Rows marked `reported` are published numbers, not measured here; `d*` columns "
-            "are differences against the baseline of the same source."
+    seeds = _read_csv(exp_dir / "tables" / "ap_table_seeds.csv")
+    if seeds is not None:
+        section.blocks.append(
+            _text("Mean over each model's seed runs and its 95% t-interval [lo, hi].")
         )
-    )
-    section.blocks.append(("table", pd.read_csv(csv), 1))
-    seeds = exp_dir / "tables" / "ap_table_seeds.csv"
-    if seeds.is_file():
+        keys = ["model", "runs"]
+        section.blocks.append(("table", with_intervals(seeds, keys, SEED_AP_COLUMNS, 1), 1))
+    contrasts = _read_csv(exp_dir / "tables" / "ap_contrasts.csv")
+    if contrasts is not None:
         section.blocks.append(
             _text(
-                "Over seeds: one row per model, the mean of its `runs` seed runs and the sample "
-                "standard deviation (`*_std`)."
+                "Differences in AP points, paired by seed, with their 95% t-interval; "
+                "* = the interval excludes 0 (the difference exceeds the seed-to-seed noise)."
             )
         )
-        section.blocks.append(("table", pd.read_csv(seeds), 1))
+        section.blocks.append(("table", contrast_table(contrasts, [], 1), 1))
+    table = pd.read_csv(csv)
+    note = "Rows marked `reported` are published numbers, not measured here."
+    if seeds is None:
+        note += " `dAP` is the difference against the baseline of the same source."
+        table = select_columns(table, [*RUN_AP_COLUMNS, "dAP"])
+    else:
+        note = "Every run. " + note
+        table = select_columns(table, RUN_AP_COLUMNS)
+    section.blocks.append(_text(note))
+    section.blocks.append(("table", table, 1))
     if (exp_dir / "tables" / "ap_vs_iou.png").is_file():
         section.blocks.append(("image", "tables/ap_vs_iou.png", "AP vs IoU threshold"))
     return section
@@ -169,7 +308,30 @@ def sensitivity_section(exp_dir: Path) -> Section:
         )
         return section
     section.blocks.append(_text(SENSITIVITY_TEXT))
-    section.blocks.append(("table", select_columns(pd.read_csv(csv), KEY_COLUMNS), 3))
+    over_seeds = _read_csv(exp_dir / "sensitivity" / "summary_seeds.csv")
+    if over_seeds is None:
+        section.blocks.append(("table", select_columns(pd.read_csv(csv), KEY_COLUMNS), 3))
+    else:
+        section.blocks.append(
+            _text(
+                "Mean over each model's seed runs and its 95% t-interval [lo, hi] (every run: "
+                "sensitivity/summary.csv)."
+            )
+        )
+        keys = ["model", "branch", "stage", "seeds"]
+        table = with_intervals(over_seeds, keys, SEED_SENSITIVITY_COLUMNS, 3)
+        section.blocks.append(("table", table, 3))
+    contrasts = _read_csv(exp_dir / "sensitivity" / "contrasts.csv")
+    if contrasts is not None:
+        section.blocks.append(
+            _text("Differences paired by seed, 95% t-interval; * = the interval excludes 0.")
+        )
+        picked = contrasts[contrasts["column"].isin(SEED_SENSITIVITY_COLUMNS)]
+        section.blocks.append(("table", contrast_table(picked, ["branch", "stage"], 3), 3))
+    proposals = _read_csv(exp_dir / "sensitivity" / "proposal_iou.csv")
+    if proposals is not None:
+        section.blocks.append(_text(PROPOSAL_TEXT))
+        section.blocks.append(("table", select_columns(proposals, PROPOSAL_COLUMNS), 2))
     for name, caption in SENSITIVITY_FIGURES.items():
         if (exp_dir / "sensitivity" / name).is_file():
             section.blocks.append(("image", f"sensitivity/{name}", caption))
@@ -268,6 +430,7 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
         )
     sections = [
         header,
+        answers_section(exp_dir),
         ap_section(exp_dir),
         sensitivity_section(exp_dir),
         provenance_section(exp_dir),
