@@ -56,6 +56,8 @@ ANCHOR_CONVENTIONS = ("torchvision", "mmdet")
 AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the device computes it natively
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULE_UNITS = ("epoch", "iter")
+# TensorBoard scalars beside metrics.jsonl: auto = when the tensorboard package is installed.
+TENSORBOARD_MODES = ("auto", True, False)
 
 
 @dataclass
@@ -249,6 +251,9 @@ class TrainConfig:
     grad_clip: float | None = None
     accumulate: int = 1
     log_interval: int = 20
+    # Also write each metrics.jsonl record as TensorBoard scalars into WORK_DIR/tensorboard/:
+    # "auto" (when the tensorboard package is installed), true (an error without it) or false.
+    tensorboard: Any = "auto"
     checkpoint_interval: int = 1
     checkpoint_unit: str = "epoch"
     keep_checkpoints: int = 3
@@ -339,10 +344,15 @@ def _describe(exc: OmegaConfBaseException) -> str:
 
 
 def _check_choice(value: object, key: str, choices: Sequence[object]) -> None:
-    if value not in choices:
-        raise DrcnnError(
-            f"config {key}: expected one of {', '.join(map(str, choices))}, got {value!r}"
-        )
+    """``value`` is one of ``choices``, of the same type (``1`` is not ``true``)."""
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        listed = ", ".join(_yaml_scalar(choice) for choice in choices)
+        raise DrcnnError(f"config {key}: expected one of {listed}, got {value!r}")
+
+
+def _yaml_scalar(value: object) -> str:
+    """A choice as a YAML file or override writes it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True)
@@ -434,6 +444,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_choice(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
     _check_choice(cfg.train.lr_step_unit, "train.lr_step_unit", SCHEDULE_UNITS)
     _check_choice(cfg.train.checkpoint_unit, "train.checkpoint_unit", SCHEDULE_UNITS)
+    _check_choice(cfg.train.tensorboard, "train.tensorboard", TENSORBOARD_MODES)
     rpn_nms_thresholds(cfg.model.rpn)
     num_stages = len(cfg.model.roi_head.stages)
     if not 1 <= num_stages <= 4:

@@ -50,6 +50,7 @@ from drcnn.engine.checkpoint import (
 from drcnn.engine.data_order import TrainingLoader, mix_seed
 from drcnn.engine.evaluate import evaluate
 from drcnn.engine.optim import Schedule, build_optimizer, build_schedule
+from drcnn.engine.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, summary_writer_class
 from drcnn.engine.watchdog import Watchdog
 from drcnn.errors import DrcnnError
 from drcnn.io import (
@@ -196,13 +197,17 @@ class MetricsLog:
     """``metrics.jsonl``: one JSON object per logging step or evaluation (rank 0 writes).
 
     Each entry is appended whole or not at all (:func:`drcnn.io.append_line`); on resume a torn
-    last line (a run killed mid-append) is dropped with a warning.
+    last line (a run killed mid-append) is dropped with a warning. With a ``writer_class``
+    (``train.tensorboard``, :func:`summary_writer_class`) each entry also goes to TensorBoard,
+    ``tensorboard/`` beside the log, from :meth:`start` to :meth:`close`.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writer_class: type | None = None) -> None:
         self.path = path
         self.enabled = dist.is_main_process()
         self.kept: list[dict[str, Any]] | None = None
+        self.writer_class = writer_class if self.enabled else None
+        self.tensorboard: TensorBoardLog | None = None
 
     def read_until(self, iteration: int) -> None:
         """Read the entries up to ``iteration`` (a resumed checkpoint's) of an existing log;
@@ -210,15 +215,27 @@ class MetricsLog:
         if self.enabled and self.path.is_file():
             self.kept = [e for e in read_json_lines(self.path) if e.get("iter", 0) <= iteration]
 
-    def start(self) -> None:
-        """For a resumed run, drop the entries logged after its checkpoint (they will be logged
-        again)."""
+    def start(self, iteration: int) -> None:
+        """Open the log at ``iteration`` (0, or a resumed checkpoint's): drop the entries logged
+        after it (they will be logged again), in TensorBoard too (events from ``iteration + 1``
+        on; the checkpoint's own step keeps its entries, which are not logged again)."""
         if self.kept is not None:
             atomic_write_text(self.path, "".join(f"{json.dumps(e)}\n" for e in self.kept))
+        if self.writer_class is not None:
+            folder = self.path.parent / TENSORBOARD_DIR
+            self.tensorboard = TensorBoardLog(folder, self.writer_class, iteration + 1)
 
     def write(self, entry: dict[str, Any]) -> None:
         if self.enabled:
             append_line(self.path, json.dumps(entry))
+        if self.tensorboard is not None:
+            self.tensorboard.write(entry)
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (its events are on disk already); idempotent."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 class Window:
@@ -396,19 +413,22 @@ def train(
     fresh = resume is None
     if fresh:
         dist.on_main_process(refuse_existing_run, work_dir)
+    # rank 0 alone logs, so only its environment needs the tensorboard package
+    writer_class = dist.on_main_process(summary_writer_class, cfg.train.tensorboard)
     watchdog = Watchdog(cfg.train.stall_timeout, dist.get_rank())
     # everything that can refuse the run reads only, before the work dir is claimed
-    trainer, loader = prepare(cfg, work_dir, resume, torch_device, watchdog)
+    trainer, loader = prepare(cfg, work_dir, resume, torch_device, watchdog, writer_class)
     lock = dist.on_main_process(claim_work_dir, work_dir, fresh)
     try:
         if dist.is_main_process():
             atomic_write_text(work_dir / "config.yaml", to_yaml(cfg))
-        trainer.log.start()
+        trainer.log.start(trainer.iteration)
         watchdog.start()
         run_loop(trainer, loader)
         latest = trainer.finish()
     finally:
         watchdog.stop()
+        trainer.log.close()
         if lock is not None:
             lock.release()
     return {
@@ -468,9 +488,11 @@ def prepare(
     resume: str | Path | None,
     device: torch.device,
     watchdog: Watchdog,
+    writer_class: type | None = None,
 ) -> tuple[Trainer, TrainingLoader]:
     """Data, model, optimiser and schedule of the run, restored from ``resume`` if given (its log
-    read up to the checkpoint); nothing is written."""
+    read up to the checkpoint; ``writer_class``: its TensorBoard writer, see
+    :class:`MetricsLog`); nothing is written."""
     seed_everything(cfg.train.seed)
     base_loader = build_dataloader(cfg, "train")
     dataset = base_loader.dataset
@@ -494,7 +516,7 @@ def prepare(
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor),
         schedule=schedule,
         meta=dataset_meta(dataset),
-        log=MetricsLog(work_dir / "metrics.jsonl"),
+        log=MetricsLog(work_dir / "metrics.jsonl", writer_class),
         watchdog=watchdog,
     )
     if resume is not None:
