@@ -125,18 +125,30 @@ def _supercategory_members(coco: COCO, cat_id: int) -> list[int]:
     return sorted(c for c, cat in coco.cats.items() if cat.get("supercategory") == group)
 
 
+def _class_images(
+    coco: COCO, detections: COCO, cat_id: int, image_ids: Sequence[int] | None
+) -> list[int]:
+    """The images with an object or a detection of ``cat_id`` (among ``image_ids``): the only
+    ones where its one-class evaluations find a positive or a false positive."""
+    found = set(coco.catToImgs[cat_id]) | set(detections.catToImgs[cat_id])
+    return sorted(found if image_ids is None else found & set(image_ids))
+
+
 def _class_curves(
-    coco: COCO, detections: COCO, image_ids: Sequence[int] | None, loose: np.ndarray
+    coco: COCO, detections: COCO, image_ids: Sequence[int] | None, standard: np.ndarray
 ) -> np.ndarray:
     """Precision ``(K, 7, R)`` of every class under the seven settings (module docstring);
-    ``loose``: the standard evaluation's precision at IoU .75, .5, .1, ``(3, R, K)``."""
+    ``standard``: COCOeval's precision at IoU .75, .5, .1, ``(3, R, K)``, -1 for a class
+    without objects (its Sim and Oth curves are left at 0)."""
     cat_ids = sorted(coco.cats)
-    curves = np.zeros((len(cat_ids), len(SETTINGS), loose.shape[1]))
-    curves[:, :3] = np.clip(loose, 0, None).transpose(2, 0, 1)
+    curves = np.zeros((len(cat_ids), len(SETTINGS), standard.shape[1]))
+    curves[:, :3] = np.clip(standard, 0, None).transpose(2, 0, 1)
     for k, cat_id in enumerate(cat_ids):
+        if (standard[0, :, k] == -1).all():
+            continue
+        images = _class_images(coco, detections, cat_id, image_ids)
         for column, members in ((3, _supercategory_members(coco, cat_id)), (4, cat_ids)):
-            evaluator = _OneClassAnalysis(coco, detections, cat_id, members)
-            _restrict(evaluator, image_ids)
+            evaluator = _restrict(_OneClassAnalysis(coco, detections, cat_id, members), images)
             curves[k, column] = np.clip(_precision(evaluator)[0, :, 0], 0, None)
     curves[:, 5] = curves[:, 4] > 0
     curves[:, 6] = 1.0
@@ -157,7 +169,9 @@ def _load(
         return coco, coco.loadRes(copy.deepcopy(results))  # loadRes edits its input
 
 
-def _class_table(coco: COCO, values: np.ndarray, has_objects: np.ndarray, columns: list[str]):
+def _class_table(
+    coco: COCO, values: np.ndarray, has_objects: np.ndarray, columns: list[str]
+) -> pd.DataFrame:
     """Rows ``class`` (name) with ``columns`` in percent, then ``all`` (the mean over the
     classes with objects); NaN for a class without objects in the evaluated images."""
     names = [coco.cats[c]["name"] for c in sorted(coco.cats)]
@@ -189,9 +203,9 @@ def error_breakdown(
     else:
         evaluator = _restrict(COCOeval(coco, detections, iouType="bbox"), image_ids)
         evaluator.params.iouThrs = np.array([0.75, 0.5, LOOSE_IOU])
-        loose = _precision(evaluator)
-        has_objects = (loose[0] > -1).any(axis=0)
-        curves = _class_curves(coco, detections, image_ids, loose)
+        standard = _precision(evaluator)
+        has_objects = (standard[0] > -1).any(axis=0)
+        curves = _class_curves(coco, detections, image_ids, standard)
     return _class_table(coco, curves.mean(axis=2), has_objects, SETTINGS)
 
 
