@@ -156,11 +156,17 @@ def test_ap_table_notebook(experiment: Path):
         experiment,
     )
     folder = experiment / "tables"
-    for name in ("ap_table.csv", "ap_table.md", "ap_table.html", "ap_vs_iou.png"):
+    for name in (
+        *("ap_table.csv", "ap_table.md", "ap_table.html", "ap_vs_iou.png"),
+        *("error_breakdown.csv", "error_breakdown.md", "per_class_ap.csv", "error_breakdown.png"),
+    ):
         assert (folder / name).is_file(), name
     table = pd.read_csv(folder / "ap_table.csv")
     metrics = json.loads((experiment / "models" / "decoupled" / "metrics.json").read_text())
     assert table["AP"].item() == pytest.approx(100 * metrics["AP"])
+    # the error analysis re-evaluates results.bbox.json on the same images: its C50 is AP50
+    breakdown = pd.read_csv(folder / "error_breakdown.csv").set_index("class")
+    assert breakdown.loc["all", "C50"] == pytest.approx(100 * metrics["AP50"])
     assert table["params_M"].item() > 1  # a ResNet-18 detector has millions of parameters
     assert (table["source"] == "measured").all()
     # one model, no baseline (its head is not standard): the differences table has no rows

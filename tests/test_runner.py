@@ -24,6 +24,14 @@ from drcnn.errors import DrcnnError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
 FASTER = str(CONFIGS / "faster_rcnn_r18_fpn_synthetic.yaml")
 DECOUPLED = str(CONFIGS / "decoupled_rcnn_r18_fpn_synthetic.yaml")
+# what ap_table.ipynb writes that the runner checks (the error analysis's tables and figure too)
+AP_TABLE_OUTPUTS = (
+    "ap_table.csv",
+    "ap_contrasts.csv",
+    "error_breakdown.csv",
+    "per_class_ap.csv",
+    "error_breakdown.png",
+)
 TINY = [
     "train.max_iters=2",
     "data.batch_size=2",
@@ -109,7 +117,7 @@ class FakeExecutor:
                 (out / name).write_text("x")
         else:
             (cwd / "tables").mkdir(exist_ok=True)
-            for name in ("ap_table.csv", "ap_contrasts.csv"):
+            for name in AP_TABLE_OUTPUTS:
                 (cwd / "tables" / name).write_text("model\n")
 
     def steps(self) -> list[str]:
@@ -131,6 +139,9 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
         "ap_table": "done",
         "report": "done",
     }
+    # the AP table step is done only once the error analysis is written too
+    ap_step = next(s for s in runner.plan(runner.load_spec(spec), out) if s.id == "ap_table")
+    assert [p.name for p in ap_step.outputs] == list(AP_TABLE_OUTPUTS)
     study = dict(fake.calls)["sensitivity"]
     assert list(study["checkpoints"]) == ["faster"]  # only the model that trained
     assert study["proposal_images"] == runner.SensitivitySpec().proposal_images  # passed on

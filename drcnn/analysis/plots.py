@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from drcnn.analysis.error_analysis import SETTING_LABELS
 from drcnn.analysis.proposals import BRANCH_PROPOSALS
 from drcnn.analysis.seeds import model_of
 from drcnn.analysis.sensitivity import (
@@ -242,4 +243,43 @@ def loss_curves(log: pd.DataFrame, path: str | Path, x: str = "iter") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=long, x=x, y="value", hue="loss", ax=ax)
     ax.set(yscale="log", xlabel=x, ylabel="loss", title="Training losses")
+    return save(fig, path)
+
+
+def error_breakdown(table: pd.DataFrame, path: str | Path, row: str = "all") -> Path:
+    """COCO's error breakdown as stacked horizontal bars, one bar per model.
+
+    ``table``: :attr:`drcnn.analysis.error_analysis.ErrorTables.breakdown` (cumulative AP per
+    setting ``C75 ... FN``); the bar of a model is its ``class == row`` row (default the mean
+    over classes). The first segment is AP75, each next one the AP that forgiving one more kind
+    of error adds, so the bar ends at 100 and a segment's width is what that error costs.
+    Widths are taken from the running maximum of the settings, so a setting that comes out a
+    hair below the one before (possible in corner cases of the matching) gives a zero width.
+    """
+    settings = list(SETTING_LABELS)
+    if not {"model", "class", *settings} <= set(table.columns):
+        raise DrcnnError(f"error breakdown: expected columns model, class, {', '.join(settings)}")
+    data = table[table["class"] == row]
+    if data.empty:
+        raise DrcnnError(f"error breakdown: no row of class {row!r}")
+    cumulative = np.maximum.accumulate(data[settings].fillna(0).to_numpy(), axis=1)
+    widths = np.diff(cumulative, axis=1, prepend=0)
+    models = data["model"].astype(str).tolist()
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(models)))
+    colors = sns.color_palette("colorblind", len(settings))
+    left = np.zeros(len(models))
+    for k, setting in enumerate(settings):
+        bars = ax.barh(
+            models, widths[:, k], left=left, color=colors[k], label=SETTING_LABELS[setting]
+        )
+        ax.bar_label(
+            bars,
+            [f"{w:.1f}" if w >= 4 else "" for w in widths[:, k]],
+            label_type="center",
+            fontsize=7,
+        )
+        left += widths[:, k]
+    ax.invert_yaxis()  # first model on top
+    ax.set(xlim=(0, 100), xlabel="AP (%), cumulative", title=f"COCO error breakdown ({row})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save(fig, path)

@@ -335,8 +335,9 @@ def _contrasts(spec: Any) -> list[dict[str, Any]]:
 
 
 def _ap_table_step(spec: Any, out: Path) -> Step:
-    """The AP table over every tested model (published rows for COCO by default) and the
-    differences between models paired by seed (every model - baseline, the spec's contrasts)."""
+    """The AP table over every tested model (published rows for COCO by default), the
+    differences between models paired by seed (every model - baseline, the spec's contrasts)
+    and the COCO error analysis (per-class AP, error breakdown and its figure)."""
     include = spec.ap_table.include_reported
     params = {
         "exp_dir": str(out),
@@ -347,7 +348,8 @@ def _ap_table_step(spec: Any, out: Path) -> Step:
     names = [run.name for run in model_runs(spec)]
     inputs = [out / "models" / n / "metrics.json" for n in names]
     needs = [f"test-{n}" for n in names] if "test" in spec.steps else []
-    outputs = [out / "tables" / "ap_table.csv", out / "tables" / "ap_contrasts.csv"]
+    written = ["ap_table.csv", "ap_contrasts.csv", "error_breakdown.csv", "per_class_ap.csv"]
+    outputs = [out / "tables" / name for name in [*written, "error_breakdown.png"]]
     return Step("ap_table", "ap_table", "ap_table.ipynb", params, outputs, inputs, needs, True)
 
 

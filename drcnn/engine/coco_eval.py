@@ -86,7 +86,8 @@ def check_result(entry: Any, index: int, source: str | Path) -> None:
         raise field_error(source, f"entry {index}: score", "a finite number", score)
 
 
-def _check_references(coco: COCO, results: list[dict], source: str) -> None:
+def check_references(coco: COCO, results: list[dict], source: str) -> None:
+    """Refuse a result whose image or category the annotation file does not have."""
     for i, entry in enumerate(results):
         if entry["image_id"] not in coco.imgs:
             raise DrcnnError(
@@ -131,7 +132,7 @@ def evaluate_coco(
     coco = load_coco(ann)
     source = str(results) if not isinstance(results, list) else "results"
     results = load_results(results)
-    _check_references(coco, results, source)
+    check_references(coco, results, source)
     if not results:
         return empty_metrics()
     with contextlib.redirect_stdout(io.StringIO()):
