@@ -291,6 +291,13 @@ def test_report_answers_first_and_compact_tables_over_seeds(seeded: Path):
     assert f"{ap:.1f} [{ap - ap_half:.1f}, {ap + ap_half:.1f}]" in page
     assert f"| {ap:.1f} \\[{ap - ap_half:.1f}, {ap + ap_half:.1f}\\] |" in md  # escaped
     assert "AP_std" not in md and "AP_lo" not in md and "dAP" not in md  # compact columns
+    # the error analysis shows its all-class rows
+    errors = pd.DataFrame(
+        {"model": ["faster", "faster"], "runs": 3, "class": ["all", "circle"], "C75": [12.5, 77.7]}
+    )
+    errors.to_csv(seeded / "tables" / "error_breakdown.csv", index=False)
+    md = write_report(seeded)[0].read_text()
+    assert "COCO error analysis" in md and "12.5" in md and "77.7" not in md
 
 
 def test_interval_cells():

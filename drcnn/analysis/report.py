@@ -66,6 +66,13 @@ PROPOSAL_COLUMNS = [
     "per_image_iou_0.9",
     "mean_pos_iou",
 ]
+ERROR_TEXT = (
+    "COCO error analysis (as the COCO API's analyze; all classes, per class in "
+    "tables/error_breakdown.csv): AP at IoU 0.75 (C75) and 0.5 (C50), then with localisation "
+    "errors forgiven (Loc, IoU 0.1), confusion within the supercategory (Sim), any class "
+    "confusion (Oth) and background false positives (BG) forgiven in turn; 100 - BG is "
+    "missed objects (FN)."
+)
 PROPOSAL_TEXT = (
     "Proposal availability: on training images, as a training step sees them, the RPN "
     "proposals after NMS at each threshold and each branch's stage-0 training samples, counted "
@@ -295,6 +302,12 @@ def ap_section(exp_dir: Path) -> Section:
     section.blocks.append(("table", table, 1))
     if (exp_dir / "tables" / "ap_vs_iou.png").is_file():
         section.blocks.append(("image", "tables/ap_vs_iou.png", "AP vs IoU threshold"))
+    errors = _read_csv(exp_dir / "tables" / "error_breakdown.csv")
+    if errors is not None:
+        section.blocks.append(_text(ERROR_TEXT))
+        section.blocks.append(("table", errors[errors["class"] == "all"], 1))
+    if (exp_dir / "tables" / "error_breakdown.png").is_file():
+        section.blocks.append(("image", "tables/error_breakdown.png", "What each error costs"))
     return section
 
 
