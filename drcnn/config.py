@@ -208,7 +208,8 @@ class RoIHeadConfig:
     # refine stages; cascade: every stage a full cls+reg head.
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     cls_sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    # decoupled only: the sampler of the regression branch.
+    # decoupled only: the sampler of the regression branch (type positive: the head regresses
+    # every RoI it returns).
     reg_sampler: SamplerConfig = field(
         default_factory=lambda: SamplerConfig(
             type="positive", num=512, pos_fraction=None, add_gt=False
