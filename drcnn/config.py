@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ ROI_HEAD_TYPES = ("standard", "cascade", "decoupled")
 NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
 # Box regression losses and the fields each one uses (every other field must stay unset).
 BOX_LOSS_FIELDS: dict[str, tuple[str, ...]] = {"l1": (), "smooth_l1": ("beta",)}
+# RoI samplers and the fields each one uses (drcnn.models.sampling.build_sampler builds them).
+SAMPLER_FIELDS: dict[str, tuple[str, ...]] = {
+    "random": ("num", "pos_fraction", "add_gt"),
+    "positive": ("num", "add_gt"),
+}
 # How the RPN lays out and labels its anchors (see RPNConfig.anchor_convention).
 ANCHOR_CONVENTIONS = ("torchvision", "mmdet")
 AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the device computes it natively
@@ -151,10 +156,17 @@ class RPNConfig:
 
 @dataclass
 class SamplerConfig:
-    """How many RoIs per image and which fraction positive (1.0 = the positive sampler)."""
+    """How a RoI stage picks the RoIs it trains on, per image (:data:`SAMPLER_FIELDS`).
 
+    ``type``: "random" (``num`` RoIs, at most ``pos_fraction`` of them positive, negatives fill
+    up: mmdetection's RandomSampler) or "positive" (every positive RoI, at most ``num``, no
+    negatives: Decoupled R-CNN's regression sampler). ``add_gt``: the gt boxes join the
+    proposals before sampling. A field that the type does not use must stay unset (null).
+    """
+
+    type: str = "random"
     num: int = 512
-    pos_fraction: float = 0.25
+    pos_fraction: float | None = 0.25
     add_gt: bool = True
 
 
@@ -196,9 +208,12 @@ class RoIHeadConfig:
     # refine stages; cascade: every stage a full cls+reg head.
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     cls_sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    # decoupled only: the positive sampler of the regression branch.
+    # decoupled only: the sampler of the regression branch (type positive: the head regresses
+    # every RoI it returns).
     reg_sampler: SamplerConfig = field(
-        default_factory=lambda: SamplerConfig(num=512, pos_fraction=1.0, add_gt=False)
+        default_factory=lambda: SamplerConfig(
+            type="positive", num=512, pos_fraction=None, add_gt=False
+        )
     )
     reg_class_agnostic: bool = False  # standard / cascade heads
     loss_bbox: BoxLossConfig = field(default_factory=BoxLossConfig)
@@ -398,6 +413,10 @@ NUMBER_BOUNDS: dict[str, Bound] = {
     "model.transform.min_size": Bound(low=1),
     "model.transform.test_min_size": Bound(low=1),
     "model.transform.max_size": Bound(low=1),
+    "model.roi_head.cls_sampler.num": Bound(low=1),
+    "model.roi_head.cls_sampler.pos_fraction": Bound(low=0, high=1, null="type positive"),
+    "model.roi_head.reg_sampler.num": Bound(low=1),
+    "model.roi_head.reg_sampler.pos_fraction": Bound(low=0, high=1, null="type positive"),
     "data.workers": Bound(low=0),
     "data.flip_prob": Bound(low=0, high=1),
     "data.max_val_images": Bound(low=1, null="all images"),
@@ -439,6 +458,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_choice(cfg.model.roi_head.test.nms, "model.roi_head.test.nms", NMS_TYPES)
     validate_box_loss(cfg.model.roi_head.loss_bbox, "model.roi_head.loss_bbox")
     validate_box_loss(cfg.model.rpn.loss_bbox, "model.rpn.loss_bbox")
+    for name in ("cls_sampler", "reg_sampler"):
+        check_typed_entry(cfg.model.roi_head[name], f"model.roi_head.{name}", SAMPLER_FIELDS)
     validate_anchor_convention(cfg.model.rpn)
     _check_choice(cfg.train.amp, "train.amp", AMP_MODES)
     _check_choice(cfg.train.optimizer, "train.optimizer", OPTIMIZERS)
@@ -467,18 +488,40 @@ def validate(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def validate_box_loss(entry: DictConfig, key: str) -> None:
-    """A known ``type``; each field it uses set (beta > 0), every other field unset."""
-    _check_choice(entry.type, f"{key}.type", tuple(BOX_LOSS_FIELDS))
-    used = BOX_LOSS_FIELDS[entry.type]
-    for name in (f.name for f in fields(BoxLossConfig) if f.name != "type"):
+def check_typed_entry(entry: DictConfig, key: str, used_fields: dict[str, tuple[str, ...]]) -> None:
+    """An entry with a ``type`` (a loss, a sampler): the type is a key of ``used_fields``, each
+    field it uses is set and every other field is unset (null), so that a value the type would
+    ignore is an error instead of a silent no-op."""
+    _check_choice(entry.type, f"{key}.type", tuple(used_fields))
+    used = used_fields[entry.type]
+    for name in (name for name in entry if name != "type"):
         value = entry[name]
-        if name in used and (value is None or value <= 0):
-            raise DrcnnError(f"config {key}.{name}: type {entry.type} needs a positive {name}")
+        if name in used and value is None:
+            raise DrcnnError(f"config {key}.{name}: type {entry.type} needs a {name}")
         if name not in used and value is not None:
             raise DrcnnError(
                 f"config {key}.{name}: type {entry.type} takes no {name} (got {value}; set null)"
             )
+
+
+def validate_box_loss(entry: DictConfig, key: str) -> None:
+    """A known ``type``; each field it uses set (beta > 0), every other field unset."""
+    check_typed_entry(entry, key, BOX_LOSS_FIELDS)
+    if entry.type == "smooth_l1" and entry.beta <= 0:
+        raise DrcnnError(f"config {key}.beta: type smooth_l1 needs a positive beta")
+
+
+def require_same_names(table: Mapping[str, object], names: Sequence[str], table_name: str) -> None:
+    """A model-side table keyed by one of this module's name lists has exactly those names.
+
+    The lists live here, so that validating a config imports no model code; each table checks
+    itself against its list when its module is imported, so a name added on one side only
+    fails at once instead of as a late KeyError or a choice the config refuses.
+    """
+    if set(table) != set(names):
+        raise RuntimeError(
+            f"{table_name}: names {sorted(table)} differ from drcnn.config's {sorted(names)}"
+        )
 
 
 def validate_anchor_convention(rpn: DictConfig) -> None:
@@ -506,7 +549,8 @@ def validate_anchor_convention(rpn: DictConfig) -> None:
 def upgrade_stored_model(data: dict) -> dict:
     """A stored config (checkpoint) as this schema reads it, as a new dict: a ``loss_bbox``
     written as a plain string (before the typed entry) becomes the entry that code meant
-    (its smooth_l1 had beta 1/9)."""
+    (its smooth_l1 had beta 1/9); a sampler entry without ``type`` gets one
+    (:func:`typed_sampler`)."""
     data = copy.deepcopy(data)
     model = data.get("model") if isinstance(data, dict) else None
     for part in ("rpn", "roi_head"):
@@ -514,7 +558,27 @@ def upgrade_stored_model(data: dict) -> dict:
         if isinstance(section, dict) and isinstance(section.get("loss_bbox"), str):
             kind = section["loss_bbox"]
             section["loss_bbox"] = {"type": kind, "beta": 1 / 9 if kind == "smooth_l1" else None}
+    roi = model.get("roi_head") if isinstance(model, dict) else None
+    for slot in ("cls_sampler", "reg_sampler"):
+        entry = roi.get(slot) if isinstance(roi, dict) else None
+        if isinstance(entry, dict) and "type" not in entry:
+            roi[slot] = typed_sampler(slot, entry)
     return data
+
+
+# The sampler each slot ran before sampler entries had a ``type``: the classification sampler
+# was always random, the regression sampler always positive (its pos_fraction, 1.0 in every
+# shipped config, was read nowhere).
+UNTYPED_SAMPLER_TYPES = {"cls_sampler": "random", "reg_sampler": "positive"}
+
+
+def typed_sampler(slot: str, entry: dict) -> dict:
+    """A stored ``{num, pos_fraction, add_gt}`` sampler entry (written before samplers had a
+    ``type``) as the typed entry that ran: the slot's type (:data:`UNTYPED_SAMPLER_TYPES`),
+    its fields kept, a ``pos_fraction`` the type does not use dropped."""
+    kind = UNTYPED_SAMPLER_TYPES[slot]
+    unused = {name for names in SAMPLER_FIELDS.values() for name in names} - {*SAMPLER_FIELDS[kind]}
+    return {"type": kind, **{k: v for k, v in entry.items() if k not in unused}}
 
 
 def rpn_nms_thresholds(rpn: DictConfig) -> tuple[float, ...]:

@@ -10,7 +10,18 @@ import torch
 from hostile import expect_refusal
 from omegaconf import OmegaConf
 
-from drcnn.config import load_config, rpn_nms_thresholds
+from drcnn.config import (
+    BACKBONE_ARCHS,
+    NORM_TYPES,
+    config_from_dict,
+    load_config,
+    rpn_nms_thresholds,
+    to_dict,
+    typed_sampler,
+)
+from drcnn.engine.checkpoint import load_model, save_checkpoint
+from drcnn.errors import DrcnnError
+from drcnn.models.backbone import NORM_LAYERS, RESNET_SPECS
 from drcnn.models.detector import build_detector
 
 CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml") if "_base_" not in p.parts)
@@ -112,12 +123,18 @@ def test_decoupled_official_values(path):
     assert rpn.allowed_border == -1  # DEC:116
     assert plain(rpn.loss_bbox) == {"type": "l1", "beta": None}  # DEC:44
     assert roi.type == "decoupled" and len(roi.stages) == 3  # DEC:46-47
-    assert (roi.cls_sampler.num, roi.cls_sampler.pos_fraction, roi.cls_sampler.add_gt) == (
-        512,  # DEC:137
-        0.25,  # DEC:138
-        True,  # DEC:140
-    )
-    assert (roi.reg_sampler.num, roi.reg_sampler.add_gt) == (512, False)  # DEC:141-143
+    assert plain(roi.cls_sampler) == {
+        "type": "random",  # DEC:136 RandomSampler
+        "num": 512,  # DEC:137
+        "pos_fraction": 0.25,  # DEC:138
+        "add_gt": True,  # DEC:140
+    }
+    assert plain(roi.reg_sampler) == {  # DEC:141-143
+        "type": "positive",
+        "num": 512,
+        "pos_fraction": None,
+        "add_gt": False,
+    }
     assert [list(s.target_stds) for s in roi.stages] == [
         [0.1, 0.1, 0.2, 0.2],  # DEC:64
         [0.05, 0.05, 0.1, 0.1],  # DEC:79
@@ -153,11 +170,12 @@ def test_faster_rcnn_2x_official_values():
     assert rpn.allowed_border == -1  # FASTER:71
     assert plain(rpn.loss_bbox) == {"type": "l1", "beta": None}  # FASTER:33
     assert roi.type == "standard" and len(roi.stages) == 1  # FASTER:35,42
-    assert (roi.cls_sampler.num, roi.cls_sampler.pos_fraction, roi.cls_sampler.add_gt) == (
-        512,  # FASTER:91
-        0.25,  # FASTER:92
-        True,  # FASTER:94
-    )
+    assert plain(roi.cls_sampler) == {
+        "type": "random",  # FASTER:90 RandomSampler
+        "num": 512,  # FASTER:91
+        "pos_fraction": 0.25,  # FASTER:92
+        "add_gt": True,  # FASTER:94
+    }
     assert roi.reg_class_agnostic is False  # FASTER:51
     assert plain(roi.loss_bbox) == {"type": "l1", "beta": None}  # FASTER:54
     assert (roi.test.score_thresh, roi.test.nms) == (0.05, "nms")  # FASTER:106-107
@@ -181,11 +199,12 @@ def test_cascade_rcnn_20e_official_values():
     assert [s.loss_weight for s in roi.stages] == [1.0, 0.5, 0.25]  # CASCADE:38
     assert roi.reg_class_agnostic is True  # CASCADE:55,72,89
     assert plain(roi.loss_bbox) == {"type": "smooth_l1", "beta": 1.0}  # CASCADE:60,77,94
-    assert (roi.cls_sampler.num, roi.cls_sampler.pos_fraction, roi.cls_sampler.add_gt) == (
-        512,
-        0.25,
-        True,
-    )
+    assert plain(roi.cls_sampler) == {
+        "type": "random",
+        "num": 512,
+        "pos_fraction": 0.25,
+        "add_gt": True,
+    }
     assert (roi.test.score_thresh, roi.test.nms) == (0.05, "nms")  # CASCADE:177-178
 
 
@@ -223,3 +242,90 @@ def test_synthetic_configs_are_cpu_sized():
         assert cfg.model.roi_head.num_classes == 8 and cfg.data.root == "data/synthetic"
         assert cfg.model.backbone.pretrained is None and cfg.model.backbone.norm == "bn"
         assert cfg.train.lr_step_unit == "iter"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.roi_head.cls_sampler.type=iou_balanced", r"cls_sampler\.type: expected one of"),
+        ("model.roi_head.reg_sampler.pos_fraction=1.0", r"reg_sampler\.pos_fraction: .*takes no"),
+        ("model.roi_head.cls_sampler.type=positive", r"cls_sampler\.pos_fraction: .*takes no"),
+        (
+            "model.roi_head.cls_sampler={type: random, pos_fraction: null}",
+            r"cls_sampler\.pos_fraction: type random needs",
+        ),
+        ("model.roi_head.reg_sampler.num=0", r"reg_sampler\.num: expected an integer >= 1"),
+        ("model.roi_head.cls_sampler.pos_fraction=1.5", r"cls_sampler\.pos_fraction: .*\[0, 1\]"),
+    ],
+)
+def test_bad_sampler_entries_are_refused(override, message):
+    with pytest.raises(DrcnnError, match=message):
+        load_config("configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml", [override])
+
+
+def test_cli_refuses_a_sampler_field_its_type_does_not_use(tmp_path, capsys):
+    """The old way of asking for the positive sampler (pos_fraction 1.0) is not ignored."""
+    out = tmp_path / "out"
+    err = expect_refusal(
+        [
+            "train",
+            "configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml",
+            "--work-dir",
+            out,
+            "--set",
+            "model.roi_head.reg_sampler.pos_fraction=1.0",
+        ],
+        capsys,
+        watch=[tmp_path, Path("configs")],
+    )
+    assert "model.roi_head.reg_sampler.pos_fraction" in err and not out.exists()
+
+
+def old_sampler_entries(cfg) -> dict:
+    """``cfg`` as a checkpoint stored it before samplers had a type."""
+    stored = to_dict(cfg)
+    roi = stored["model"]["roi_head"]
+    roi["cls_sampler"] = {"num": 128, "pos_fraction": 0.25, "add_gt": True}
+    roi["reg_sampler"] = {"num": 128, "pos_fraction": 1.0, "add_gt": False}
+    return stored
+
+
+def test_untyped_sampler_entries_get_the_type_their_slot_ran():
+    """The old heads drew the classification RoIs at random and the regression RoIs with the
+    positive sampler, whatever pos_fraction said."""
+    assert typed_sampler("cls_sampler", {"num": 512, "pos_fraction": 0.25, "add_gt": True}) == {
+        "type": "random",
+        "num": 512,
+        "pos_fraction": 0.25,
+        "add_gt": True,
+    }
+    for fraction in (1.0, 0.5):
+        entry = {"num": 64, "pos_fraction": fraction, "add_gt": False}
+        assert typed_sampler("reg_sampler", entry) == {
+            "type": "positive",
+            "num": 64,
+            "add_gt": False,
+        }
+
+
+def test_a_checkpoint_with_untyped_sampler_entries_still_loads(tmp_path):
+    cfg = load_config("configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml")
+    stored = old_sampler_entries(cfg)
+    assert config_from_dict(stored) == cfg  # the entries the shipped config now writes
+    assert "type" not in stored["model"]["roi_head"]["reg_sampler"]  # the caller's dict kept
+    torch.manual_seed(0)
+    model = build_detector(cfg, pretrained=False)
+    save_checkpoint(tmp_path / "old.pth", {"model": model.state_dict(), "config": stored})
+    _, loaded = load_model(tmp_path / "old.pth")
+    assert plain(loaded.model.roi_head.reg_sampler) == {
+        "type": "positive",
+        "num": 128,
+        "pos_fraction": None,
+        "add_gt": False,
+    }
+
+
+def test_model_tables_have_the_config_names():
+    """Each name list lives in drcnn.config; the model side checks its tables at import."""
+    assert list(RESNET_SPECS) == list(BACKBONE_ARCHS)
+    assert list(NORM_LAYERS) == list(NORM_TYPES)

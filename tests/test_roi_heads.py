@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import pytest
@@ -10,11 +11,12 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from drcnn.config import StageConfig, load_config
+from drcnn.config import ROI_HEAD_TYPES, StageConfig, load_config
 from drcnn.errors import DrcnnError
+from drcnn.models.roi_heads import ROI_HEADS, build_roi_heads
 from drcnn.models.roi_heads import base as roi_base
-from drcnn.models.roi_heads import build_roi_heads
 from drcnn.models.roi_heads.decoupled import padded_reg_count
+from drcnn.models.sampling import positive_sample, random_sample, sample_rois
 
 K = 3  # foreground classes
 CHANNELS = 8
@@ -446,6 +448,57 @@ def test_build_table_and_stage_count_error():
     assert hasattr(head, "box_roi_pool")
     with pytest.raises(DrcnnError, match=r"model\.roi_head\.stages"):
         build_roi_heads(make_cfg("standard", 3), CHANNELS)
+
+
+@pytest.mark.parametrize("kind", ["faster", "cascade", "decoupled"])
+def test_heads_from_shipped_configs_draw_what_the_sampler_functions_draw(kind):
+    """A head built from a shipped config's typed sampler entries (cls: random 128 / 25% + gt;
+    reg: positive, here 10 so that it has to choose) samples exactly the RoIs that
+    ``random_sample`` / ``positive_sample`` pick with the same seed and arguments."""
+    cfg = load_config(
+        f"configs/synthetic/{kind}_rcnn_r18_fpn_synthetic.yaml",
+        ["model.roi_head.reg_sampler.num=10"],
+    )
+    head = build_roi_heads(cfg, CHANNELS)
+    t = targets()
+    sets = ProposalSets(proposals(4, t, near=40), proposals(5, t, near=25, scale=0.1))
+    torch.manual_seed(3)
+    cls, reg = head.stage0_samples(sets if kind == "decoupled" else sets.cls, t)
+
+    def reference(boxes, sampler, add_gt):
+        return [
+            sample_rois(b, x["boxes"], x["labels"], 0.5, sampler, add_gt)
+            for b, x in zip(boxes, t, strict=True)
+        ]
+
+    torch.manual_seed(3)
+    expected_cls = reference(sets.cls, partial(random_sample, num=128, pos_fraction=0.25), True)
+    expected_reg = (
+        reference(sets.reg, partial(positive_sample, num=10), False)
+        if kind == "decoupled"
+        else expected_cls
+    )
+    for got, expected in ((cls, expected_cls), (reg, expected_reg)):
+        for g, e in zip(got, expected, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(g, e, strict=True))
+    assert max((s.labels > 0).sum().item() for s in cls) == 32  # the random sampler chose
+    if kind == "decoupled":
+        assert all(len(s.boxes) == 10 and (s.labels > 0).all() for s in reg)  # so did this one
+
+
+def test_decoupled_head_refuses_a_regression_sampler_that_takes_negatives():
+    """Its regression branch regresses every RoI the sampler returns."""
+    with pytest.raises(DrcnnError, match=r"model\.roi_head\.reg_sampler\.type: .*positive"):
+        build_roi_heads(
+            make_cfg(
+                "decoupled", 1, "model.roi_head.reg_sampler={type: random, pos_fraction: 0.25}"
+            ),
+            CHANNELS,
+        )
+
+
+def test_roi_head_table_has_the_config_names():
+    assert list(ROI_HEADS) == list(ROI_HEAD_TYPES)
 
 
 def test_level_mapping_is_mmdetection_finest_scale_56():

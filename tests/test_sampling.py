@@ -7,7 +7,15 @@ from functools import partial
 import pytest
 import torch
 
-from drcnn.models.sampling import assign_max_iou, positive_sample, random_sample, sample_rois
+from drcnn.config import SamplerConfig, require_same_names
+from drcnn.models.sampling import (
+    SAMPLERS,
+    assign_max_iou,
+    build_sampler,
+    positive_sample,
+    random_sample,
+    sample_rois,
+)
 
 
 def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:
@@ -116,3 +124,40 @@ def test_reg_samples_are_the_positive_regression_proposals(num):
         assert rows == expected
     else:
         assert len(out.boxes) == num and rows <= expected
+
+
+@pytest.mark.parametrize(
+    ("entry", "reference"),
+    [
+        (
+            SamplerConfig("random", 64, 0.25, True),
+            partial(random_sample, num=64, pos_fraction=0.25),
+        ),
+        (
+            SamplerConfig("random", 300, 0.5, False),
+            partial(random_sample, num=300, pos_fraction=0.5),
+        ),
+        (SamplerConfig("positive", 512, None, False), partial(positive_sample, num=512)),
+        (SamplerConfig("positive", 7, None, True), partial(positive_sample, num=7)),
+    ],
+    ids=["random-64", "random-300", "positive-512", "positive-7"],
+)
+def test_build_sampler_draws_what_the_sampler_functions_draw(entry, reference):
+    """Same seed, same labels: the built sampler picks exactly the indices the function picks
+    with the entry's arguments (so configs that moved to typed entries train bit-identically)."""
+    labels = torch.zeros(400, dtype=torch.int64)
+    labels[torch.randperm(400, generator=torch.Generator().manual_seed(4))[:90]] = 3
+    torch.manual_seed(11)
+    built = build_sampler(entry)(labels)
+    torch.manual_seed(11)
+    expected = reference(labels)
+    assert torch.equal(built, expected)
+    if not (entry.type == "positive" and entry.num >= 90):  # else every positive, no choice
+        torch.manual_seed(12)
+        assert not torch.equal(build_sampler(entry)(labels), expected)  # the seed matters
+
+
+def test_sampler_table_is_checked_against_the_config_names():
+    require_same_names(SAMPLERS, ("random", "positive"), "SAMPLERS")  # the table as shipped
+    with pytest.raises(RuntimeError, match=r"SAMPLERS: names .*'iou_balanced'"):
+        require_same_names(SAMPLERS, ("random", "positive", "iou_balanced"), "SAMPLERS")

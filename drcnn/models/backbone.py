@@ -34,6 +34,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from drcnn.config import BACKBONE_ARCHS, NORM_TYPES, require_same_names
 from drcnn.errors import DrcnnError
 
 TORCHVISION_PREFIX = "torchvision://"
@@ -72,6 +73,7 @@ RESNET_SPECS: dict[str, ResNetSpec] = {
     "resnext101_32x4d": ResNetSpec(Bottleneck, (3, 4, 23, 3), groups=32, width_per_group=4),
     "resnext101_64x4d": ResNetSpec(Bottleneck, (3, 4, 23, 3), groups=64, width_per_group=4),
 }
+require_same_names(RESNET_SPECS, BACKBONE_ARCHS, "drcnn.models.backbone.RESNET_SPECS")
 
 
 class ResNetFPN(BackboneWithFPN):
@@ -173,6 +175,7 @@ NORM_LAYERS: dict[str, type[nn.Module]] = {
     "frozen_bn": FusedFrozenBatchNorm2d,
     "bn": nn.BatchNorm2d,
 }
+require_same_names(NORM_LAYERS, NORM_TYPES, "drcnn.models.backbone.NORM_LAYERS")
 
 
 def build_trunk(arch: str, norm: str) -> ResNet:

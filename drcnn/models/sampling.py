@@ -4,20 +4,26 @@ Every RoI stage first labels its proposals by max-IoU assignment (:func:`assign_
 then picks the RoIs it trains on. Two samplers exist because Decoupled R-CNN samples the two
 tasks differently: the classification branch uses the usual fixed-size random sampler with a
 positive fraction (:func:`random_sample`), the regression branch uses every positive proposal
-(:func:`positive_sample`), so that highly overlapping proposals are not thrown away.
-:func:`sample_rois` chains the three steps for one image.
+(:func:`positive_sample`), so that highly overlapping proposals are not thrown away. A head
+takes its samplers from its config entries (``type: random | positive``, see
+:class:`drcnn.config.SamplerConfig`) through :func:`build_sampler`. :func:`sample_rois` chains
+the three steps for one image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import box_iou
 
+from drcnn.config import SAMPLER_FIELDS, require_same_names
+
+# One image's assignment labels -> the (sorted) indices of the RoIs it trains on.
 Sampler = Callable[[Tensor], Tensor]
 
 
@@ -79,6 +85,20 @@ def positive_sample(labels: Tensor, num: int) -> Tensor:
         keep = torch.randperm(positive.numel(), device=positive.device)[:num]
         positive = positive[keep].sort().values
     return positive
+
+
+# The sampler of each config type, from its entry (the fields of config.SAMPLER_FIELDS[type]).
+SAMPLERS: dict[str, Callable[[Any], Sampler]] = {
+    "random": lambda entry: partial(random_sample, num=entry.num, pos_fraction=entry.pos_fraction),
+    "positive": lambda entry: partial(positive_sample, num=entry.num),
+}
+require_same_names(SAMPLERS, tuple(SAMPLER_FIELDS), "drcnn.models.sampling.SAMPLERS")
+
+
+def build_sampler(entry: Any) -> Sampler:
+    """The sampler of a validated ``cls_sampler`` / ``reg_sampler`` entry (``add_gt`` is
+    applied by :func:`sample_rois`, which takes it separately)."""
+    return SAMPLERS[entry.type](entry)
 
 
 def sample_rois(

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from drcnn.config import ROI_HEAD_TYPES, require_same_names
 from drcnn.errors import DrcnnError
 from drcnn.models.roi_heads.cascade import CascadeRoIHeads
 from drcnn.models.roi_heads.decoupled import DecoupledRoIHeads
@@ -17,6 +18,7 @@ ROI_HEADS: dict[str, type[nn.Module]] = {
     "cascade": CascadeRoIHeads,  # Cascade R-CNN
     "decoupled": DecoupledRoIHeads,  # Decoupled R-CNN
 }
+require_same_names(ROI_HEADS, ROI_HEAD_TYPES, "drcnn.models.roi_heads.ROI_HEADS")
 
 __all__ = [
     "ROI_HEADS",

@@ -20,15 +20,15 @@ refine stages by ``REFINE_NORMALISER_SCALE`` x that count (``refine_bbox_head.py
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from drcnn.errors import DrcnnError
 from drcnn.models.box_heads import DecoupledHead, RefineHead
 from drcnn.models.roi_heads.base import RoIHeadsBase, StageOutput, split_proposals
-from drcnn.models.sampling import Samples, positive_sample, random_sample
+from drcnn.models.sampling import Samples, build_sampler
 
 # The refine stages' box-loss normaliser is this many times the padded regression sample count
 # (official refine_bbox_head.py, avg_factor=2*labels.size(0), "lamda=0.5").
@@ -56,12 +56,14 @@ class DecoupledRoIHeads(RoIHeadsBase):
             [DecoupledHead(in_features, roi.fc_dim, roi.num_classes)]
             + [RefineHead(in_features, roi.fc_dim) for _ in roi.stages[1:]]
         )
+        if roi.reg_sampler.type != "positive":
+            raise DrcnnError(
+                "config model.roi_head.reg_sampler.type: the decoupled head regresses every RoI "
+                f"its regression sampler picks, so it needs positive, got {roi.reg_sampler.type}"
+            )
         super().__init__(cfg, in_channels, featmap_names, stages)
-        self.cls_sampler = partial(
-            random_sample, num=roi.cls_sampler.num, pos_fraction=roi.cls_sampler.pos_fraction
-        )
-        # The positive sampler: every positive up to num (reg_sampler.pos_fraction is not used).
-        self.reg_sampler = partial(positive_sample, num=roi.reg_sampler.num)
+        self.cls_sampler = build_sampler(roi.cls_sampler)
+        self.reg_sampler = build_sampler(roi.reg_sampler)
 
     def _stage_predict(self, stage: int, x: Tensor) -> tuple[Tensor | None, Tensor]:
         """Stage 0 runs both branches; refine stages have no classifier."""
@@ -114,8 +116,8 @@ class DecoupledRoIHeads(RoIHeadsBase):
     def stage0_samples(
         self, proposals: Any, targets: list[dict[str, Tensor]]
     ) -> tuple[list[Samples], list[Samples]]:
-        """Random samples of the classification proposals (gt added when configured) and the
-        positive samples of the regression proposals."""
+        """The ``cls_sampler`` samples of the classification proposals and the ``reg_sampler``
+        (positive) samples of the regression proposals (gt added where configured)."""
         cls_boxes, reg_boxes = split_proposals(proposals)
         cls_samples = self._sample(
             cls_boxes, targets, 0, self.cls_sampler, self.cfg.cls_sampler.add_gt

@@ -7,7 +7,6 @@ this stage's sampled RoIs moved by its (detached) predicted deltas.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -16,11 +15,12 @@ from torch import Tensor, nn
 from drcnn.errors import DrcnnError
 from drcnn.models.box_heads import FastRCNNHead
 from drcnn.models.roi_heads.base import RoIHeadsBase, split_proposals
-from drcnn.models.sampling import Samples, random_sample
+from drcnn.models.sampling import Samples, build_sampler
 
 
 class StandardRoIHeads(RoIHeadsBase):
-    """Faster R-CNN: ``stages`` = one :class:`FastRCNNHead`; samples 512 RoIs (25% positive)."""
+    """Faster R-CNN: ``stages`` = one :class:`FastRCNNHead`, trained on the RoIs of
+    ``cls_sampler`` (official: random, 512 RoIs, 25% positive)."""
 
     max_stages = 1
 
@@ -37,9 +37,7 @@ class StandardRoIHeads(RoIHeadsBase):
             for _ in roi.stages
         )
         super().__init__(cfg, in_channels, featmap_names, stages)
-        self.sampler = partial(
-            random_sample, num=roi.cls_sampler.num, pos_fraction=roi.cls_sampler.pos_fraction
-        )
+        self.sampler = build_sampler(roi.cls_sampler)
 
     def forward_train(
         self,
@@ -76,14 +74,14 @@ class StandardRoIHeads(RoIHeadsBase):
     def stage0_samples(
         self, proposals: Any, targets: list[dict[str, Tensor]]
     ) -> tuple[list[Samples], list[Samples]]:
-        """Stage 0's random sample of the (classification) proposals, for both branches."""
+        """Stage 0's sample of the (classification) proposals, for both branches."""
         samples = self._stage_samples(split_proposals(proposals)[0], targets, 0)
         return samples, samples
 
     def _stage_samples(
         self, boxes: list[Tensor], targets: list[dict[str, Tensor]], stage: int
     ) -> list[Samples]:
-        """Random samples of ``boxes`` (gt added when configured) at ``stage``'s threshold."""
+        """Samples of ``boxes`` (gt added when configured) at ``stage``'s threshold."""
         return self._sample(boxes, targets, stage, self.sampler, self.cfg.cls_sampler.add_gt)
 
     def _next_proposals(
