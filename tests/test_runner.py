@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,57 @@ def test_a_spec_starts_from_its_base(tmp_path, synthetic_root):
     assert spec.name == "c" and list(spec.seeds) == [0, 1]
     assert [m.name for m in spec.models] == ["a"]
     assert list(spec.overrides) == ["train.max_iters=7"]
+
+
+class TimedExecutor(FakeExecutor):
+    """A FakeExecutor whose steps take a moment and note when they ran and with how many
+    OpenMP threads their kernel would start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: dict[str, tuple[float, float, str | None]] = {}
+
+    def __call__(self, notebook: str, executed: Path, parameters: dict, cwd: Path) -> None:
+        start = time.perf_counter()
+        time.sleep(0.3)
+        super().__call__(notebook, executed, parameters, cwd)
+        threads = os.environ.get("OMP_NUM_THREADS")
+        self.spans[executed.stem] = (start, time.perf_counter(), threads)
+
+
+def test_jobs_run_the_trainings_then_the_tests_at_once(tmp_path, synthetic_root, monkeypatch):
+    """--jobs 2: the two trainings overlap, each kernel gets half the CPU threads, the tests
+    start only after every training ended, and the outcome equals a sequential run's."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spec = {
+        "name": "tiny",
+        "dataset": {"type": "synthetic", "root": str(synthetic_root)},
+        "overrides": TINY,
+        "models": [{"name": n, "config": FASTER} for n in ("a", "b")],
+        "steps": ["train", "test", "report"],
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    timed = TimedExecutor()
+    monkeypatch.setattr(runner, "execute_notebook", timed)
+    status = runner.run_experiment(tmp_path / "spec.yaml", tmp_path / "out", echo=print, jobs=2)
+    assert status == {"train-a": "done", "train-b": "done", "test-a": "done", "test-b": "done",
+                      "report": "done"}  # fmt: skip
+    (a0, a1, a_threads), (b0, b1, _) = timed.spans["train-a"], timed.spans["train-b"]
+    assert max(a0, b0) < min(a1, b1)  # the trainings overlapped
+    assert a_threads == "2"  # 4 cores / 2 jobs
+    assert min(timed.spans[t][0] for t in ("test-a", "test-b")) >= max(a1, b1)
+    assert "OMP_NUM_THREADS" not in os.environ  # restored after the waves
+    sequential = TimedExecutor()
+    monkeypatch.setattr(runner, "execute_notebook", sequential)
+    again = runner.run_experiment(tmp_path / "spec.yaml", tmp_path / "seq", echo=print)
+    assert again == status
+    (a0, a1, threads), (b0, b1, _) = sequential.spans["train-a"], sequential.spans["train-b"]
+    assert a1 <= b0 and threads is None  # one after the other, threads left alone
+
+
+def test_jobs_below_one_is_a_one_line_error(tmp_path, synthetic_root, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", synthetic_root, ["train"])
+    assert cli.main(["run", str(spec), "--jobs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --jobs 0: expected at least 1\n"

@@ -32,6 +32,7 @@ output folder: ``run_experiment`` holds an exclusive lock on ``OUT/.lock`` while
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -39,8 +40,10 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -477,18 +480,21 @@ class Superseded:
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     )
     root: Path | None = None  # made on the first move
+    # steps run at once (--jobs) move their outputs from several threads: one root for all
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def move(self, path: Path) -> Path:
-        if self.root is None:
-            base = self.out / SUPERSEDED_DIR / self.stamp
-            self.root, count = base, 1
-            while self.root.exists():  # an earlier run in the same second
-                count += 1
-                self.root = base.with_name(f"{self.stamp}-{count}")
-        target = self.root / path.relative_to(self.out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(target)
-        return target
+        with self.lock:
+            if self.root is None:
+                base = self.out / SUPERSEDED_DIR / self.stamp
+                self.root, count = base, 1
+                while self.root.exists():  # an earlier run in the same second
+                    count += 1
+                    self.root = base.with_name(f"{self.stamp}-{count}")
+            target = self.root / path.relative_to(self.out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+            return target
 
 
 def run_experiment(
@@ -496,20 +502,54 @@ def run_experiment(
     out: str | Path | None = None,
     force: bool = False,
     echo: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, str]:
     """Run (or resume) an experiment; returns ``{step id: done | skipped | failed | blocked}``.
 
     ``out`` defaults to ``experiments/runs/<spec name>``. Output layout: docs/design.md. Another
-    run already using ``out`` is a ``DrcnnError``.
+    run already using ``out`` is a ``DrcnnError``. ``jobs`` > 1 runs that many training (then
+    test) steps at once, each with an equal share of the CPU threads (:func:`_run_wave`).
     """
+    if jobs < 1:
+        raise DrcnnError(f"--jobs {jobs}: expected at least 1")
     spec = load_spec(spec_path)
     out = Path(out if out is not None else Path("experiments/runs") / spec.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, busy=RUN_BUSY):
-        return _run_locked(spec, out, force, echo)
+        return _run_locked(spec, out, force, echo, jobs)
 
 
-def _run_locked(spec: Any, out: Path, force: bool, echo: Callable[[str], None]) -> dict[str, str]:
+@contextlib.contextmanager
+def thread_share(jobs: int) -> Iterator[None]:
+    """While ``jobs`` steps run at once, each step's kernel (which inherits this environment)
+    gets ``cpu_count // jobs`` OpenMP threads (at least 1): two 2-thread trainings on 2 cores
+    would fight over the cores, and OpenMP teams slow down many-fold when oversubscribed."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def _run_wave(
+    steps: list[tuple[int, Step]], run_one: Callable[[int, Step], str], jobs: int
+) -> dict[str, str]:
+    """Run independent steps (the training steps, or the test steps, of all runs), ``jobs`` at
+    a time on threads that each wait for their step's notebook kernel; ``{step id: status}``."""
+    if jobs == 1 or len(steps) < 2:
+        return {step.id: run_one(index, step) for index, step in steps}
+    with thread_share(jobs), ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {step.id: pool.submit(run_one, index, step) for index, step in steps}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _run_locked(
+    spec: Any, out: Path, force: bool, echo: Callable[[str], None], jobs: int = 1
+) -> dict[str, str]:
     """The body of :func:`run_experiment`, run while holding the folder's lock."""
     atomic_write_text(out / "spec.yaml", OmegaConf.to_yaml(spec))
     if spec.dataset.type == "synthetic" and {"train", "test", "sensitivity"} & set(spec.steps):
@@ -520,9 +560,15 @@ def _run_locked(spec: Any, out: Path, force: bool, echo: Callable[[str], None]) 
     steps = plan(spec, out)
     status: dict[str, str] = {}
     superseded = Superseded(out)
-    for index, step in enumerate(steps, 1):
+
+    def run_one(index: int, step: Step) -> str:
         prefix = f"[{index}/{len(steps)}] {step.id}"
-        status[step.id] = _execute(step, out, force, status, prefix, echo, superseded)
+        return _execute(step, out, force, status, prefix, echo, superseded)
+
+    numbered = list(enumerate(steps, 1))
+    for kind in STEP_KINDS:  # plan() orders the steps by kind; runs of one kind are independent
+        wave = [(i, s) for i, s in numbered if s.kind == kind]
+        status.update(_run_wave(wave, run_one, jobs if kind in ("train", "test") else 1))
     failed = [s for s, v in status.items() if v in ("failed", "blocked")]
     if failed:
         echo(f"{len(failed)} step(s) did not complete: {', '.join(failed)}")

@@ -24,11 +24,18 @@ def add_parser(subparsers) -> None:
         "scratch; the earlier outputs of a model (its models/<name> folder, notebooks, step "
         "records) are moved to OUT/superseded/<UTC time>/, not deleted",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run this many trainings (then tests) at once, each with an equal share of the "
+        "CPU threads (default 1); on a small CPU, single-thread jobs use the cores better",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from drcnn.analysis.runner import run_experiment
 
-    status = run_experiment(args.spec, args.out, force=args.force)
+    status = run_experiment(args.spec, args.out, force=args.force, jobs=args.jobs)
     return 1 if any(v in ("failed", "blocked") for v in status.values()) else 0
