@@ -380,7 +380,9 @@ class TimedExecutor(FakeExecutor):
         self.spans[executed.stem] = (start, time.perf_counter(), threads)
 
 
-def test_jobs_run_the_trainings_then_the_tests_at_once(tmp_path, synthetic_root, monkeypatch):
+def test_jobs_run_the_trainings_then_the_tests_at_once(
+    tmp_path, synthetic_root, monkeypatch, capsys
+):
     """--jobs 2: the two trainings overlap, each kernel gets half the CPU threads, the tests
     start only after every training ended, and the outcome equals a sequential run's."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
@@ -403,6 +405,8 @@ def test_jobs_run_the_trainings_then_the_tests_at_once(tmp_path, synthetic_root,
     assert a_threads == "2"  # 4 cores / 2 jobs
     assert min(timed.spans[t][0] for t in ("test-a", "test-b")) >= max(a1, b1)
     assert "OMP_NUM_THREADS" not in os.environ  # restored after the waves
+    lines = capsys.readouterr().out.splitlines()  # whole lines, though printed from threads
+    assert all(re.fullmatch(r"\[\d/5\] [^\[]+|\[dataset\] .+|results in .+", x) for x in lines)
     sequential = TimedExecutor()
     monkeypatch.setattr(runner, "execute_notebook", sequential)
     again = runner.run_experiment(tmp_path / "spec.yaml", tmp_path / "seq", echo=print)

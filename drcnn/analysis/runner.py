@@ -560,10 +560,15 @@ def _run_locked(
     steps = plan(spec, out)
     status: dict[str, str] = {}
     superseded = Superseded(out)
+    lines = threading.Lock()
+
+    def say(line: str) -> None:  # whole lines, also from the steps of a wave run at once
+        with lines:
+            echo(line)
 
     def run_one(index: int, step: Step) -> str:
         prefix = f"[{index}/{len(steps)}] {step.id}"
-        return _execute(step, out, force, status, prefix, echo, superseded)
+        return _execute(step, out, force, status, prefix, say, superseded)
 
     numbered = list(enumerate(steps, 1))
     for kind in STEP_KINDS:  # plan() orders the steps by kind; runs of one kind are independent
