@@ -173,10 +173,14 @@ def shift_heatmaps(table: pd.DataFrame, path: str | Path) -> Path:
 
 
 def ap_vs_iou(per_iou: pd.DataFrame, path: str | Path) -> Path:
-    """AP against the IoU threshold of the match, one line per model."""
+    """AP against the IoU threshold of the match, one line per model: the mean over its seed
+    runs with a 95% band (seaborn's bootstrap over the runs) when it has several; the legend
+    beside the axes, so that it never hides a line."""
+    data = per_iou.assign(model=per_iou["model"].map(model_of))
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=per_iou, x="iou", y="AP", hue="model", marker="o", ax=ax)
+    sns.lineplot(data=data, x="iou", y="AP", hue="model", marker="o", errorbar=("ci", 95), ax=ax)
     ax.set(xlabel="IoU threshold", ylabel="AP (%)", title="AP vs IoU threshold")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     return save(fig, path)
 
 

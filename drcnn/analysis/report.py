@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from drcnn.analysis import provenance
+from drcnn.analysis.seeds import model_of
 from drcnn.analysis.sensitivity import KEY_COLUMNS
 from drcnn.analysis.tables import select_columns, to_html, to_markdown
 from drcnn.io import atomic_write_text
@@ -66,6 +67,14 @@ PROPOSAL_COLUMNS = [
     "per_image_iou_0.9",
     "mean_pos_iou",
 ]
+QUESTION_AP = (
+    "Q1. Does each model beat the baseline, and which branch gains from highly overlapping "
+    "proposals (the spec's contrasts, e.g. a 2 x 2 grid of RPN NMS thresholds)? AP points:"
+)
+QUESTION_SENSITIVITY = (
+    "Q2. Is the regressor more sensitive to translation than the classifier? The output "
+    "change per unit of shift relative to the output's range, regressor over classifier:"
+)
 ERROR_TEXT = (
     "COCO error analysis (as the COCO API's analyze; all classes, per class in "
     "tables/error_breakdown.csv): AP at IoU 0.75 (C75) and 0.5 (C50), then with localisation "
@@ -203,6 +212,15 @@ def contrast_table(contrasts: pd.DataFrame, keys: list[str], digits: int) -> pd.
     return rows.merge(wide[order].reset_index(), on=index, how="left")
 
 
+def pooled_proposals(summary: pd.DataFrame) -> pd.DataFrame:
+    """The proposal-availability summary with each model's seed runs averaged (one row per
+    model, NMS setting, branch and proposal set), the columns :data:`PROPOSAL_COLUMNS`."""
+    table = select_columns(summary, PROPOSAL_COLUMNS)
+    keys = [c for c in ("model", "nms", "branch", "set_nms") if c in table.columns]
+    table = table.assign(model=table["model"].map(model_of))
+    return table.groupby(keys, sort=False).mean(numeric_only=True).reset_index()
+
+
 def _read_csv(path: Path) -> pd.DataFrame | None:
     """The table at ``path``, or None when it does not exist or has no rows."""
     if not path.is_file():
@@ -226,6 +244,7 @@ def answers_section(exp_dir: Path) -> Section:
     if contrasts is None:
         section.blocks.append(_missing("no AP differences (tables/ap_contrasts.csv)"))
     else:
+        section.blocks.append(_text(QUESTION_AP))
         for row in contrasts[contrasts["column"] == "AP"].itertuples():
             section.blocks.append(
                 _text(
@@ -248,6 +267,7 @@ def answers_section(exp_dir: Path) -> Section:
     if not {"branch", "stage", "ratio", "ratio_lo", "ratio_hi"} <= set(summary.columns):
         section.blocks.append(_missing("no regressor/classifier ratio in the summary"))
         return section
+    section.blocks.append(_text(QUESTION_SENSITIVITY))
     first_reg = summary[(summary["branch"] == "regression") & (summary["stage"] == 0)]
     for row in first_reg.itertuples():
         section.blocks.append(
@@ -344,7 +364,7 @@ def sensitivity_section(exp_dir: Path) -> Section:
     proposals = _read_csv(exp_dir / "sensitivity" / "proposal_iou.csv")
     if proposals is not None:
         section.blocks.append(_text(PROPOSAL_TEXT))
-        section.blocks.append(("table", select_columns(proposals, PROPOSAL_COLUMNS), 2))
+        section.blocks.append(("table", pooled_proposals(proposals), 2))
     for name, caption in SENSITIVITY_FIGURES.items():
         if (exp_dir / "sensitivity" / name).is_file():
             section.blocks.append(("image", f"sensitivity/{name}", caption))
