@@ -80,7 +80,7 @@ def decoupled_inputs():
 
 def trained_by(head: nn.Module, loss: torch.Tensor) -> set[str]:
     """Names of the parameters that ``loss`` gives a non-zero gradient."""
-    named = [(n, p) for n, p in head.named_parameters()]
+    named = list(head.named_parameters())
     grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
     return {n for (n, _), g in zip(named, grads, strict=True) if g is not None and g.any()}
 
@@ -144,9 +144,8 @@ def test_shared_trunk_divides_the_box_loss_by_half_the_decoupled_normaliser(monk
     labels = torch.cat([s.labels for s in reg])
     assert len(deltas) == 1 and len(deltas[0]) == len(labels) and (labels > 0).all()
     picked = deltas[0].unflatten(1, (K, 4))[torch.arange(len(labels)), labels - 1]
-    target = encode64(
-        torch.cat([s.boxes for s in reg]), torch.cat([s.gt_boxes for s in reg]), STAGES[0].target_stds
-    )
+    rois, gt = torch.cat([s.boxes for s in reg]), torch.cat([s.gt_boxes for s in reg])
+    target = encode64(rois, gt, STAGES[0].target_stds)
     l1 = (picked.double() - target).abs().sum().item()
     padded = sum(min(512, len(p)) for p in sets.reg)  # 110 and 85 proposals, num 512
     num_cls = sum(len(s.boxes) for s in cls)
@@ -160,7 +159,7 @@ def test_unshared_trunks_keep_mmdetection_bbox_head_normaliser(monkeypatch):
     calls = sampling_spy(monkeypatch)
     deltas = output_hook(head.stages[0].bbox_pred)
     head.train()
-    _, losses = head(features(), proposals(4, targets(), near=5), SHAPES, targets())
+    _, losses = head(features(), proposals(4, targets(), near=10), SHAPES, targets())
     labels = torch.cat([s.labels for s in calls])
     pos = torch.where(labels > 0)[0]
     assert deltas[0].shape == (len(labels), 4 * K) and 10 < len(pos) < len(labels)
@@ -182,9 +181,8 @@ def test_double_head_normalisers_and_conv_branch_rows(monkeypatch):
     head.train()
     _, losses = head(features(), sets, SHAPES, t)
     cls, reg, refine = calls[0:2], calls[2:4], calls[4:6]
-    is_reg = torch.cat(
-        [torch.arange(len(c.boxes) + len(r.boxes)) >= len(c.boxes) for c, r in zip(cls, reg, strict=True)]
-    )
+    rows = [(len(c.boxes), len(r.boxes)) for c, r in zip(cls, reg, strict=True)]
+    is_reg = torch.cat([torch.arange(nc + nr) >= nc for nc, nr in rows])
     assert len(deltas0[0]) == len(is_reg)  # every stage-0 row through the conv branch
     labels = torch.cat([s.labels for s in reg])
     picked = deltas0[0][is_reg].unflatten(1, (K, 4))[torch.arange(len(labels)), labels - 1]
@@ -214,7 +212,9 @@ def conv_list(in_c: int, width: int) -> list[tuple]:
 def convs_of(module: nn.Module) -> list[tuple]:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     assert all(m.bias is None for m in convs)
-    return [(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0]) for m in convs]
+    return [
+        (m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0]) for m in convs
+    ]
 
 
 def test_double_head_layers_are_the_official_list():
@@ -226,7 +226,11 @@ def test_double_head_layers_are_the_official_list():
         bns = [m.num_features for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
         assert bns == [out for _, out, *_ in conv_list(256, 1024)]
     assert head.reg_roi_scale == refine.reg_roi_scale == 1.3
-    linear = {n: (m.in_features, m.out_features) for n, m in head.named_modules() if isinstance(m, nn.Linear)}
+    linear = {
+        n: (m.in_features, m.out_features)
+        for n, m in head.named_modules()
+        if isinstance(m, nn.Linear)
+    }
     assert linear == {
         "bbox_pred": (1024, 4 * 80),  # fc_reg on the pooled conv features, 4K
         "cls_fc6": (256 * 7 * 7, 1024),
@@ -363,8 +367,9 @@ def test_mmdet_import_maps_the_shared_trunk_and_refuses_double_heads(tmp_path, c
     cfg = load_config("configs/synthetic/ablations/decoupled_shared_rcnn_r18_fpn_synthetic.yaml")
     with torch.device("meta"):
         sources = mmdet_sources(build_detector(cfg))
-    assert sources["roi_heads.stages.0.fc6.weight"].key == "roi_head.bbox_head.0.shared_fcs.0.weight"
-    assert sources["roi_heads.stages.0.fc7.bias"].key == "roi_head.bbox_head.0.shared_fcs.1.bias"
+    prefix = "roi_head.bbox_head.0.shared_fcs"
+    assert sources["roi_heads.stages.0.fc6.weight"].key == f"{prefix}.0.weight"
+    assert sources["roi_heads.stages.0.fc7.bias"].key == f"{prefix}.1.bias"
     double = "configs/synthetic/ablations/double_decoupled_rcnn_r18_fpn_synthetic.yaml"
     with torch.device("meta"):
         model = build_detector(load_config(double))
