@@ -13,9 +13,9 @@ import torch
 from hostile import expect_refusal
 from test_roi_heads import (
     CHANNELS,
-    K,
     SHAPES,
     STAGES,
+    K,
     ProposalSets,
     encode64,
     features,
