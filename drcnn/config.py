@@ -48,6 +48,12 @@ NORM_TYPES = ("eval_bn", "frozen_bn", "bn")
 # FeaturePyramidNetwork (kaiming_uniform, a=1).
 FPN_INITS = ("xavier_uniform", "kaiming_uniform")
 ROI_HEAD_TYPES = ("standard", "cascade", "decoupled")
+# Box heads of the RoI stages (RoIHeadConfig.box_head; null = the RoI head type's own). The
+# official repository's head ablations: "shared" (one 2-fc trunk for both tasks), "unshared"
+# (separate cls / reg 2-fc trunks), "double" (Double-Head: 2-fc classification, residual conv
+# regression; decoupled only).
+BOX_HEAD_TYPES = ("shared", "unshared", "double")
+DECOUPLED_ONLY_BOX_HEADS = ("double",)
 NMS_TYPES = ("nms", "soft_nms_linear", "soft_nms_gaussian")
 # Box regression losses and the fields each one uses (every other field must stay unset).
 BOX_LOSS_FIELDS: dict[str, tuple[str, ...]] = {"l1": (), "smooth_l1": ("beta",)}
@@ -203,7 +209,14 @@ class RoIHeadConfig:
     # RoIAlign pixel model: true = mmcv's (and the official code's), box edges on pixel edges;
     # false = torchvision's detection models (sampling half a pixel later).
     aligned: bool = False
-    fc_dim: int = 1024
+    fc_dim: int = 1024  # width of the fc layers (and of the Double-Head conv branch)
+    # The box head of every stage, one of BOX_HEAD_TYPES or null = the type's own: standard /
+    # cascade "shared" (Faster R-CNN's 2-fc trunk), decoupled "unshared" (+ 2-fc refine stages).
+    # "unshared" on standard / cascade: the official Unshared2FCBBoxHead (ordinary sampling);
+    # "shared" on decoupled: DecoupledSharedBBoxHead (decoupled sampling, one trunk, half the
+    # stage-0 box normaliser); "double" (decoupled only): DoubleDecoupledBBoxHead, refine stages
+    # DoubleRefineBBoxHead (docs/fidelity.md, "Ablation heads").
+    box_head: str | None = None
     # Stage 0 first. decoupled: stage 0 = decoupled cls+reg head, later = regression-only
     # refine stages; cascade: every stage a full cls+reg head.
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -455,6 +468,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not 0 <= cfg.model.backbone.frozen_stages <= 4:
         raise DrcnnError("config model.backbone.frozen_stages: expected 0..4")
     _check_choice(cfg.model.roi_head.type, "model.roi_head.type", ROI_HEAD_TYPES)
+    validate_box_head(cfg.model.roi_head)
     _check_choice(cfg.model.roi_head.test.nms, "model.roi_head.test.nms", NMS_TYPES)
     validate_box_loss(cfg.model.roi_head.loss_bbox, "model.roi_head.loss_bbox")
     validate_box_loss(cfg.model.rpn.loss_bbox, "model.rpn.loss_bbox")
@@ -502,6 +516,19 @@ def check_typed_entry(entry: DictConfig, key: str, used_fields: dict[str, tuple[
             raise DrcnnError(
                 f"config {key}.{name}: type {entry.type} takes no {name} (got {value}; set null)"
             )
+
+
+def validate_box_head(roi: DictConfig) -> None:
+    """``box_head`` null or one of :data:`BOX_HEAD_TYPES`, and one the RoI head type can run:
+    the Double-Head variants exist only with decoupled sampling in the official code."""
+    if roi.box_head is None:
+        return
+    _check_choice(roi.box_head, "model.roi_head.box_head", BOX_HEAD_TYPES)
+    if roi.box_head in DECOUPLED_ONLY_BOX_HEADS and roi.type != "decoupled":
+        raise DrcnnError(
+            f"config model.roi_head.box_head: {roi.box_head} needs type decoupled "
+            f"(the official Double-Head variant trains with decoupled sampling), got {roi.type}"
+        )
 
 
 def validate_box_loss(entry: DictConfig, key: str) -> None:

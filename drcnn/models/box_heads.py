@@ -6,9 +6,14 @@ torchvision's ``TwoMLPHead`` does:
 - :class:`FastRCNNHead` (Faster / Cascade R-CNN): one shared trunk -> class logits + deltas.
 - :class:`DecoupledHead` (Decoupled R-CNN stage 0): two *unshared* trunks, one for
   classification and one for class-specific regression, so each branch can run on its own
-  samples (``forward_cls`` / ``forward_reg``).
+  samples (``forward_cls`` / ``forward_reg``). Two switches give the official repository's head
+  ablations: ``shared_trunk`` (``DecoupledSharedBBoxHead``: one trunk for both branches, with
+  decoupled sampling) and, under the standard RoI head, the plain unshared head with ordinary
+  sampling (``Unshared2FCBBoxHead``, the same layers as ``DecoupledBBoxHead``).
 - :class:`RefineHead` (Decoupled R-CNN stages 1..N-1): a regression-only trunk with
   class-agnostic deltas.
+
+The Double-Head variant (conv regression branch) is in :mod:`drcnn.models.double_head`.
 
 Initialisation follows the official code as it runs: the 2-fc trunks of :class:`FastRCNNHead`
 (mmdetection's ``ConvFCBBoxHead.init_weights``) and :class:`DecoupledHead`
@@ -29,6 +34,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# DecoupledSharedBBoxHead's stage-0 box normaliser over DecoupledBBoxHead's: avg_factor
+# 0.5 * labels_reg.size(0) against labels_reg.size(0) (decoupled_shared_bbox_head.py:224,
+# decoupled_bbox_head.py:235), i.e. twice the box-loss gradient for the shared trunk.
+SHARED_NORMALISER_SCALE = 0.5
 
 
 def _two_fc(in_features: int, fc_dim: int, xavier: bool = True) -> tuple[nn.Linear, nn.Linear]:
@@ -54,10 +64,18 @@ def _output_layer(in_features: int, out_features: int, std: float) -> nn.Linear:
 
 
 class BoxHead(nn.Module):
-    """Shared delta-layout helpers; subclasses define ``bbox_pred`` and ``background_slot``."""
+    """Shared delta-layout helpers; subclasses define ``bbox_pred`` and ``background_slot``.
+
+    ``reg_roi_scale``: the regression branch pools its RoIs enlarged by this factor about their
+    centre (the Double-Head heads), ``None`` = as given. ``box_normaliser_scale``: the factor
+    the head's own loss puts on the decoupled stage-0 box normaliser (the official
+    ``avg_factor`` of its bbox head over that of ``DecoupledBBoxHead``).
+    """
 
     background_slot: bool = False
     bbox_pred: nn.Linear
+    reg_roi_scale: float | None = None
+    box_normaliser_scale: float = 1.0
 
     @property
     def class_specific(self) -> bool:
@@ -99,24 +117,49 @@ class FastRCNNHead(BoxHead):
 
 
 class DecoupledHead(BoxHead):
-    """Unshared ``cls_fc6/cls_fc7/cls_score`` (K+1) and ``reg_fc6/reg_fc7/bbox_pred`` (4K)."""
+    """Unshared ``cls_fc6/cls_fc7/cls_score`` (K+1) and ``reg_fc6/reg_fc7/bbox_pred`` (4K, or 4
+    with ``class_agnostic``), or with ``shared_trunk`` one ``fc6/fc7`` trunk under both outputs.
+
+    ``shared_trunk`` is the official ``DecoupledSharedBBoxHead``
+    (``decoupled_shared_bbox_head.py:25, 66-69``): the same output layers, and a stage-0 box
+    loss divided by ``0.5 * labels_reg.size(0)`` (line 224) where ``DecoupledBBoxHead`` divides
+    by ``labels_reg.size(0)``, hence :data:`SHARED_NORMALISER_SCALE`. Its ``init_weights``
+    (lines 46-57) loops over ``self.cls_fcs`` and ``self.reg_fcs``, which that class does not
+    have, so as committed it stops with an AttributeError once the output layers are set; drcnn
+    gives the shared trunk the xavier init those lines meant, as ``DecoupledBBoxHead`` does.
+    """
 
     background_slot = False
 
-    def __init__(self, in_features: int, fc_dim: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        fc_dim: int,
+        num_classes: int,
+        shared_trunk: bool = False,
+        class_agnostic: bool = False,
+    ) -> None:
         super().__init__()
-        self.cls_fc6, self.cls_fc7 = _two_fc(in_features, fc_dim)
+        if shared_trunk:
+            self.fc6, self.fc7 = _two_fc(in_features, fc_dim)
+            self.box_normaliser_scale = SHARED_NORMALISER_SCALE
+        else:
+            self.cls_fc6, self.cls_fc7 = _two_fc(in_features, fc_dim)
         self.cls_score = _output_layer(fc_dim, num_classes + 1, 0.01)
-        self.reg_fc6, self.reg_fc7 = _two_fc(in_features, fc_dim)
-        self.bbox_pred = _output_layer(fc_dim, 4 * num_classes, 0.001)
+        if not shared_trunk:
+            self.reg_fc6, self.reg_fc7 = _two_fc(in_features, fc_dim)
+        self.bbox_pred = _output_layer(fc_dim, 4 if class_agnostic else 4 * num_classes, 0.001)
+        self.shared_trunk = shared_trunk
 
     def forward_cls(self, x: Tensor) -> Tensor:
         """Classification branch: RoI features -> K+1 logits."""
-        return self.cls_score(_mlp(x, self.cls_fc6, self.cls_fc7))
+        trunk = (self.fc6, self.fc7) if self.shared_trunk else (self.cls_fc6, self.cls_fc7)
+        return self.cls_score(_mlp(x, *trunk))
 
     def forward_reg(self, x: Tensor) -> Tensor:
-        """Regression branch: RoI features -> 4K class-specific deltas."""
-        return self.bbox_pred(_mlp(x, self.reg_fc6, self.reg_fc7))
+        """Regression branch: RoI features -> 4K class-specific (or 4) deltas."""
+        trunk = (self.fc6, self.fc7) if self.shared_trunk else (self.reg_fc6, self.reg_fc7)
+        return self.bbox_pred(_mlp(x, *trunk))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Both branches on the same RoIs (inference): (class logits, deltas)."""

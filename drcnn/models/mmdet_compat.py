@@ -70,6 +70,8 @@ HEAD_LAYERS: dict[type[nn.Module], dict[str, str]] = {
         "bbox_pred": "fc_reg",
     },
     DecoupledHead: {
+        "fc6": "shared_fcs.0",  # shared_trunk: DecoupledSharedBBoxHead
+        "fc7": "shared_fcs.1",
         "cls_fc6": "cls_fcs.0",
         "cls_fc7": "cls_fcs.1",
         "cls_score": "fc_cls",
@@ -122,7 +124,10 @@ def stage_source(model: nn.Module, key: str, shape: tuple[int, ...]) -> Source |
         return None
     stage, layer, param = int(match[1]), match[2], match[3]
     head = model.roi_heads.stages[stage]
-    name = f"{stage_prefix(model.roi_heads, stage)}{HEAD_LAYERS[type(head)][layer]}.{param}"
+    layers = HEAD_LAYERS.get(type(head), {})  # no mapping (Double-Head heads): refused later
+    if layer not in layers:
+        return None
+    name = f"{stage_prefix(model.roi_heads, stage)}{layers[layer]}.{param}"
     if layer == "cls_score":
         return Source(name, shape, background_first)
     if layer == "bbox_pred" and head.class_specific and head.background_slot:
@@ -144,8 +149,11 @@ def mmdet_sources(model: nn.Module) -> dict[str, Source]:
     for key, value in model.state_dict().items():
         shape = tuple(value.shape)
         source = stage_source(model, key, shape) or generic_source(key, shape)
-        if source is None:  # a drcnn module this table does not know yet
-            raise LookupError(f"mmdetection import: drcnn weight {key} has no mmdetection name")
+        if source is None:  # a drcnn module without an mmdetection layout here (Double-Head)
+            raise DrcnnError(
+                f"mmdetection import: the config's model ({describe_model(model)}) has a weight "
+                f"{key} that no mmdetection name maps to; this head cannot be imported"
+            )
         sources[key] = source
     return sources
 

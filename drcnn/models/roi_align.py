@@ -41,6 +41,14 @@ from drcnn.models.threads import thread_map
 MIN_WORK_PER_CHUNK = 16384
 
 
+def rescale_boxes(boxes: Tensor, factor: float) -> Tensor:
+    """``(N, 4)`` boxes with width and height times ``factor``, centres kept (mmdetection 2.x
+    ``BaseRoIExtractor.roi_rescale``, no +1 pixel)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * factor * 0.5
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
 def chunk_bounds(rois: Tensor, chunks: int) -> list[tuple[int, int, int, int]]:
     """``(first_row, end_row, first_image, end_image)`` of ``chunks`` contiguous row ranges.
 
@@ -139,9 +147,19 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         self.aligned = aligned
 
     def forward(
-        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+        self,
+        x: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        roi_scale_factor: float | None = None,
     ) -> Tensor:
-        """``(sum of boxes, C, S, S)`` RoI features, rows in the order of ``boxes``."""
+        """``(sum of boxes, C, S, S)`` RoI features, rows in the order of ``boxes``.
+
+        ``roi_scale_factor``: pool each box enlarged by this factor about its centre, on the
+        FPN level of the box as given (mmdetection's ``SingleRoIExtractor`` with
+        ``roi_scale_factor``: levels mapped first, then ``roi_rescale``; the Double-Head
+        regression branch).
+        """
         threads = torch.get_num_threads()
         total = sum(len(b) for b in boxes)
         features = _filter_input(x, self.featmap_names)
@@ -152,16 +170,18 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
             and len(features) >= 2
             and not torch.jit.is_scripting()
         )
-        if not threaded and not self.aligned:
+        if not threaded and not self.aligned and roi_scale_factor is None:
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
+        levels = self.map_levels(boxes)
+        if roi_scale_factor is not None:
+            boxes = [rescale_boxes(b, roi_scale_factor) for b in boxes]
         rois = torch.cat(
             [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
         )
-        levels = self.map_levels(boxes)
         size = tuple(self.output_size)
         # every RoI maps to exactly one level, so every row is written below
         result = features[0].new_empty((total, features[0].shape[1], *size))

@@ -123,10 +123,15 @@ class RoIHeadsBase(nn.Module):
 
     # ---- shared pieces ----------------------------------------------------------------------
     def _pool(
-        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        roi_scale: float | None = None,
     ) -> Tensor:
-        """RoIAlign features ``(sum of boxes, C, S, S)`` of per-image boxes, FPN level by size."""
-        return self.box_roi_pool(features, boxes, image_shapes)
+        """RoIAlign features ``(sum of boxes, C, S, S)`` of per-image boxes, FPN level by size
+        (``roi_scale``: each box pooled that many times larger, see ``BoxHead.reg_roi_scale``)."""
+        return self.box_roi_pool(features, boxes, image_shapes, roi_scale_factor=roi_scale)
 
     def _sample(
         self,
@@ -172,9 +177,16 @@ class RoIHeadsBase(nn.Module):
         return self.cfg.stages[stage].loss_weight * loss
 
     # ---- the chain (inference and analysis) -------------------------------------------------
-    def _stage_predict(self, stage: int, x: Tensor) -> tuple[Tensor | None, Tensor]:
-        """(class logits or None, deltas) of stage ``stage`` on pooled RoI features."""
-        return self.stages[stage](x)
+    def _stage_predict(
+        self,
+        stage: int,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[Tensor | None, Tensor]:
+        """(class logits or None, deltas) of stage ``stage`` on per-image ``boxes`` (pooled here:
+        a head may pool its branches differently)."""
+        return self.stages[stage](self._pool(features, boxes, image_shapes))
 
     def _chain(
         self,
@@ -193,8 +205,8 @@ class RoIHeadsBase(nn.Module):
         chosen = labels
         outs: list[StageOutput] = []
         for stage, head in enumerate(self.stages):
-            x = self._pool(features, list(inputs.split(counts)), image_shapes)
-            logits, deltas = self._stage_predict(stage, x)
+            per_image = list(inputs.split(counts))
+            logits, deltas = self._stage_predict(stage, features, per_image, image_shapes)
             if labels is None and logits is not None:
                 chosen = logits[:, 1:].argmax(dim=1) + 1
             picked = head.deltas_for_labels(deltas, chosen)

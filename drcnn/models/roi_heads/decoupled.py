@@ -15,6 +15,11 @@ rows per image (:func:`padded_reg_count`) although only positives carry a loss. 
 its L1 by the cls samples + that count (``decoupled_bbox_head.py``, ``labels_reg.size(0)``), the
 refine stages by ``REFINE_NORMALISER_SCALE`` x that count (``refine_bbox_head.py``,
 ``avg_factor=2*labels.size(0)``: 1024 per image when padded to 512).
+
+The head ablation's box heads (``model.roi_head.box_head``, :meth:`DecoupledRoIHeads._box_heads`)
+keep these samples and normalisers, except that the shared trunk halves stage 0's
+(``BoxHead.box_normaliser_scale``), and the Double-Head regression branches pool their RoIs
+enlarged (``BoxHead.reg_roi_scale``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from drcnn.errors import DrcnnError
-from drcnn.models.box_heads import DecoupledHead, RefineHead
+from drcnn.models.box_heads import BoxHead, DecoupledHead, RefineHead
+from drcnn.models.double_head import ConvRefineHead, DoubleHead
 from drcnn.models.roi_heads.base import RoIHeadsBase, StageOutput, split_proposals
 from drcnn.models.sampling import Samples, build_sampler
 
@@ -47,15 +53,16 @@ def padded_reg_count(candidates: Sequence[int], num: int) -> int:
 
 
 class DecoupledRoIHeads(RoIHeadsBase):
-    """Decoupled R-CNN: ``stages`` = [DecoupledHead, RefineHead, ...]."""
+    """Decoupled R-CNN: ``stages`` = [DecoupledHead, RefineHead, ...].
+
+    ``box_head``: null or unshared = those; shared = a :class:`DecoupledHead` with one trunk
+    (``DecoupledSharedBBoxHead``); double = [:class:`DoubleHead`, :class:`ConvRefineHead`, ...]
+    (``DoubleDecoupledBBoxHead``, ``DoubleRefineBBoxHead``).
+    """
 
     def __init__(self, cfg: Any, in_channels: int, featmap_names=("0", "1", "2", "3")) -> None:
         roi = cfg.model.roi_head
-        in_features = self.in_features(cfg, in_channels)
-        stages = nn.ModuleList(
-            [DecoupledHead(in_features, roi.fc_dim, roi.num_classes)]
-            + [RefineHead(in_features, roi.fc_dim) for _ in roi.stages[1:]]
-        )
+        stages = nn.ModuleList(self._box_heads(cfg, in_channels))
         if roi.reg_sampler.type != "positive":
             raise DrcnnError(
                 "config model.roi_head.reg_sampler.type: the decoupled head regresses every RoI "
@@ -65,9 +72,36 @@ class DecoupledRoIHeads(RoIHeadsBase):
         self.cls_sampler = build_sampler(roi.cls_sampler)
         self.reg_sampler = build_sampler(roi.reg_sampler)
 
-    def _stage_predict(self, stage: int, x: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Stage 0 runs both branches; refine stages have no classifier."""
-        return self.stages[0](x) if stage == 0 else (None, self.stages[stage](x))
+    @classmethod
+    def _box_heads(cls, cfg: Any, in_channels: int) -> list[BoxHead]:
+        """Stage 0's head and the refine stages' heads of ``model.roi_head.box_head``."""
+        roi = cfg.model.roi_head
+        if roi.box_head == "double":
+            return [DoubleHead(in_channels, roi.roi_size, roi.fc_dim, roi.num_classes)] + [
+                ConvRefineHead(in_channels, roi.fc_dim) for _ in roi.stages[1:]
+            ]
+        in_features = cls.in_features(cfg, in_channels)
+        shared = roi.box_head == "shared"
+        return [DecoupledHead(in_features, roi.fc_dim, roi.num_classes, shared_trunk=shared)] + [
+            RefineHead(in_features, roi.fc_dim) for _ in roi.stages[1:]
+        ]
+
+    def _stage_predict(
+        self,
+        stage: int,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[Tensor | None, Tensor]:
+        """Stage 0 runs both branches, refine stages regress only; each regression branch on
+        its RoIs pooled ``reg_roi_scale`` larger when its head says so."""
+        head = self.stages[stage]
+        x_reg = self._pool(features, boxes, image_shapes, head.reg_roi_scale)
+        if stage > 0:
+            return None, head(x_reg)
+        same = head.reg_roi_scale is None
+        x_cls = x_reg if same else self._pool(features, boxes, image_shapes)
+        return head.forward_cls(x_cls), head.forward_reg(x_reg)
 
     def _final_boxes(self, outs: list[StageOutput]) -> Tensor:
         """The last stage's moved boxes, shared by every class."""
@@ -98,16 +132,17 @@ class DecoupledRoIHeads(RoIHeadsBase):
         picked = self.stages[0].deltas_for_labels(
             deltas, torch.cat([s.labels for s in reg_samples])
         )
+        scale = self.stages[0].box_normaliser_scale  # 0.5 for the shared trunk
         losses["s0.loss_bbox"] = self._stage_box_loss(
-            0, picked, reg_samples, cls_labels.numel() + reg_rows
+            0, picked, reg_samples, scale * (cls_labels.numel() + reg_rows)
         )
         samples = reg_samples
         for stage in range(1, len(self.stages)):
             moved = self._move_samples(stage - 1, samples, picked.detach(), image_shapes)
             samples = self._sample(moved, targets, stage, self.reg_sampler, add_gt=False)
-            picked = self.stages[stage](
-                self._pool(features, [s.boxes for s in samples], image_shapes)
-            )
+            head = self.stages[stage]
+            boxes = [s.boxes for s in samples]
+            picked = head(self._pool(features, boxes, image_shapes, head.reg_roi_scale))
             losses[f"s{stage}.loss_bbox"] = self._stage_box_loss(
                 stage, picked, samples, REFINE_NORMALISER_SCALE * reg_rows
             )
@@ -134,7 +169,12 @@ class DecoupledRoIHeads(RoIHeadsBase):
         reg_samples: list[Samples],
         image_shapes: list[tuple[int, int]],
     ) -> tuple[Tensor, Tensor]:
-        """Pool cls and reg samples in one RoIAlign call; each branch sees only its own rows."""
+        """Pool cls and reg samples in one RoIAlign call; each fc branch sees only its own rows.
+
+        A conv regression branch (``reg_roi_scale`` set: the Double-Head) pools every row again
+        enlarged and runs on all of them, as the official head does (its BatchNorm statistics
+        span the classification rows too); only the regression rows' deltas are returned.
+        """
         boxes = [
             torch.cat([c.boxes, r.boxes]) for c, r in zip(cls_samples, reg_samples, strict=True)
         ]
@@ -145,11 +185,14 @@ class DecoupledRoIHeads(RoIHeadsBase):
             ]
         )
         x = self._pool(features, boxes, image_shapes)
-        head: DecoupledHead = self.stages[0]
-        return head.forward_cls(x[is_cls]), head.forward_reg(x[~is_cls])
+        head = self.stages[0]
+        if head.reg_roi_scale is None:
+            return head.forward_cls(x[is_cls]), head.forward_reg(x[~is_cls])
+        x_reg = self._pool(features, boxes, image_shapes, head.reg_roi_scale)
+        return head.forward_cls(x[is_cls]), head.forward_reg(x_reg)[~is_cls]
 
     def _stage_box_loss(
-        self, stage: int, picked: Tensor, samples: list[Samples], normaliser: int
+        self, stage: int, picked: Tensor, samples: list[Samples], normaliser: float
     ) -> Tensor:
         """Box loss of ``picked`` deltas on all rows of ``samples`` (all positive)."""
         rois = torch.cat([s.boxes for s in samples])

@@ -13,14 +13,20 @@ import torch
 from torch import Tensor, nn
 
 from drcnn.errors import DrcnnError
-from drcnn.models.box_heads import FastRCNNHead
+from drcnn.models.box_heads import DecoupledHead, FastRCNNHead
 from drcnn.models.roi_heads.base import RoIHeadsBase, split_proposals
 from drcnn.models.sampling import Samples, build_sampler
 
 
 class StandardRoIHeads(RoIHeadsBase):
     """Faster R-CNN: ``stages`` = one :class:`FastRCNNHead`, trained on the RoIs of
-    ``cls_sampler`` (official: random, 512 RoIs, 25% positive)."""
+    ``cls_sampler`` (official: random, 512 RoIs, 25% positive).
+
+    ``box_head: unshared``: a :class:`DecoupledHead` instead (separate cls / reg 2-fc trunks, no
+    background delta slot), the official ``Unshared2FCBBoxHead`` (``unshared2fcs_bbox_head.py``)
+    that the head ablation trains with ordinary sampling; losses and normalisers unchanged
+    (mmdetection's ``BBoxHead.loss``).
+    """
 
     max_stages = 1
 
@@ -32,8 +38,12 @@ class StandardRoIHeads(RoIHeadsBase):
                 f"{self.max_stages} stage(s), got {len(roi.stages)}"
             )
         in_features = self.in_features(cfg, in_channels)
+        # box_head unshared: the official Unshared2FCBBoxHead, DecoupledHead's layers
+        head_class = DecoupledHead if roi.box_head == "unshared" else FastRCNNHead
         stages = nn.ModuleList(
-            FastRCNNHead(in_features, roi.fc_dim, roi.num_classes, roi.reg_class_agnostic)
+            head_class(
+                in_features, roi.fc_dim, roi.num_classes, class_agnostic=roi.reg_class_agnostic
+            )
             for _ in roi.stages
         )
         super().__init__(cfg, in_channels, featmap_names, stages)
