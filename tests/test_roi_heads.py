@@ -390,6 +390,34 @@ def test_decoupled_inference_uses_stage0_scores_and_last_boxes(monkeypatch):
     assert all(d["labels"].min() >= 1 and d["labels"].max() <= K for d in dets)
 
 
+def test_decoupled_without_refine_stages_decodes_each_class_box(monkeypatch):
+    """N = 1: every class gets its own decoded box (the official DecoupledRoIHead's
+    ``get_bboxes``), not the box moved by the arg-max class's deltas."""
+    head = make_head("decoupled", 1)
+    seen = capture_nms_inputs(monkeypatch)
+    feats, props = features(), proposals(7, targets())
+    counts = [len(p) for p in props]
+    head.eval()
+    with torch.no_grad():
+        head(feats, props, SHAPES)
+        _, inputs, raw, moved = manual_chain(head, feats, props)
+    per_class = raw[0].unflatten(1, (K, 4))  # 4K deltas, no background slot
+    stds = STAGES[0].target_stds
+    expected = torch.stack(
+        [decode64(inputs[0], per_class[:, k], stds, SHAPES, counts) for k in range(K)], dim=1
+    )
+    got = torch.cat([b for b, _ in seen])
+    assert got.shape == (sum(counts), K, 4)
+    clipped = []
+    for g, (h, w) in zip(got.split(counts), SHAPES, strict=True):
+        g = g.clone()
+        g[..., 0::2] = g[..., 0::2].clamp(0, w)
+        g[..., 1::2] = g[..., 1::2].clamp(0, h)
+        clipped.append(g)
+    torch.testing.assert_close(torch.cat(clipped).double(), expected, rtol=0, atol=1e-3)
+    assert (expected - moved.double()[:, None]).abs().amax() > 1.0  # not the arg-max box
+
+
 # ---- analyze -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kind", "num_stages"), [("decoupled", 3), ("cascade", 3), ("standard", 1)]

@@ -6,7 +6,8 @@ sampler, no gt), both pooled in one RoIAlign call. Stages 1..N-1 (:class:`Refine
 regression-only: the previous stage's positive RoIs, moved by its predicted deltas, are
 re-assigned at the stage's IoU threshold and all positives are regressed again. At inference the
 class scores come from stage 0 only; each stage moves every proposal once more (stage 0 with the
-deltas of its arg-max class) and the last stage's boxes are the detections.
+deltas of its arg-max class) and the last stage's boxes are the detections; without refine
+stages (N = 1), each class's own decoded box, as the official DecoupledRoIHead.
 
 Box-loss normalisers (the official code's ``avg_factor``): the official positive sampler pads
 each image's regression sample with negatives up to ``reg_sampler.num``, and those padded rows
@@ -104,7 +105,13 @@ class DecoupledRoIHeads(RoIHeadsBase):
         return head.forward_cls(x_cls), head.forward_reg(x_reg)
 
     def _final_boxes(self, outs: list[StageOutput]) -> Tensor:
-        """The last stage's moved boxes, shared by every class."""
+        """The last stage's moved boxes, shared by every class; with stage 0 alone (no refine
+        stages) each class's own decoded box, as the official ``DecoupledRoIHead`` tests
+        (``simple_test_bboxes`` -> ``bbox_head.get_bboxes``: per-class decode). With refine
+        stages, stage 0 moves each box by its arg-max class (``regress_by_class``) and the
+        class-agnostic refine stages move it on."""
+        if len(self.stages) == 1:
+            return super()._final_boxes(outs)
         return outs[-1].outputs
 
     def forward_train(
