@@ -335,6 +335,17 @@ def manual_chain(head, feats, props, labels=None):
     return logit_list, inputs, raw, boxes
 
 
+def clip_per_image(boxes: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``(N, K, 4)`` boxes clipped to their image (as the NMS step clips them), in float64."""
+    clipped = []
+    for b, (h, w) in zip(boxes.split(counts), SHAPES, strict=True):
+        b = b.clone()
+        b[..., 0::2] = b[..., 0::2].clamp(0, w)
+        b[..., 1::2] = b[..., 1::2].clamp(0, h)
+        clipped.append(b)
+    return torch.cat(clipped).double()
+
+
 def scores_of(logits: list[torch.Tensor]) -> torch.Tensor:
     """Inference scores: the softmax of the logits averaged over the classifying stages, in
     float64 (mmdetection's CascadeRoIHead: sum(ms_scores) / num_stages, then softmax)."""
@@ -363,13 +374,7 @@ def test_cascade_scores_are_softmax_of_stage_averaged_logits(monkeypatch):
     )
     got = torch.cat([b for b, _ in seen])
     assert got.shape == (sum(counts), K, 4)
-    clipped = []
-    for g, (h, w) in zip(got.split(counts), SHAPES, strict=True):
-        g = g.clone()
-        g[..., 0::2] = g[..., 0::2].clamp(0, w)
-        g[..., 1::2] = g[..., 1::2].clamp(0, h)
-        clipped.append(g)
-    torch.testing.assert_close(torch.cat(clipped).double(), expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(clip_per_image(got, counts), expected, rtol=0, atol=1e-3)
 
 
 def test_decoupled_inference_uses_stage0_scores_and_last_boxes(monkeypatch):
@@ -408,13 +413,7 @@ def test_decoupled_without_refine_stages_decodes_each_class_box(monkeypatch):
     )
     got = torch.cat([b for b, _ in seen])
     assert got.shape == (sum(counts), K, 4)
-    clipped = []
-    for g, (h, w) in zip(got.split(counts), SHAPES, strict=True):
-        g = g.clone()
-        g[..., 0::2] = g[..., 0::2].clamp(0, w)
-        g[..., 1::2] = g[..., 1::2].clamp(0, h)
-        clipped.append(g)
-    torch.testing.assert_close(torch.cat(clipped).double(), expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(clip_per_image(got, counts), expected, rtol=0, atol=1e-3)
     assert (expected - moved.double()[:, None]).abs().amax() > 1.0  # not the arg-max box
 
 
