@@ -582,24 +582,6 @@ def response_summary(
     return pd.DataFrame(rows)
 
 
-# The columns a reader needs first (the report and ``drcnn sensitivity`` show these).
-KEY_COLUMNS = [
-    "model",
-    "branch",
-    "stage",
-    "sensitivity",
-    "sensitivity_lo",
-    "sensitivity_hi",
-    "ratio",
-    "ratio_lo",
-    "ratio_hi",
-    "gain_dx",
-    "gain_dy",
-    "prob_change",
-    "radius",
-    "iou_gain",
-    "frac_iou_0.9",
-]
 SUMMARY_COLUMNS = [
     "model",
     "branch",
@@ -628,6 +610,22 @@ SUMMARY_COLUMNS = [
     "frac_iou_0.9",
     "delta_l1",
 ]
+# The columns a reader needs first (the report and ``drcnn sensitivity`` show these): the
+# summary's columns, in its order, less the detail ones.
+DETAIL_COLUMNS = {
+    "boxes",
+    "objects",
+    "gain_dw",
+    "gain_dh",
+    "logit_change",
+    "radius_lo",
+    "radius_hi",
+    "quality_slope",
+    "mean_quality",
+    "accuracy",
+    "delta_l1",
+}
+KEY_COLUMNS = [c for c in SUMMARY_COLUMNS if c not in DETAIL_COLUMNS]
 
 
 def summarize(
