@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The synthetic study on one GPU (issue #15: <= 10 minutes on one H100/H200), timed, with its
+# tables, answers and report packed into one archive for the trip back from the GPU machine.
+#   bash benchmarks/gpu_study.sh smoke [RESULTS]  # benchmarks/gpu_study_smoke.yaml: every step, a minute
+#   bash benchmarks/gpu_study.sh full [RESULTS]   # experiments/synthetic_study_gpu.yaml
+# RESULTS (default $OUT, else benchmarks/results/gpu_study) receives <mode>.log (the run's
+# output with each step's time), <mode>.json (wall time, exit status, device) and
+# <mode>_outputs.tar.gz (the run folder without checkpoints and per-object rows). JOBS (default 6) trainings, then
+# tests, run at once: one R-18 training at 256 px keeps an H200 far from busy.
+# SPEC=other.yaml replaces the spec (a CPU trial of this script, say).
+# On the GPU machine, from the project root: source .gpu/env.sh && bash benchmarks/gpu_study.sh full
+set -uo pipefail
+mode=${1:-full}
+results=${2:-${OUT:-benchmarks/results/gpu_study}}
+jobs=${JOBS:-6}
+case "$mode" in
+  smoke) spec=${SPEC:-benchmarks/gpu_study_smoke.yaml} ;;
+  full) spec=${SPEC:-experiments/synthetic_study_gpu.yaml} ;;
+  *) echo "usage: $0 smoke|full [RESULTS]" >&2; exit 2 ;;
+esac
+mkdir -p "$results"
+run_dir=${RUN_DIR:-/tmp/drcnn_gpu_study_$mode}
+start=$(date +%s.%N)
+python3 -m drcnn run "$spec" --out "$run_dir" --jobs "$jobs" 2>&1 | tee "$results/$mode.log"
+status=${PIPESTATUS[0]}
+wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+device=$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
+printf '{"mode": "%s", "spec": "%s", "jobs": %s, "exit_status": %s, "wall_s": %s, "device": "%s"}\n' \
+  "$mode" "$spec" "$jobs" "$status" "$wall" "$device" | tee "$results/$mode.json"
+# without checkpoints and the per-object sensitivity rows (hundreds of MB; the summaries stay)
+tar czf "$results/${mode}_outputs.tar.gz" --exclude='*.pth' --exclude='./sensitivity/sensitivity.csv' \
+  --exclude='./sensitivity/sensitivity.parquet' \
+  -C "$run_dir" . 2>/dev/null || echo "could not pack $run_dir"
+exit "$status"
