@@ -47,7 +47,7 @@ NORM_TYPES = ("eval_bn", "frozen_bn", "bn")
 # FPN conv init: mmdetection's FPN.init_weights (xavier_uniform) or torchvision's
 # FeaturePyramidNetwork (kaiming_uniform, a=1).
 FPN_INITS = ("xavier_uniform", "kaiming_uniform")
-ROI_HEAD_TYPES = ("standard", "cascade", "decoupled")
+ROI_HEAD_TYPES = ("standard", "cascade", "decoupled", "dynamic")
 # Box heads of the RoI stages (RoIHeadConfig.box_head; null = the RoI head type's own). The
 # official repository's head ablations: "shared" (one 2-fc trunk for both tasks), "unshared"
 # (separate cls / reg 2-fc trunks), "double" (Double-Head: 2-fc classification, residual conv
@@ -200,8 +200,27 @@ class TestConfig:
 
 
 @dataclass
+class DynamicConfig:
+    """Dynamic R-CNN's running statistics (mmdetection 2.x ``train_cfg.rcnn.dynamic_rcnn``).
+
+    Per iteration: the ``iou_topk``-th largest IoU of each image's candidate RoIs with their gt
+    (mean over images), and the ``beta_topk`` x images-th smallest regression target (mean
+    ``|dx|, |dy|`` of a positive, normalised units). Every ``update_interval`` iterations the
+    stage-0 assignment threshold becomes max(``initial_iou``, the IoU statistics' mean) and the
+    SmoothL1 beta min(``initial_beta``, the target statistics' median).
+    """
+
+    iou_topk: int = 75
+    beta_topk: int = 10
+    update_interval: int = 100
+    initial_iou: float = 0.4
+    initial_beta: float = 1.0
+
+
+@dataclass
 class RoIHeadConfig:
-    # standard: Faster R-CNN; cascade: Cascade R-CNN; decoupled: Decoupled R-CNN.
+    # standard: Faster R-CNN; cascade: Cascade R-CNN; decoupled: Decoupled R-CNN; dynamic:
+    # Dynamic R-CNN (Faster R-CNN with the adaptive threshold and beta of ``dynamic``).
     type: str = "decoupled"
     num_classes: int = 80  # foreground classes
     roi_size: int = 7
@@ -231,6 +250,7 @@ class RoIHeadConfig:
     reg_class_agnostic: bool = False  # standard / cascade heads
     loss_bbox: BoxLossConfig = field(default_factory=BoxLossConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    dynamic: DynamicConfig | None = None  # type dynamic only (and required there)
 
 
 @dataclass
@@ -469,6 +489,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise DrcnnError("config model.backbone.frozen_stages: expected 0..4")
     _check_choice(cfg.model.roi_head.type, "model.roi_head.type", ROI_HEAD_TYPES)
     validate_box_head(cfg.model.roi_head)
+    validate_dynamic(cfg.model.roi_head)
     _check_choice(cfg.model.roi_head.test.nms, "model.roi_head.test.nms", NMS_TYPES)
     validate_box_loss(cfg.model.roi_head.loss_bbox, "model.roi_head.loss_bbox")
     validate_box_loss(cfg.model.rpn.loss_bbox, "model.rpn.loss_bbox")
@@ -529,6 +550,32 @@ def validate_box_head(roi: DictConfig) -> None:
             f"config model.roi_head.box_head: {roi.box_head} needs type decoupled "
             f"(the official Double-Head variant trains with decoupled sampling), got {roi.type}"
         )
+
+
+def validate_dynamic(roi: DictConfig) -> None:
+    """``dynamic`` set exactly when the type is dynamic, which needs a smooth-L1 box loss (its
+    beta is what adapts) and the one shared 2-fc stage of Faster R-CNN."""
+    key = "config model.roi_head.dynamic"
+    if roi.type != "dynamic":
+        if roi.dynamic is not None:
+            raise DrcnnError(f"{key}: type {roi.type} takes no dynamic settings (set null)")
+        return
+    if roi.dynamic is None:
+        raise DrcnnError(f"{key}: type dynamic needs its settings (iou_topk, beta_topk, ...)")
+    if roi.loss_bbox.type != "smooth_l1":
+        raise DrcnnError(
+            f"config model.roi_head.loss_bbox.type: type dynamic adapts a smooth_l1 beta, "
+            f"got {roi.loss_bbox.type}"
+        )
+    if roi.box_head not in (None, "shared"):
+        raise DrcnnError(
+            f"config model.roi_head.box_head: type dynamic runs shared, got {roi.box_head}"
+        )
+    for name in ("iou_topk", "beta_topk", "update_interval"):
+        if roi.dynamic[name] < 1:
+            raise DrcnnError(f"{key}.{name}: expected a positive integer")
+    if not 0 < roi.dynamic.initial_iou < 1 or roi.dynamic.initial_beta <= 0:
+        raise DrcnnError(f"{key}: expected 0 < initial_iou < 1 and initial_beta > 0")
 
 
 def validate_box_loss(entry: DictConfig, key: str) -> None:

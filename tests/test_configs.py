@@ -94,6 +94,9 @@ OFFICIAL_ROI = {
     "fc_dim": 1024,  # DEC:58
 }
 COCO = [p for p in CONFIGS if p.stem.endswith("_coco")]
+# DYN: mmdetection 2.x configs/dynamic_rcnn/dynamic_rcnn_r50_fpn_1x_coco.py, whose test-time RPN
+# NMS is 0.85 (DYN:28); every other shared value is Faster R-CNN's.
+RPN_DIFFERS = {"dynamic_rcnn_r50_fpn_1x_coco": {"test_nms_thresh": 0.85}}
 
 
 def plain(node):
@@ -103,7 +106,7 @@ def plain(node):
 @pytest.mark.parametrize("path", COCO, ids=lambda p: p.stem)
 def test_shared_rpn_and_roi_values(path):
     cfg = load_config(path)
-    for key, value in OFFICIAL_RPN.items():
+    for key, value in {**OFFICIAL_RPN, **RPN_DIFFERS.get(path.stem, {})}.items():
         assert plain(cfg.model.rpn[key]) == value, key
     for key, value in OFFICIAL_ROI.items():
         assert cfg.model.roi_head[key] == value, key
@@ -206,6 +209,25 @@ def test_cascade_rcnn_20e_official_values():
         "add_gt": True,
     }
     assert (roi.test.score_thresh, roi.test.nms) == (0.05, "nms")  # CASCADE:177-178
+
+
+def test_dynamic_rcnn_1x_official_values():
+    """mmdetection 2.x's Dynamic R-CNN (DYN line numbers) on its Faster R-CNN base."""
+    cfg = load_config("configs/baselines/dynamic_rcnn_r50_fpn_1x_coco.yaml")
+    rpn, roi = cfg.model.rpn, cfg.model.roi_head
+    assert rpn_nms_thresholds(rpn) == (0.85,) and rpn.test_nms_thresh == 0.85  # DYN:20,28
+    assert roi.type == "dynamic" and len(roi.stages) == 1  # DYN:4
+    assert roi.reg_class_agnostic is False  # DYN:15
+    assert plain(roi.loss_bbox) == {"type": "smooth_l1", "beta": 1.0}  # DYN:18
+    assert plain(roi.dynamic) == {  # DYN:22-27
+        "iou_topk": 75,
+        "beta_topk": 10,
+        "update_interval": 100,
+        "initial_iou": 0.4,
+        "initial_beta": 1.0,
+    }
+    assert roi.stages[0].iou_thresh == 0.5  # the Faster R-CNN assigner until the first update
+    assert (cfg.train.epochs, list(cfg.train.lr_steps)) == (12, [8, 11])  # schedule_1x
 
 
 def test_torchvision_config_keeps_torchvision_conventions():

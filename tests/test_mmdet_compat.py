@@ -39,6 +39,7 @@ SYNTHETIC = Path("configs/synthetic")
 FASTER = SYNTHETIC / "faster_rcnn_r18_fpn_synthetic.yaml"
 CASCADE = SYNTHETIC / "cascade_rcnn_r18_fpn_synthetic.yaml"
 DECOUPLED = SYNTHETIC / "decoupled_rcnn_r18_fpn_synthetic.yaml"
+DYNAMIC = SYNTHETIC / "dynamic_rcnn_r18_fpn_synthetic.yaml"
 DECOUPLED_COCO = Path("configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml")
 NO_WEIGHTS = ["model.backbone.pretrained=null"]
 SYNTHETIC_NAMES = tuple(c["name"] for c in SYNTHETIC_CATEGORIES)
@@ -48,6 +49,7 @@ HEADS = {
     FASTER: (["shared"], False),  # StandardRoIHead + Shared2FCBBoxHead, class-specific
     CASCADE: (["shared_agnostic"] * 3, True),  # CascadeRoIHead, reg_class_agnostic=True
     DECOUPLED: (["decoupled", "refine", "refine"], True),  # DecoupledRefineRoIHead
+    DYNAMIC: (["shared"], False),  # DynamicRoIHead (a StandardRoIHead) + Shared2FCBBoxHead
 }
 HEAD_SHAPES = {  # layer -> shape as (out, in); K classes, F fc width, D flattened RoI feature
     "shared": {"shared_fcs.0": ("F", "D"), "shared_fcs.1": ("F", "F"), "fc_cls": ("K+1", "F"),
@@ -199,12 +201,15 @@ def mmdet_head_forward(mm: dict[str, Tensor], prefix: str, head: str, x: Tensor)
     return fc("fc_cls", F.relu(fc("cls_fcs.1", F.relu(fc("cls_fcs.0", x))))), reg
 
 
-@pytest.mark.parametrize("config", [FASTER, CASCADE, DECOUPLED], ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", [FASTER, CASCADE, DECOUPLED, DYNAMIC], ids=lambda p: p.stem)
 def test_heads_compute_what_mmdetection_computes(config):
-    """Scores of class k, background and the deltas of class k agree with mmdetection's."""
+    """Scores of class k, background and the deltas of class k agree with mmdetection's
+    (Dynamic R-CNN's running statistics, absent there, keep their initial values)."""
     model = model_of(config)
     mm = synthetic_state(config)
     load_mmdet_checkpoint(model, mm)
+    if config == DYNAMIC:
+        assert model.roi_heads.iou_thresh.item() == 0.5 and int(model.roi_heads.recorded) == 0
     heads, listed = HEADS[config]
     x = torch.randn(6, 64, 7, 7) * 0.05
     labels = torch.tensor([1, 2, 3, 5, 8, 8])  # drcnn labels 1..K = mmdetection labels 0..K-1

@@ -146,7 +146,10 @@ def generic_source(key: str, shape: tuple[int, ...]) -> Source | None:
 def mmdet_sources(model: nn.Module) -> dict[str, Source]:
     """The mmdetection source of every entry of ``model.state_dict()``, by drcnn key."""
     sources = {}
+    unsaved = running_state_keys(model)
     for key, value in model.state_dict().items():
+        if key in unsaved:
+            continue
         shape = tuple(value.shape)
         source = stage_source(model, key, shape) or generic_source(key, shape)
         if source is None:  # a drcnn module without an mmdetection layout here (Double-Head)
@@ -156,6 +159,13 @@ def mmdet_sources(model: nn.Module) -> dict[str, Source]:
             )
         sources[key] = source
     return sources
+
+
+def running_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of training statistics that mmdetection never saves (Dynamic R-CNN keeps
+    its threshold, beta and histories in Python attributes): an import keeps the model's
+    initial values for them, as mmdetection starts from its config's."""
+    return [f"roi_heads.{name}" for name in getattr(model.roi_heads, "running_state", ())]
 
 
 def describe_model(model: nn.Module) -> str:
@@ -216,6 +226,7 @@ def convert_mmdet_state_dict(
                 f"expects {source.shape} (drcnn {key})"
             )
         converted[key] = source.convert(value).to(own[key].dtype)
+    converted.update({key: own[key].clone() for key in running_state_keys(model)})
     return converted
 
 

@@ -7,7 +7,7 @@ positive fraction (:func:`random_sample`), the regression branch uses every posi
 (:func:`positive_sample`), so that highly overlapping proposals are not thrown away. A head
 takes its samplers from its config entries (``type: random | positive``, see
 :class:`drcnn.config.SamplerConfig`) through :func:`build_sampler`. :func:`sample_rois` chains
-the three steps for one image.
+the steps for one image (:func:`assign_candidates`, a sampler, :func:`take_samples`).
 """
 
 from __future__ import annotations
@@ -101,6 +101,42 @@ def build_sampler(entry: Any) -> Sampler:
     return SAMPLERS[entry.type](entry)
 
 
+class Candidates(NamedTuple):
+    """One image's candidate RoIs (the proposals, then the gt boxes when added) and their
+    assignment, before a sampler picks from them."""
+
+    boxes: Tensor  # (N, 4)
+    is_gt: Tensor  # (N,) bool, the RoI is a gt box added as a proposal
+    assignment: Assignment
+    matched_gt: Tensor  # (N, 4) each RoI's best gt box (the RoI itself when there is no gt)
+
+
+def assign_candidates(
+    proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, iou_thresh: float, add_gt: bool
+) -> Candidates:
+    """``proposals`` (plus the gt boxes when ``add_gt``) assigned at ``iou_thresh``."""
+    gt_boxes = gt_boxes.to(proposals.dtype)
+    is_gt = torch.zeros(proposals.shape[0], dtype=torch.bool, device=proposals.device)
+    if add_gt:
+        proposals = torch.cat([proposals, gt_boxes])
+        is_gt = torch.cat([is_gt, torch.ones_like(gt_labels, dtype=torch.bool)])
+    assignment = assign_max_iou(proposals, gt_boxes, gt_labels, iou_thresh)
+    matched_gt = gt_boxes[assignment.matched_idxs] if gt_boxes.numel() else proposals
+    return Candidates(proposals, is_gt, assignment, matched_gt)
+
+
+def take_samples(candidates: Candidates, keep: Tensor) -> Samples:
+    """The rows ``keep`` of ``candidates`` as :class:`Samples`."""
+    assignment = candidates.assignment
+    return Samples(
+        candidates.boxes[keep],
+        assignment.labels[keep],
+        candidates.matched_gt[keep],
+        candidates.is_gt[keep],
+        assignment.max_iou[keep],
+    )
+
+
 def sample_rois(
     proposals: Tensor,
     gt_boxes: Tensor,
@@ -110,18 +146,5 @@ def sample_rois(
     add_gt: bool,
 ) -> Samples:
     """Assign ``proposals`` (plus the gt boxes when ``add_gt``) and keep what ``sampler`` picks."""
-    gt_boxes = gt_boxes.to(proposals.dtype)
-    is_gt = torch.zeros(proposals.shape[0], dtype=torch.bool, device=proposals.device)
-    if add_gt:
-        proposals = torch.cat([proposals, gt_boxes])
-        is_gt = torch.cat([is_gt, torch.ones_like(gt_labels, dtype=torch.bool)])
-    assignment = assign_max_iou(proposals, gt_boxes, gt_labels, iou_thresh)
-    keep = sampler(assignment.labels)
-    matched_gt = gt_boxes[assignment.matched_idxs] if gt_boxes.numel() else proposals
-    return Samples(
-        proposals[keep],
-        assignment.labels[keep],
-        matched_gt[keep],
-        is_gt[keep],
-        assignment.max_iou[keep],
-    )
+    candidates = assign_candidates(proposals, gt_boxes, gt_labels, iou_thresh, add_gt)
+    return take_samples(candidates, sampler(candidates.assignment.labels))

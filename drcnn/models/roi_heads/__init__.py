@@ -11,12 +11,14 @@ from drcnn.config import ROI_HEAD_TYPES, require_same_names
 from drcnn.errors import DrcnnError
 from drcnn.models.roi_heads.cascade import CascadeRoIHeads
 from drcnn.models.roi_heads.decoupled import DecoupledRoIHeads
+from drcnn.models.roi_heads.dynamic import DynamicRoIHeads
 from drcnn.models.roi_heads.standard import StandardRoIHeads
 
 ROI_HEADS: dict[str, type[nn.Module]] = {
     "standard": StandardRoIHeads,  # Faster R-CNN
     "cascade": CascadeRoIHeads,  # Cascade R-CNN
     "decoupled": DecoupledRoIHeads,  # Decoupled R-CNN
+    "dynamic": DynamicRoIHeads,  # Dynamic R-CNN (baseline)
 }
 require_same_names(ROI_HEADS, ROI_HEAD_TYPES, "drcnn.models.roi_heads.ROI_HEADS")
 
@@ -24,6 +26,7 @@ __all__ = [
     "ROI_HEADS",
     "CascadeRoIHeads",
     "DecoupledRoIHeads",
+    "DynamicRoIHeads",
     "StandardRoIHeads",
     "build_roi_heads",
 ]

@@ -173,8 +173,13 @@ class RoIHeadsBase(nn.Module):
     ) -> Tensor:
         """Box loss of ``deltas`` against the encoded gt, summed, / ``normaliser``, weighted."""
         targets = self.box_coders[stage].encode_single(gt_boxes, rois)
-        loss = box_loss(deltas.float(), targets, self.cfg.loss_bbox) / max(normaliser, 1)
+        loss = box_loss(deltas.float(), targets, self._box_loss_entry(targets)) / max(normaliser, 1)
         return self.cfg.stages[stage].loss_weight * loss
+
+    def _box_loss_entry(self, targets: Tensor) -> Any:
+        """The ``loss_bbox`` entry for these (positive) targets: the config's, which a head
+        with an adaptive loss (Dynamic R-CNN) replaces."""
+        return self.cfg.loss_bbox
 
     # ---- the chain (inference and analysis) -------------------------------------------------
     def _stage_predict(
