@@ -79,3 +79,38 @@ def test_study_contrasts_are_the_grid_effects():
     interaction = contrasts["interaction"]
     assert {nms[m] for m in interaction.plus} == {(0.7, 0.7), (0.85, 0.85)}
     assert {nms[m] for m in interaction.minus} == {(0.7, 0.85), (0.85, 0.7)}
+
+
+def test_head_ablation_is_a_two_by_two_at_one_stage_with_its_main_effects():
+    """Shared / unshared trunk x ordinary / decoupled sampling at N = 1, each cell once, plus
+    the official N = 3 and its Double-Head variant; each main-effect contrast has one level of
+    its factor on each side and both levels of the other factor on both sides."""
+    spec = load_spec("experiments/head_ablation.yaml")
+    assert len(spec.seeds) >= 3 and "sensitivity" not in spec.steps
+    cells = {}
+    for m in spec.models:
+        roi = load_config(m.config, model_overrides(spec, m)).model.roi_head
+        decoupled = roi.type == "decoupled"
+        shared = roi.box_head == "shared" or (roi.box_head is None and not decoupled)
+        head = "double" if roi.box_head == "double" else ("shared" if shared else "unshared")
+        cells[m.name] = (head, "decoupled" if decoupled else "ordinary", len(roi.stages))
+    grid = sorted(c for c in cells.values() if c[2] == 1)
+    assert grid == [
+        ("shared", "decoupled", 1),
+        ("shared", "ordinary", 1),
+        ("unshared", "decoupled", 1),
+        ("unshared", "ordinary", 1),
+    ]
+    assert sorted(c for c in cells.values() if c[2] == 3) == [
+        ("double", "decoupled", 3),
+        ("unshared", "decoupled", 3),
+    ]
+    contrasts = {c.name: c for c in spec.ap_table.contrasts}
+    for name, factor, level in (
+        ("decoupled sampling (N = 1, both heads)", 1, "decoupled"),
+        ("unshared head (N = 1, both samplings)", 0, "unshared"),
+    ):
+        plus = [cells[m] for m in contrasts[name].plus]
+        minus = [cells[m] for m in contrasts[name].minus]
+        assert {p[factor] for p in plus} == {level} and level not in {m[factor] for m in minus}
+        assert sorted(p[1 - factor] for p in plus) == sorted(m[1 - factor] for m in minus)
