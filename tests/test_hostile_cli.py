@@ -131,6 +131,25 @@ def test_benchmark_refuses_to_write_over_its_checkpoint(tmp_path, synthetic_root
     assert err.startswith(f"error: {checkpoint}: --out would overwrite the checkpoint")
 
 
+@pytest.mark.parametrize("command", ["test", "infer", "benchmark"])
+@pytest.mark.parametrize(("option", "value"), [("--amp", "fp8"), ("--device", "tpu")])
+def test_bad_amp_and_device_values(
+    tmp_path, synthetic_root, checkpoint, capsys, command, option, value
+) -> None:
+    """Issue 13: an unknown --amp mode or --device is one line, before anything is written."""
+    out = tmp_path / "out"
+    argv = {
+        "test": ["test", FASTER, checkpoint, "--out", out / "r.json"],
+        "infer": ["infer", FASTER, checkpoint, synthetic_root / "val", "--out", out],
+        "benchmark": ["benchmark", FASTER, checkpoint, "--images", "1", "--out", out / "b.json"],
+    }[command]
+    options = ["--set", *tiny_overrides(synthetic_root)]
+    options = [*options, "--device", "cpu"] if option == "--amp" else options
+    watch = [tmp_path, checkpoint, synthetic_root]
+    err = expect_refusal([*argv, *options, option, value], capsys, watch)
+    assert err.startswith(f"error: {option}") and value in err
+
+
 # -------------------------------------------------------- run: lock, names, specs (5, 14, 15)
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path, synthetic_root, capsys) -> None:
     out = tmp_path / "out"
