@@ -79,3 +79,10 @@ def test_study_contrasts_are_the_grid_effects():
     interaction = contrasts["interaction"]
     assert {nms[m] for m in interaction.plus} == {(0.7, 0.7), (0.85, 0.85)}
     assert {nms[m] for m in interaction.minus} == {(0.7, 0.85), (0.85, 0.7)}
+
+
+def test_main_specs_use_the_gpu_when_there_is_one():
+    """Issue 13: the quickstart and the study say ``device: auto``; the GPU study stays cuda."""
+    devices = {p.stem: load_spec(p).device for p in SPECS}
+    assert devices["synthetic_quick"] == devices["synthetic_study"] == "auto"
+    assert devices["synthetic_study_gpu"] == "cuda"

@@ -28,6 +28,7 @@ from test_test_infer import save_random_model
 from test_train import DECOUPLED, FASTER, tiny_overrides
 
 from drcnn.config import load_config, to_dict
+from drcnn.engine.distributed import device_name, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,6 +194,7 @@ sys.stdin.read()
         ({"models": [{"name": "a"}]}, "models[0].config: missing"),
         ({"models": [{"config": str(FASTER)}]}, "models[0].name: missing"),
         ({"name": "${oc.env:HOME}"}, "key 'name': interpolations (${...}) are not supported"),
+        ({"device": "tpu"}, "device: expected cpu, cuda, cuda:N or auto, got 'tpu'"),
         (
             {"models": [{"name": "a", "config": str(FASTER), "overrides": ["train.lr=${x}"]}]},
             "key 'models[0].overrides[0]': interpolations",
@@ -407,3 +409,13 @@ def test_full_disk(tmp_path, synthetic_root, perturbed_results, full_disk, capsy
     err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root], may_create=[run_out])
     assert err == f"error: {run_out / 'spec.yaml'}: {nospace}"
     assert [p.name for p in run_out.iterdir()] == [".lock"]  # no temp file left behind
+
+
+def test_device_auto_is_the_cpu_on_a_machine_without_cuda(monkeypatch) -> None:
+    """``--device auto`` (and no --device) on a CPU-only machine: the CPU, exactly as before;
+    with CUDA available, cuda (its device index from LOCAL_RANK under torchrun)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    assert device_name("auto") == "cpu" and device_name("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_name("auto") == device_name(None) == "cuda"
