@@ -524,7 +524,7 @@ def assert_features_close(got: dict, expected: dict) -> None:
         torch.testing.assert_close(got[name], feature, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("norm", ["eval_bn", "frozen_bn", "bn"])
+@pytest.mark.parametrize("norm", ["eval_bn", "bn"])
 def test_inference_folds_batchnorm_into_the_convolutions(norm):
     """At inference no BatchNorm kernel runs, the features equal the unfolded trunk's, and the
     module's state dict (what a checkpoint saves) is the unfolded one, unchanged."""
@@ -577,6 +577,20 @@ def test_folded_trunk_follows_weight_changes_and_leaves_training_alone():
     backbone.eval()
     with torch.no_grad():
         assert_features_close(backbone(x), unfolded_features(backbone, x))
+
+
+def test_frozen_bn_computes_as_torchvision_also_at_inference():
+    """``frozen_bn`` (the torchvision-parity config's) is not folded: the same features, to the
+    bit, as torchvision's forward, every BatchNorm run."""
+    torch.manual_seed(0)
+    backbone = build_backbone(small_cfg("model.backbone.norm=frozen_bn"))
+    randomize_norms(backbone)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode(), BatchNormCount() as counted:
+        got = backbone.eval()(x)
+    assert counted.count == 20
+    expected = unfolded_features(backbone, x)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_folding_leaves_group_and_training_batchnorm_alone():
