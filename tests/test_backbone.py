@@ -11,8 +11,10 @@ import pytest
 import torch
 import torchvision
 from hostile import expect_refusal
+from test_detector import image_with_boxes, small_detector
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from drcnn.config import NORM_TYPES, load_config
@@ -21,7 +23,9 @@ from drcnn.models.backbone import (
     NORM_LAYERS,
     EvalBatchNorm2d,
     FusedFrozenBatchNorm2d,
+    ResNetFPN,
     build_backbone,
+    fold_norms,
     read_pretrained,
 )
 
@@ -477,3 +481,142 @@ def test_cli_refuses_missing_open_mmlab_weights_offline(tmp_path, offline, capsy
         watch=[tmp_path, Path("configs")],
     )
     assert "unknown open-mmlab weights" in err
+
+
+# --- BatchNorm folded into the convolutions at inference (issue 13) -------------------------
+
+
+class BatchNormCount(TorchDispatchMode):
+    """Counts the BatchNorm kernels that run (``aten.*batch_norm*``) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += "batch_norm" in func.name()
+        return func(*args, **(kwargs or {}))
+
+
+def randomize_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial statistics and affine weights in every BatchNorm (a fresh one is identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d | FrozenBatchNorm2d):
+                n = norm.num_features if hasattr(norm, "num_features") else len(norm.weight)
+                norm.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+                norm.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                norm.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                norm.bias.copy_(torch.randn(n, generator=generator) * 0.5)
+
+
+def unfolded_features(backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The features by torchvision's ``BackboneWithFPN.forward`` (the trunk as built, every
+    BatchNorm run), in the layout ResNetFPN uses: the reference for the folded trunk."""
+    x = x.contiguous(memory_format=backbone.memory_format)
+    return {k: f.contiguous() for k, f in BackboneWithFPN.forward(backbone, x).items()}
+
+
+def assert_features_close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, feature in expected.items():
+        torch.testing.assert_close(got[name], feature, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["eval_bn", "bn"])
+def test_inference_folds_batchnorm_into_the_convolutions(norm):
+    """At inference no BatchNorm kernel runs, the features equal the unfolded trunk's, and the
+    module's state dict (what a checkpoint saves) is the unfolded one, unchanged."""
+    torch.manual_seed(0)
+    backbone = build_backbone(small_cfg(f"model.backbone.norm={norm}"))
+    randomize_norms(backbone)
+    backbone.eval()
+    state = _snapshot(backbone)
+    x = torch.rand(2, 3, 96, 64)
+    with torch.inference_mode():
+        expected = unfolded_features(backbone, x)
+        with BatchNormCount() as unfolded:
+            unfolded_features(backbone, x)
+        with BatchNormCount() as counted:
+            got = backbone(x)
+    assert unfolded.count == 20  # resnet18: stem, 2 x 8 block convs, 3 downsamples
+    assert counted.count == 0
+    assert_features_close(got, expected)
+    assert backbone.folded["body"].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    after = backbone.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_folded_trunk_follows_weight_changes_and_leaves_training_alone():
+    """A weight changed in place, a loaded state dict or a training step: the next inference
+    uses the new weights. Gradients (eval mode with autograd on, or training) still reach the
+    BatchNorm weights, which the folded copy would not let through."""
+    torch.manual_seed(0)
+    backbone = build_backbone(small_cfg("model.backbone.frozen_stages=0"))
+    randomize_norms(backbone)
+    backbone.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        backbone(x)
+        backbone.body.layer2[0].bn1.running_mean.add_(1.0)  # in place, as copy_ and optimisers
+        assert_features_close(backbone(x), unfolded_features(backbone, x))
+        other = build_backbone(small_cfg("model.backbone.frozen_stages=0"))
+        randomize_norms(other, seed=1)
+        backbone.load_state_dict(other.state_dict())
+        assert_features_close(backbone(x), unfolded_features(backbone, x))
+    loss = sum(f.square().mean() for f in backbone(x).values())  # eval mode, autograd on
+    (grad,) = torch.autograd.grad(loss, [backbone.body.layer3[0].bn2.weight])
+    assert grad.abs().sum() > 0
+    backbone.train()
+    assert not backbone.folded
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=1e-4)
+    sum(f.square().mean() for f in backbone(x).values()).backward()
+    optimizer.step()
+    backbone.eval()
+    with torch.no_grad():
+        assert_features_close(backbone(x), unfolded_features(backbone, x))
+
+
+def test_frozen_bn_computes_as_torchvision_also_at_inference():
+    """``frozen_bn`` (the torchvision-parity config's) is not folded: the same features, to the
+    bit, as torchvision's forward, every BatchNorm run."""
+    torch.manual_seed(0)
+    backbone = build_backbone(small_cfg("model.backbone.norm=frozen_bn"))
+    randomize_norms(backbone)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode(), BatchNormCount() as counted:
+        got = backbone.eval()(x)
+    assert counted.count == 20
+    expected = unfolded_features(backbone, x)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_folding_leaves_group_and_training_batchnorm_alone():
+    """Only fixed-affine norms fold: a BatchNorm in training mode or a GroupNorm stays."""
+    body = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 3)
+    )
+    body.add_module("3", torch.nn.GroupNorm(2, 4))
+    assert isinstance(fold_norms(body.train())[1], torch.nn.BatchNorm2d)
+    folded = fold_norms(body.eval())
+    assert isinstance(folded[1], torch.nn.Identity) and isinstance(folded[3], torch.nn.GroupNorm)
+
+
+@pytest.mark.parametrize("kind", ["faster", "decoupled"])
+def test_detector_inference_with_folded_batchnorm_equals_the_unfolded_one(kind, monkeypatch):
+    """Whole detector, fixed random weights with non-trivial BatchNorm statistics: the same
+    detections (to 1e-4) as with the trunk run unfolded, and no BatchNorm kernel runs."""
+    model = small_detector(kind).eval()
+    randomize_norms(model)
+    image, _ = image_with_boxes(torch.Generator().manual_seed(0), 128, 160)
+    with torch.inference_mode(), BatchNormCount() as counted:
+        got = model([image])[0]
+    with monkeypatch.context() as patch, torch.inference_mode():
+        patch.setattr(ResNetFPN, "inference_body", lambda backbone: backbone.body)
+        with BatchNormCount() as unfolded:
+            expected = model([image])[0]
+    assert counted.count == 0 and unfolded.count > 0
+    assert len(expected["scores"]) > 10
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -114,3 +114,10 @@ def test_head_ablation_is_a_two_by_two_at_one_stage_with_its_main_effects():
         minus = [cells[m] for m in contrasts[name].minus]
         assert {p[factor] for p in plus} == {level} and level not in {m[factor] for m in minus}
         assert sorted(p[1 - factor] for p in plus) == sorted(m[1 - factor] for m in minus)
+
+
+def test_main_specs_use_the_gpu_when_there_is_one():
+    """Issue 13: the quickstart and the study say ``device: auto``; the GPU study stays cuda."""
+    devices = {p.stem: load_spec(p).device for p in SPECS}
+    assert devices["synthetic_quick"] == devices["synthetic_study"] == "auto"
+    assert devices["synthetic_study_gpu"] == "cuda"

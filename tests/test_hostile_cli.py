@@ -28,6 +28,7 @@ from test_test_infer import save_random_model
 from test_train import DECOUPLED, FASTER, tiny_overrides
 
 from drcnn.config import load_config, to_dict
+from drcnn.engine.distributed import device_name, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +132,25 @@ def test_benchmark_refuses_to_write_over_its_checkpoint(tmp_path, synthetic_root
     assert err.startswith(f"error: {checkpoint}: --out would overwrite the checkpoint")
 
 
+@pytest.mark.parametrize("command", ["test", "infer", "benchmark"])
+@pytest.mark.parametrize(("option", "value"), [("--amp", "fp8"), ("--device", "tpu")])
+def test_bad_amp_and_device_values(
+    tmp_path, synthetic_root, checkpoint, capsys, command, option, value
+) -> None:
+    """Issue 13: an unknown --amp mode or --device is one line, before anything is written."""
+    out = tmp_path / "out"
+    argv = {
+        "test": ["test", FASTER, checkpoint, "--out", out / "r.json"],
+        "infer": ["infer", FASTER, checkpoint, synthetic_root / "val", "--out", out],
+        "benchmark": ["benchmark", FASTER, checkpoint, "--images", "1", "--out", out / "b.json"],
+    }[command]
+    options = ["--set", *tiny_overrides(synthetic_root)]
+    options = [*options, "--device", "cpu"] if option == "--amp" else options
+    watch = [tmp_path, checkpoint, synthetic_root]
+    err = expect_refusal([*argv, *options, option, value], capsys, watch)
+    assert err.startswith(f"error: {option}") and value in err
+
+
 # -------------------------------------------------------- run: lock, names, specs (5, 14, 15)
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path, synthetic_root, capsys) -> None:
     out = tmp_path / "out"
@@ -174,6 +194,7 @@ sys.stdin.read()
         ({"models": [{"name": "a"}]}, "models[0].config: missing"),
         ({"models": [{"config": str(FASTER)}]}, "models[0].name: missing"),
         ({"name": "${oc.env:HOME}"}, "key 'name': interpolations (${...}) are not supported"),
+        ({"device": "tpu"}, "device: expected cpu, cuda, cuda:N or auto, got 'tpu'"),
         (
             {"models": [{"name": "a", "config": str(FASTER), "overrides": ["train.lr=${x}"]}]},
             "key 'models[0].overrides[0]': interpolations",
@@ -388,3 +409,13 @@ def test_full_disk(tmp_path, synthetic_root, perturbed_results, full_disk, capsy
     err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root], may_create=[run_out])
     assert err == f"error: {run_out / 'spec.yaml'}: {nospace}"
     assert [p.name for p in run_out.iterdir()] == [".lock"]  # no temp file left behind
+
+
+def test_device_auto_is_the_cpu_on_a_machine_without_cuda(monkeypatch) -> None:
+    """``--device auto`` (and no --device) on a CPU-only machine: the CPU, exactly as before;
+    with CUDA available, cuda (its device index from LOCAL_RANK under torchrun)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    assert device_name("auto") == "cpu" and device_name("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_name("auto") == device_name(None) == "cuda"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from drcnn import cli, load_config
@@ -420,3 +421,24 @@ def test_jobs_below_one_is_a_one_line_error(tmp_path, synthetic_root, capsys):
     assert cli.main(["run", str(spec), "--jobs", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --jobs 0: expected at least 1\n"
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_device_auto_is_resolved_for_each_run_and_recorded_as_auto(
+    tmp_path, synthetic_root, monkeypatch, cuda
+):
+    """``device: auto``: the notebooks get cuda where CUDA is available and cpu elsewhere (a
+    CPU-only machine runs as with ``device: cpu``); the step records keep ``auto``, so a run
+    resumed on another machine does not redo its finished steps."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    fake = FakeExecutor()
+    monkeypatch.setattr(runner, "execute_notebook", fake)
+    spec = write_spec(
+        tmp_path / "spec.yaml", synthetic_root, ["train", "test", "sensitivity"], device="auto"
+    )
+    runner.run_experiment(spec, tmp_path / "out", echo=lambda line: None)
+    devices = {step: parameters["device"] for step, parameters in fake.calls}
+    assert set(devices) >= {"train-faster", "test-faster", "sensitivity"}
+    assert set(devices.values()) == {"cuda" if cuda else "cpu"}
+    record = json.loads((tmp_path / "out" / "steps" / "train-faster.json").read_text())
+    assert record["parameters"]["device"] == "auto"

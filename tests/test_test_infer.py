@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,12 @@ from torchvision.ops import clip_boxes_to_image
 
 from drcnn.cli import main
 from drcnn.config import load_config, to_dict
+from drcnn.engine import amp as amp_module
+from drcnn.engine import evaluate as evaluate_module
 from drcnn.engine.benchmark import use_anchor_proposals
 from drcnn.engine.checkpoint import load_model, save_checkpoint
 from drcnn.engine.infer import drawing_names
+from drcnn.engine.train import train
 from drcnn.models.detector import build_detector
 
 
@@ -233,3 +237,106 @@ def test_max_val_images_evaluates_only_the_images_run(
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["AP50"] == pytest.approx(max(reference.stats[1], 0.0))
     assert metrics["AR100"] == pytest.approx(max(reference.stats[8], 0.0))
+
+
+# --- --amp: mixed-precision inference (issue 13 item 2) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(synthetic_root, tmp_path_factory) -> Path:
+    """A Faster R-CNN trained 20 iterations on the synthetic set (tiny settings): its scores
+    and boxes depend on the image, unlike a random model's."""
+    work = tmp_path_factory.mktemp("trained")
+    cfg = load_config(FASTER, [*tiny_overrides(synthetic_root), "train.max_iters=20"])
+    train(cfg, work, device="cpu")
+    return work / "latest.pth"
+
+
+def detections_as_ground_truth(results_file: Path, ann_file: Path, out: Path) -> Path:
+    """A COCO ground-truth file whose objects are the detections in ``results_file``."""
+    gt = json.loads(ann_file.read_text())
+    results = json.loads(results_file.read_text())
+    gt["annotations"] = [
+        {**r, "id": k, "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0}
+        for k, r in enumerate(results, 1)
+    ]
+    out.write_text(json.dumps(gt))
+    return out
+
+
+def test_bf16_inference_keeps_the_fp32_detections_and_ap(
+    synthetic_root, trained_checkpoint, tmp_path, coco_reference, monkeypatch
+):
+    """``test --amp bf16`` runs the backbone in bf16 on the CPU, writes fp32 detections that
+    match the fp32 run's (AP50 >= 0.9 taking the fp32 detections as ground truth), and its
+    AP on the val split is within 0.2 AP points (0.002 as a fraction) of fp32's."""
+    seen: list[torch.dtype] = []
+
+    def load_and_watch(*args, **kwargs):
+        model, cfg = load_model(*args, **kwargs)
+        model.backbone.register_forward_hook(lambda m, a, out: seen.append(out["0"].dtype))
+        return model, cfg
+
+    monkeypatch.setattr(evaluate_module, "load_model", load_and_watch)
+    metrics = {}
+    for amp in ("none", "bf16"):
+        out = tmp_path / amp / "results.bbox.json"
+        argv = ["test", FASTER, trained_checkpoint, "--out", out, "--amp", amp,
+                "--device", "cpu", "--set", *tiny_overrides(synthetic_root)]  # fmt: skip
+        assert main([str(a) for a in argv]) == 0
+        metrics[amp] = json.loads((out.parent / "metrics.json").read_text())
+        assert set(seen) == {torch.float32 if amp == "none" else torch.bfloat16}
+        seen.clear()
+    for key in ("AP", "AP50"):
+        assert abs(metrics["bf16"][key] - metrics["none"][key]) <= 0.002, key
+    ann_file = synthetic_root / "annotations" / "instances_val.json"
+    fp32_gt = detections_as_ground_truth(
+        tmp_path / "none" / "results.bbox.json", ann_file, tmp_path / "fp32_gt.json"
+    )
+    agreement = coco_reference(fp32_gt, tmp_path / "bf16" / "results.bbox.json")
+    assert agreement.stats[1] >= 0.9  # AP50 of bf16 against the fp32 detections (0.97 here)
+
+
+@pytest.mark.parametrize(
+    ("amp", "native", "ran"),
+    [
+        ("auto", True, "bf16"),
+        ("auto", False, "none"),
+        ("bf16", False, "bf16"),
+        ("fp16", True, "none"),
+    ],
+)
+def test_benchmark_reports_the_amp_mode_that_ran(tmp_path, monkeypatch, amp, native, ran):
+    """``auto`` resolves as train.amp=auto does (bf16 only on a CPU computing it natively);
+    fp16 computes in fp32 on a CPU, with a warning, and the result says so."""
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: native)
+    out = tmp_path / "bench.json"
+    argv = ["benchmark", FASTER, "--images", "1", "--warmup", "0", "--size", "64", "64",
+            "--out", out, "--device", "cpu", "--amp", amp]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([str(a) for a in argv]) == 0
+    assert json.loads(out.read_text())["amp"] == ran
+    assert any("--amp=fp16 needs CUDA" in str(w.message) for w in caught) == (amp == "fp16")
+
+
+def test_infer_with_bf16_writes_fp32_detections(synthetic_root, trained_checkpoint, tmp_path):
+    """``infer --amp bf16`` gives the fp32 run's detections (same count and labels, boxes
+    within a pixel on 128-px images) as plain JSON numbers."""
+    image = synthetic_root / "val" / "000000.png"
+    entries = {}
+    options = ["--device", "cpu", "--set", *tiny_overrides(synthetic_root)]
+    for amp in ("none", "bf16"):
+        argv = ["infer", FASTER, trained_checkpoint, image, "--out", tmp_path / amp,
+                "--score-thr", "0.05", "--amp", amp, *options]  # fmt: skip
+        assert main([str(a) for a in argv]) == 0
+        entries[amp] = json.loads((tmp_path / amp / "detections.json").read_text())[0]
+    fp32, bf16 = entries["none"]["detections"], entries["bf16"]["detections"]
+    assert fp32 and len(bf16) == pytest.approx(len(fp32), abs=2)
+
+    def distance(a: dict, b: dict) -> float:  # largest coordinate difference, in pixels
+        return max(abs(x - y) for x, y in zip(a["box"], b["box"], strict=True))
+
+    for det in bf16:
+        nearest = min(fp32, key=lambda d: distance(d, det))
+        assert distance(nearest, det) < 1.0 and nearest["label"] == det["label"]

@@ -15,7 +15,7 @@ import torch
 
 from drcnn.config import load_config
 from drcnn.data.loader import build_dataloader
-from drcnn.engine import train as train_module
+from drcnn.engine import amp as amp_module
 from drcnn.engine.checkpoint import load_checkpoint
 from drcnn.engine.optim import build_optimizer, build_schedule, scaled_lr
 from drcnn.engine.train import (
@@ -190,20 +190,20 @@ def test_amp_notice_names_the_setting_that_will_not_help(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert "train.amp=fp16" in amp_notice("fp16", cpu)
     assert amp_notice("fp16", cuda) is None and amp_notice("none", cpu) is None
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: False)
     assert "train.amp=bf16" in amp_notice("bf16", cpu)
     assert amp_notice("bf16", cuda) is None
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: True)
     assert amp_notice("bf16", cpu) is None
 
 
 def test_amp_auto_uses_bf16_only_where_the_device_computes_it_natively(monkeypatch):
     """train.amp=auto: bf16 on a CPU with AVX512-BF16/AMX or a bf16 GPU, fp32 elsewhere."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: False)
     assert resolve_amp("auto", cpu) == "none"
     assert resolve_amp("bf16", cpu) == "bf16" and resolve_amp("fp16", cpu) == "fp16"  # as asked
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(amp_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_amp("auto", cpu) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_amp("auto", cuda) == "none"

@@ -55,6 +55,7 @@ from omegaconf.errors import OmegaConfBaseException
 from drcnn.analysis import provenance
 from drcnn.analysis.seeds import seed_run
 from drcnn.config import reject_interpolations
+from drcnn.engine.distributed import AUTO_DEVICE, DEVICE_CHOICES, device_kind, device_name
 from drcnn.errors import DrcnnError
 from drcnn.io import FolderLock, atomic_write_text
 
@@ -130,7 +131,7 @@ class ApTableSpec:
 class Spec:
     name: str = "experiment"
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto (cuda when available): resolved per run
     models: list[ModelSpec] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # for every model, before its own
     # empty: one run per model; else one run per model and seed, <model>-seed<k>, train.seed=k
@@ -213,6 +214,8 @@ def _validate(spec: Any, path: Path) -> None:
     for model in spec.models:
         if not Path(model.config).is_file():
             raise DrcnnError(f"spec {path}: model {model.name}: config {model.config} not found")
+    if spec.device != AUTO_DEVICE and device_kind(spec.device) is None:
+        raise DrcnnError(f"spec {path}: device: expected {DEVICE_CHOICES}, got {spec.device!r}")
     for step in spec.steps:
         if step not in STEP_KINDS:
             raise DrcnnError(f"spec {path}: steps: {step!r} is not one of {STEP_KINDS}")
@@ -450,6 +453,8 @@ def _run_step(step: Step, out: Path, resume: Path | None = None) -> None:
         write_report(out)
         return
     parameters = step.parameters
+    if "device" in parameters:  # auto: this machine's device (the record keeps "auto")
+        parameters = {**parameters, "device": device_name(parameters["device"])}
     if step.kind == "train":
         parameters = {**parameters, "resume": None if resume is None else str(resume)}
     execute_notebook(step.notebook, out / "notebooks" / f"{step.id}.ipynb", parameters, out)
@@ -523,7 +528,9 @@ def run_experiment(
 def thread_share(jobs: int) -> Iterator[None]:
     """While ``jobs`` steps run at once, each step's kernel (which inherits this environment)
     gets ``cpu_count // jobs`` OpenMP threads (at least 1): two 2-thread trainings on 2 cores
-    would fight over the cores, and OpenMP teams slow down many-fold when oversubscribed."""
+    would fight over the cores, and OpenMP teams slow down many-fold when oversubscribed. On
+    CUDA the same share holds for each job's CPU work (data loading, post-processing), and the
+    jobs share the GPU (its memory too)."""
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     try:

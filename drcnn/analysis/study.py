@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from drcnn.analysis import plots, sensitivity, tables
+from drcnn.engine.distributed import resolve_device
 
 
 def translation_study(
@@ -27,7 +28,9 @@ def translation_study(
     max_images: int | None = 200,
     device: str = "cpu",
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
-    """Run the study on the validation split; returns ``(table, summary, figure paths)``."""
+    """Run the study on the validation split; returns ``(table, summary, figure paths)``.
+    ``device``: cpu, cuda, cuda:N or auto (cuda when available)."""
+    device = str(resolve_device(device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # an unusable folder fails now, not after the study
     models, dataset = sensitivity.load_study(checkpoints, configs, data_overrides, device)

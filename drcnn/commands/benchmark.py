@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from drcnn.commands.test import add_amp_option
 from drcnn.commands.train import add_model_options, load_cfg
 
 
@@ -29,6 +30,7 @@ def add_parser(subparsers) -> None:
         default=None,
         help="JSON output (default: benchmark.json beside the checkpoint, or here)",
     )
+    add_amp_option(parser)
     add_model_options(parser)
     parser.set_defaults(func=run)
 
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         size=tuple(args.size) if args.size else None,
         out=args.out,
         warmup=args.warmup,
+        amp=args.amp,
     )
     print(json.dumps(result, indent=2))
     return 0

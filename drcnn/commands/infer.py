@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from drcnn.commands.test import add_amp_option
 from drcnn.commands.train import add_model_options, load_cfg
 
 
@@ -23,6 +24,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--score-thr", type=float, default=0.3, help="minimum score of reported boxes (0.3)"
     )
+    add_amp_option(parser)
     add_model_options(parser)
     parser.set_defaults(func=run)
 
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         args.score_thr,
         args.device,
         config_file=args.config,
+        amp=args.amp,
     )
     count = sum(len(entry["detections"]) for entry in entries)
     print(f"{count} detections in {len(entries)} images; wrote {args.out}/detections.json")

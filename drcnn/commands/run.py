@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
         type=int,
         default=1,
         help="run this many trainings (then tests) at once, each with an equal share of the "
-        "CPU threads (default 1); on a small CPU, single-thread jobs use the cores better",
+        "CPU threads (default 1); on a small CPU, single-thread jobs use the cores better; on "
+        "CUDA the jobs share the GPU",
     )
     parser.set_defaults(func=run)
 

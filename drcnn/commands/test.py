@@ -31,8 +31,20 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--score-thr", type=float, default=None, help="minimum score of drawn boxes (default 0.3)"
     )
+    add_amp_option(parser)
     add_model_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_amp_option(parser: argparse.ArgumentParser) -> None:
+    """``--amp``: mixed precision of the forward passes (test, infer, benchmark)."""
+    parser.add_argument(
+        "--amp",
+        default="none",
+        help="mixed precision of the forward passes: none (fp32, default), bf16 (CUDA or CPU), "
+        "fp16 (CUDA; fp32 on a CPU), auto (bf16 where the device computes it natively, as "
+        "train.amp=auto); detections are returned in fp32",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             compute_metrics=args.eval == "bbox",
             config_file=args.config,
+            amp=args.amp,
         )
         if distributed.is_main_process() and metrics:
             print(format_metrics(metrics))

@@ -21,7 +21,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override config entries, e.g. --set train.max_iters=100 data.workers=0",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or auto (default auto: cuda when available)",
+    )
 
 
 def load_cfg(args: argparse.Namespace):

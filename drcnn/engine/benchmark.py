@@ -25,6 +25,7 @@ import torch
 import torchvision
 from omegaconf import DictConfig
 
+from drcnn.engine.amp import autocast, inference_amp
 from drcnn.engine.checkpoint import load_model
 from drcnn.engine.distributed import resolve_device
 from drcnn.io import atomic_write_json
@@ -58,16 +59,22 @@ def synchronize(device: torch.device) -> None:
 
 @torch.inference_mode()
 def time_passes(
-    model: torch.nn.Module, images: list[torch.Tensor], passes: int, warmup: int
+    model: torch.nn.Module,
+    images: list[torch.Tensor],
+    passes: int,
+    warmup: int,
+    amp: str = "none",
 ) -> list[float]:
-    """Seconds of each timed forward pass (one image each), after ``warmup`` untimed ones."""
+    """Seconds of each timed forward pass (one image each), after ``warmup`` untimed ones;
+    ``amp``: a resolved mixed-precision mode (:mod:`drcnn.engine.amp`)."""
     device = images[0].device
     times = []
     for index in range(warmup + passes):
         image = images[index % len(images)]
         synchronize(device)
         start = time.perf_counter()
-        model([image])
+        with autocast(amp, device):
+            model([image])
         synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)
@@ -82,10 +89,14 @@ def benchmark(
     size: tuple[int, int] | None = None,
     out: str | Path | None = None,
     warmup: int = 5,
+    amp: str = "none",
 ) -> dict[str, Any]:
     """Measure inference fps and peak memory; writes the result as JSON to ``out`` (default
-    ``benchmark.json`` beside the checkpoint, or in the current folder) and returns it."""
+    ``benchmark.json`` beside the checkpoint, or in the current folder) and returns it.
+    ``amp``: mixed precision of the forward passes (:mod:`drcnn.engine.amp`; the result's
+    ``amp`` is the mode that ran, ``auto`` resolved)."""
     torch_device = resolve_device(device)
+    mode = inference_amp(amp, torch_device)
     if checkpoint is not None:
         model, cfg = load_model(checkpoint, cfg, torch_device)
     else:
@@ -99,7 +110,7 @@ def benchmark(
     ]
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
-    times = time_passes(model, inputs, images, warmup)
+    times = time_passes(model, inputs, images, warmup, mode)
     median = statistics.median(times)
     result = {
         "arch": cfg.model.backbone.arch,
@@ -112,6 +123,7 @@ def benchmark(
         if torch_device.type == "cuda"
         else platform.processor() or "cpu",
         "input_size": [height, width],
+        "amp": mode,
         "images": images,
         "warmup": warmup,
         "median_ms": median * 1000,

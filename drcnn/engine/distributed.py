@@ -39,16 +39,39 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+AUTO_DEVICE = "auto"
+DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
+
+
+def device_name(device: str | None) -> str:
+    """The device a run uses, as a name: ``auto`` (or None) is ``cuda`` when CUDA is available,
+    else ``cpu``; any other name is returned as given. The one place ``auto`` is resolved (the
+    experiment runner resolves a spec's ``device`` with it too)."""
+    if device is None or device == AUTO_DEVICE:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def device_kind(name: str) -> str | None:
+    """``cpu`` or ``cuda`` for the name of such a device (``cuda:1`` too), else None."""
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError):  # not a device name at all
+        return None
+    return kind if kind in ("cpu", "cuda") else None
+
+
 def resolve_device(device: str | None) -> torch.device:
     """The device of this process: ``cuda:<LOCAL_RANK>`` under torchrun on CUDA.
 
-    ``None`` picks CUDA when available, else the CPU. Asking for CUDA on a machine without it is
-    a user error (a one-line :class:`DrcnnError`), not a crash deep inside torch.
+    ``None`` or ``auto`` picks CUDA when available, else the CPU. Asking for CUDA on a machine
+    without it, or for another kind of device, is a user error (a one-line
+    :class:`DrcnnError`), not a crash deep inside torch.
     """
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = torch.device(name).type
-    if kind not in ("cpu", "cuda"):
-        raise DrcnnError(f"--device {name}: expected cpu or cuda")
+    name = device_name(device)
+    kind = device_kind(name)
+    if kind is None:
+        raise DrcnnError(f"--device {name}: expected {DEVICE_CHOICES}")
     if kind == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from drcnn.data.loader import build_dataloader
 from drcnn.engine import distributed as dist
+from drcnn.engine.amp import autocast, fp32_outputs, inference_amp
 from drcnn.engine.checkpoint import load_model
 from drcnn.engine.coco_eval import detections_to_coco, evaluate_coco
 from drcnn.engine.infer import draw_detections, save_png
@@ -28,17 +29,21 @@ DET_KEYS = ("boxes", "scores", "labels")
 
 
 @torch.inference_mode()
-def inference(model: nn.Module, loader: DataLoader, device: torch.device | str) -> list[dict]:
+def inference(
+    model: nn.Module, loader: DataLoader, device: torch.device | str, amp: str = "none"
+) -> list[dict]:
     """Detections of this process's share of ``loader``: ``{"image_id", "boxes", "scores",
-    "labels"}`` per image, on the CPU, boxes in input-image pixels."""
+    "labels"}`` per image, on the CPU, boxes in input-image pixels, in fp32. ``amp``: a resolved
+    mixed-precision mode (:mod:`drcnn.engine.amp`) for the forward passes."""
     model.eval()
     results = []
     for images, targets in tqdm(
         loader, desc="test", disable=None if dist.is_main_process() else True
     ):
-        outputs = model([image.to(device) for image in images])
+        with autocast(amp, torch.device(device)):
+            outputs = model([image.to(device) for image in images])
         for output, target in zip(outputs, targets, strict=True):
-            detection = {key: output[key].cpu() for key in DET_KEYS}
+            detection = fp32_outputs({key: output[key].cpu() for key in DET_KEYS})
             results.append({"image_id": int(target["image_id"]), **detection})
     return results
 
@@ -127,6 +132,7 @@ def test(
     device: str | None = None,
     compute_metrics: bool = True,
     config_file: str | Path | None = None,
+    amp: str = "none",
 ) -> dict[str, Any]:
     """Run a checkpoint over the val split; returns the COCO metrics (``{}`` without them).
 
@@ -135,9 +141,11 @@ def test(
     scoring at least ``score_thr`` (default 0.3; the result file keeps every detection, as COCO
     AP needs). ``cfg=None`` uses the config stored in the checkpoint. Outputs that would
     overwrite each other or an input (the checkpoint, ``config_file``, the val split's files)
-    are refused before inference starts.
+    are refused before inference starts. ``amp``: mixed precision of the forward passes
+    (``none``, ``bf16``, ``fp16``, ``auto``: :mod:`drcnn.engine.amp`).
     """
     torch_device = dist.setup(device)
+    mode = inference_amp(amp, torch_device)
     model, cfg = load_model(checkpoint, cfg, torch_device)
     loader = build_dataloader(cfg, "val", distributed=dist.is_distributed())
     out_path = Path(out) if out is not None else Path(checkpoint).parent / "results.bbox.json"
@@ -146,7 +154,7 @@ def test(
     check_test_outputs(loader.dataset, inputs, out_path, compute_metrics, show_path)
     if dist.is_main_process():  # a folder that cannot be made fails now, not after inference
         out_path.parent.mkdir(parents=True, exist_ok=True)
-    detections = gather_detections(inference(model, loader, torch_device))
+    detections = gather_detections(inference(model, loader, torch_device, mode))
     metrics: dict[str, Any] = {}
     if dist.is_main_process():
         metrics = write_results(loader.dataset, detections, out_path, compute_metrics)

@@ -30,6 +30,7 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from drcnn.data.images import load_image
+from drcnn.engine.amp import autocast, fp32_outputs, inference_amp
 from drcnn.engine.checkpoint import class_names, load_checkpoint, load_model
 from drcnn.engine.distributed import resolve_device
 from drcnn.errors import DrcnnError
@@ -163,17 +164,20 @@ def infer(
     score_thr: float = DEFAULT_SCORE_THR,
     device: str | None = None,
     config_file: str | Path | None = None,
+    amp: str = "none",
 ) -> list[dict[str, Any]]:
     """Detect objects in ``inputs`` (files or folders); writes ``out_dir/detections.json`` and
     one drawing per image (names: module docstring). ``cfg=None`` uses the checkpoint's config;
     ``config_file`` (the file ``cfg`` came from) is protected like the inputs. Returns the JSON
-    entries: ``{"file", "drawing", "width", "height", "detections": [...]}`` per image."""
+    entries: ``{"file", "drawing", "width", "height", "detections": [...]}`` per image.
+    ``amp``: mixed precision of the forward passes (:mod:`drcnn.engine.amp`)."""
     paths = collect_images(inputs)
     out_dir = Path(out_dir)
     drawings = [out_dir / name for name in drawing_names(paths)]
     others = [Path(p) for p in (checkpoint, config_file) if p is not None]
     check_outputs(paths, drawings, out_dir, others)
     torch_device = resolve_device(device)
+    mode = inference_amp(amp, torch_device)
     state = load_checkpoint(checkpoint)
     model, cfg = load_model(state, cfg, torch_device, source=str(checkpoint))
     names = class_names(state, cfg.model.roi_head.num_classes)
@@ -185,7 +189,9 @@ def infer(
     work = zip(entries, paths, drawings, strict=True)
     for entry, path, drawing in tqdm(work, total=len(paths), desc="infer", disable=None):
         image = load_image(path)
-        detection = {k: v.cpu() for k, v in model([image.to(torch_device)])[0].items()}
+        with autocast(mode, torch_device):
+            output = model([image.to(torch_device)])[0]
+        detection = fp32_outputs({k: v.cpu() for k, v in output.items()})
         entry.update(
             width=image.shape[-1],
             height=image.shape[-2],

@@ -38,6 +38,8 @@ from tqdm import tqdm
 from drcnn.config import to_dict, to_yaml
 from drcnn.data.loader import build_dataloader
 from drcnn.engine import distributed as dist
+from drcnn.engine.amp import amp_notice, resolve_amp
+from drcnn.engine.amp import autocast as amp_autocast
 from drcnn.engine.benchmark import peak_memory_mb
 from drcnn.engine.checkpoint import (
     capture_rng_state,
@@ -94,43 +96,9 @@ class StepContext:
 
 
 def autocast(ctx: StepContext) -> Any:
-    """Autocast as ``train.amp`` asks: bf16 on CUDA or CPU, fp16 on CUDA; else a no-op.
-
-    fp16 needs the GradScaler, which only CUDA has, so ``fp16`` on a CPU trains in fp32.
-    """
-    if ctx.amp == "bf16" and ctx.device.type in ("cuda", "cpu"):
-        return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
-    if ctx.amp == "fp16" and ctx.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX), as oneDNN needs."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``train.amp`` as the run uses it: ``auto`` becomes ``bf16`` where ``device`` computes bf16
-    natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX) and ``none`` elsewhere,
-    where emulated bf16 is slower than fp32; any other mode is kept as asked."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "none"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"
-
-
-def amp_notice(amp: str, device: torch.device) -> str | None:
-    """Why ``train.amp`` will not speed this run up on ``device``, or None when it should."""
-    if amp == "fp16" and device.type != "cuda":
-        return "train.amp=fp16 needs CUDA (GradScaler): this run trains in fp32; bf16 works on CPU"
-    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        return (
-            "train.amp=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and "
-            "can be slower than fp32: set train.amp=none if steps are slow"
-        )
-    return None
+    """Autocast as ``train.amp`` asks (:func:`drcnn.engine.amp.autocast`): fp16 needs the
+    GradScaler, which only CUDA has, so ``fp16`` on a CPU trains in fp32."""
+    return amp_autocast(ctx.amp, ctx.device)
 
 
 def train_step(ctx: StepContext, micro_batches: list[Batch], iteration: int) -> dict[str, float]:
