@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import clip_boxes_to_image
 
+from drcnn.models.box_coder import BoxCoder
 from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import multiclass_nms
 from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign
@@ -39,7 +40,7 @@ class StageOutput(NamedTuple):
 
 
 def box_coder(target_stds: Sequence[float]) -> BoxCoder:
-    """torchvision BoxCoder whose weights are the inverse delta stds (0.1, 0.2 -> 10, 5)."""
+    """drcnn's (torchvision's, sync-free) BoxCoder whose weights are the inverse delta stds (0.1, 0.2 -> 10, 5)."""
     return BoxCoder(tuple(1.0 / s for s in target_stds), bbox_xform_clip=BBOX_XFORM_CLIP)
 
 
@@ -53,12 +54,15 @@ def split_proposals(proposals: Any) -> tuple[list[Tensor], list[Tensor]]:
 def clip_rows(
     boxes: Tensor, counts: Sequence[int], image_shapes: Sequence[tuple[int, int]]
 ) -> Tensor:
-    """Clip concatenated per-image boxes (``counts`` rows per image) to their ``(H, W)``."""
-    sizes = torch.as_tensor(
-        [[w, h] for h, w in image_shapes], dtype=boxes.dtype, device=boxes.device
-    ).repeat_interleave(torch.as_tensor(counts, device=boxes.device), dim=0)
-    limits = sizes.repeat(1, 2)  # (N, 4): w, h, w, h
-    return torch.minimum(boxes.clamp(min=0), limits)
+    """Clip concatenated per-image boxes (``counts`` rows per image) to their ``(H, W)``.
+
+    One clamp per image with the sizes as Python numbers: a tensor of the sizes built on the
+    device, and ``repeat_interleave`` without an output size, each made the host wait for it.
+    """
+    parts = boxes.split(list(counts))
+    return torch.cat(
+        [clip_boxes_to_image(b, shape) for b, shape in zip(parts, image_shapes, strict=True)]
+    )
 
 
 class RoIHeadsBase(nn.Module):
