@@ -36,5 +36,10 @@ class BoxCoder(det_utils.BoxCoder):
         pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
         half_w = 0.5 * (torch.exp(dw) * widths[:, None])
         half_h = 0.5 * (torch.exp(dh) * heights[:, None])
-        corners = (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h)
+        corners = (
+            pred_ctr_x - half_w,
+            pred_ctr_y - half_h,
+            pred_ctr_x + half_w,
+            pred_ctr_y + half_h,
+        )
         return torch.stack(corners, dim=2).flatten(1)

@@ -168,6 +168,17 @@ def mmdet_anchor_labels(
     return labels, matched
 
 
+def usable_candidates(
+    boxes: Tensor, scores: Tensor, min_size: float, score_thresh: float
+) -> Tensor:
+    """Indices (ascending) of the boxes with both sides >= ``min_size`` and a score >=
+    ``score_thresh``: torchvision's ``remove_small_boxes`` then its score filter, in one
+    selection (the same rows in the same order; the host waits for the device once, not twice).
+    """
+    sides = boxes[:, 2:] - boxes[:, :2]
+    return torch.where((sides >= min_size).all(dim=1) & (scores >= score_thresh))[0]
+
+
 class DecoupledRPN(RegionProposalNetwork):
     """RPN returning ``ProposalSets`` in training with two NMS thresholds, else ``list[Tensor]``.
 
@@ -253,11 +264,7 @@ class DecoupledRPN(RegionProposalNetwork):
             proposals, objectness, levels, image_shapes, strict=True
         ):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
-            # torchvision's remove_small_boxes, then its score filter, in one selection: the
-            # same rows in the same order, one wait for the device instead of two
-            sides = boxes[:, 2:] - boxes[:, :2]
-            usable = (sides >= self.min_size).all(dim=1) & (scores >= self.score_thresh)
-            keep = torch.where(usable)[0]
+            keep = usable_candidates(boxes, scores, self.min_size, self.score_thresh)
             candidates.append(Candidates(boxes[keep], scores[keep], lvl[keep]))
         return candidates
 

@@ -122,7 +122,7 @@ class _DispatchCounter(TorchDispatchMode):
         super().__init__()
         self.record = record
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = dispatch_sync_name(func, args, kwargs)
         if name is not None:
@@ -143,7 +143,7 @@ class _FunctionCounter(TorchFunctionMode):
         ref = self.host_built.get(id(tensor))
         return ref is not None and ref() is tensor
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in FROM_PYTHON:
@@ -156,8 +156,10 @@ class _FunctionCounter(TorchFunctionMode):
         elif func in TO_HOST:
             self.record(TO_HOST[func])
         elif func in MOVES and args and self._host_built(args[0]):
-            moves = func is Tensor.cuda or kwargs.get("device") is not None or any(
-                isinstance(a, (torch.device, str, Tensor)) for a in args[1:]
+            moves = (
+                func is Tensor.cuda
+                or kwargs.get("device") is not None
+                or any(isinstance(a, (torch.device, str, Tensor)) for a in args[1:])
             )
             if moves and not kwargs.get("non_blocking", False):
                 self.record("blocking copy of Python data to the device")

@@ -40,7 +40,8 @@ class StageOutput(NamedTuple):
 
 
 def box_coder(target_stds: Sequence[float]) -> BoxCoder:
-    """drcnn's (torchvision's, sync-free) BoxCoder whose weights are the inverse delta stds (0.1, 0.2 -> 10, 5)."""
+    """drcnn's BoxCoder (torchvision's, sync-free) whose weights are the inverse delta stds
+    (0.1, 0.2 -> 10, 5)."""
     return BoxCoder(tuple(1.0 / s for s in target_stds), bbox_xform_clip=BBOX_XFORM_CLIP)
 
 
@@ -83,6 +84,9 @@ class RoIHeadsBase(nn.Module):
         )
         self.stages = stages
         self.box_coders = [box_coder(stage.target_stds) for stage in roi.stages]
+        # per image of the last inference: the (box, class) pairs that entered the final NMS
+        # (postprocess.multiclass_nms's stats["nms_inputs"]), for benchmarks to report its load
+        self.final_nms_inputs: list[int] = []
 
     @staticmethod
     def in_features(cfg: Any, in_channels: int) -> int:
@@ -245,15 +249,18 @@ class RoIHeadsBase(nn.Module):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
     ) -> Detections:
-        """Detections per image: chain the stages, average class scores, per-class NMS."""
+        """Detections per image: chain the stages, average class scores, per-class NMS
+        (the number of pairs each image's NMS took is left in ``final_nms_inputs``)."""
         counts = [len(p) for p in proposals]
         outs = self._chain(features, proposals, image_shapes)
         scores = self._class_probs(outs)[:, 1:].split(counts)
         boxes = self._final_boxes(outs).split(counts)
-        detections = []
+        detections, self.final_nms_inputs = [], []
         for b, s, shape in zip(boxes, scores, image_shapes, strict=True):
-            det_boxes, det_scores, det_labels = multiclass_nms(b, s, shape, self.cfg.test)
+            stats: dict[str, int] = {}
+            det_boxes, det_scores, det_labels = multiclass_nms(b, s, shape, self.cfg.test, stats)
             detections.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
+            self.final_nms_inputs.append(stats["nms_inputs"])
         return detections
 
     def analyze(
