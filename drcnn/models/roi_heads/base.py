@@ -258,7 +258,9 @@ class RoIHeadsBase(nn.Module):
         detections, self.final_nms_inputs = [], []
         for b, s, shape in zip(boxes, scores, image_shapes, strict=True):
             stats: dict[str, int] = {}
-            det_boxes, det_scores, det_labels = multiclass_nms(b, s, shape, self.cfg.test, stats)
+            det_boxes, det_scores, det_labels = multiclass_nms(
+                b, s, shape, self.cfg.test, stats=stats
+            )
             detections.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
             self.final_nms_inputs.append(stats["nms_inputs"])
         return detections
