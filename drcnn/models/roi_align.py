@@ -193,7 +193,7 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         """Each RoI pooled on the map of its level, rows in the order of ``rois``.
 
         The RoIs are sorted by level (stably: by image within a level, as the threaded chunks
-        need) and each level pools one contiguous block; the results go back to the RoIs' order.
+        need), each level pools its block, and the results are written to its RoIs' rows.
         One wait for the device per call, for the block sizes: selecting each level's rows with
         ``torch.where`` (torchvision's way) waited once per level.
         """
@@ -201,20 +201,19 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         level_ids = torch.arange(len(features), device=levels.device)
         counts = (levels[None, :] == level_ids[:, None]).sum(dim=1).tolist()
         size = tuple(self.output_size)
-        parts = []
-        blocks = rois[order].split(counts)
-        for feature, scale, block in zip(features, self.scales, blocks, strict=True):
-            if len(block) == 0:
+        # every RoI is in exactly one block, so every row is written below
+        result = features[0].new_empty((len(rois), features[0].shape[1], *size))
+        rows_by_level = order.split(counts)
+        for feature, scale, rows in zip(features, self.scales, rows_by_level, strict=True):
+            if len(rows) == 0:
                 continue
-            chunks = max(1, min(threads, len(block) * feature.shape[1] // MIN_WORK_PER_CHUNK))
+            block = rois[rows]
+            chunks = max(1, min(threads, len(rows) * feature.shape[1] // MIN_WORK_PER_CHUNK))
             if chunks > 1:
                 pooled = _ThreadedRoIAlign.apply(
                     feature, block, scale, size, self.sampling_ratio, self.aligned, chunks
                 )
             else:
                 pooled = roi_align(feature, block, size, scale, self.sampling_ratio, self.aligned)
-            parts.append(pooled)
-        if not parts:
-            return features[0].new_empty((0, features[0].shape[1], *size))
-        pooled = torch.cat(parts)
-        return torch.empty_like(pooled).index_copy_(0, order, pooled)
+            result.index_copy_(0, rows, pooled.to(result.dtype))
+        return result
