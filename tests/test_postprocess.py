@@ -210,6 +210,7 @@ def test_top_candidates_nms_equals_full_nms(kind, device_path, monkeypatch):
     expected = full_nms(boxes, scores, (200, 200), cfg)
     usable = int((scores > 0.001).sum())
     assert usable > 150  # the cut applies
+    assert int(stats["score_pairs"]) == usable
     if kind == "few_kept":
         assert stats["nms_inputs"] == usable  # fewer than max_per_image in the top: all of them
     else:

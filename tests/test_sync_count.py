@@ -335,6 +335,7 @@ def test_same_detections_as_torchvision_pieces(kind, monkeypatch):
         finally:
             torch.set_num_threads(before)
         inputs = [model.roi_heads.final_nms_inputs]
+        above = [int(n) for n in model.roi_heads.final_score_pairs]
     with torch.no_grad(), monkeypatch.context() as patch:
         torch.set_num_threads(1)
         try:
@@ -344,6 +345,7 @@ def test_same_detections_as_torchvision_pieces(kind, monkeypatch):
             torch.set_num_threads(before)
         inputs.append(model.roi_heads.final_nms_inputs)
     assert all(300 <= n < m for n, m in zip(*inputs, strict=True))  # the cut did apply
+    assert inputs[1] == above  # without the cut every pair above the threshold entered
     for path, detections in got.items():
         for mine, theirs in zip(detections, expected, strict=True):
             assert len(theirs["boxes"]) == 100, path

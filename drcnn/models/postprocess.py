@@ -114,7 +114,7 @@ def multiclass_nms(
     scores: Tensor,
     image_size: tuple[int, int],
     test_cfg: Any,
-    stats: dict[str, int] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Final detections of one image.
 
@@ -127,8 +127,10 @@ def multiclass_nms(
     Plain NMS runs on the best :data:`FINAL_NMS_CANDIDATES` (box, class) pairs (ties at the
     cut included, :func:`final_nms_candidates`); when fewer than ``max_per_image`` of them
     survive and pairs were left out, on all of them. Either way the result is the full NMS's.
-    ``stats``: when given, ``stats["nms_inputs"]`` is set to the number of pairs that entered
-    the NMS whose result is returned (read by benchmarks; no wait for the device).
+    ``stats``: when given, filled for benchmarks without waiting for the device:
+    ``"nms_inputs"``, the number of pairs that entered the NMS whose result is returned (an
+    int), and ``"score_pairs"``, the number that passed the score threshold (a 0-dim tensor on
+    the scores' device: reading it waits).
     """
     num_classes = scores.shape[1]
     if boxes.dim() == 2:
@@ -140,6 +142,8 @@ def multiclass_nms(
     usable = scores > test_cfg.score_thresh
     if test_cfg.min_box_size > 0:
         usable &= ((boxes[:, 2:] - boxes[:, :2]) >= test_cfg.min_box_size).all(dim=1)
+    if stats is not None:
+        stats["score_pairs"] = usable.sum()
 
     if test_cfg.nms == "nms":
         limit = max(FINAL_NMS_CANDIDATES, test_cfg.max_per_image)

@@ -84,9 +84,11 @@ class RoIHeadsBase(nn.Module):
         )
         self.stages = stages
         self.box_coders = [box_coder(stage.target_stds) for stage in roi.stages]
-        # per image of the last inference: the (box, class) pairs that entered the final NMS
-        # (postprocess.multiclass_nms's stats["nms_inputs"]), for benchmarks to report its load
+        # per image of the last inference, for benchmarks to report the final NMS's load
+        # (postprocess.multiclass_nms's stats): the (box, class) pairs that entered it, and
+        # those that passed the score threshold (0-dim tensors on the device)
         self.final_nms_inputs: list[int] = []
+        self.final_score_pairs: list[Tensor] = []
 
     @staticmethod
     def in_features(cfg: Any, in_channels: int) -> int:
@@ -250,19 +252,20 @@ class RoIHeadsBase(nn.Module):
         image_shapes: list[tuple[int, int]],
     ) -> Detections:
         """Detections per image: chain the stages, average class scores, per-class NMS
-        (the number of pairs each image's NMS took is left in ``final_nms_inputs``)."""
+        (each image's NMS load is left in ``final_nms_inputs`` and ``final_score_pairs``)."""
         counts = [len(p) for p in proposals]
         outs = self._chain(features, proposals, image_shapes)
         scores = self._class_probs(outs)[:, 1:].split(counts)
         boxes = self._final_boxes(outs).split(counts)
-        detections, self.final_nms_inputs = [], []
+        detections, self.final_nms_inputs, self.final_score_pairs = [], [], []
         for b, s, shape in zip(boxes, scores, image_shapes, strict=True):
-            stats: dict[str, int] = {}
+            stats: dict[str, Any] = {}
             det_boxes, det_scores, det_labels = multiclass_nms(
                 b, s, shape, self.cfg.test, stats=stats
             )
             detections.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
             self.final_nms_inputs.append(stats["nms_inputs"])
+            self.final_score_pairs.append(stats["score_pairs"])
         return detections
 
     def analyze(
