@@ -99,6 +99,7 @@ def caller_line() -> str:
 
 
 def _has_bool_index(indices: Any) -> bool:
+    """Whether an ``index`` / ``index_put`` index list holds a mask (its size is data)."""
     return any(
         isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ()
     )
@@ -118,6 +119,8 @@ def dispatch_sync_name(func: Any, args: tuple, kwargs: dict) -> str | None:
 
 
 class _DispatchCounter(TorchDispatchMode):
+    """aten ops that synchronise (:func:`dispatch_sync_name`)."""
+
     def __init__(self, record: Callable[[str], None]) -> None:
         super().__init__()
         self.record = record
