@@ -1,15 +1,20 @@
-"""soft-NMS against a float64 pure-Python loop; multiclass NMS against a per-class loop."""
+"""soft-NMS against a float64 pure-Python loop; multiclass NMS against a per-class loop and,
+on its top candidates only, against the plain full NMS."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
-from torchvision.ops import nms
+from torchvision.ops import clip_boxes_to_image, nms
+from torchvision.ops.boxes import _batched_nms_coordinate_trick
 
 from drcnn.config import load_config
-from drcnn.models.postprocess import multiclass_nms, soft_nms
+from drcnn.models import postprocess
+from drcnn.models.postprocess import final_nms_candidates, multiclass_nms, soft_nms
+from drcnn.models.threads import device_code_path
 
 
 def clustered_boxes(n: int, seed: int) -> torch.Tensor:
@@ -143,3 +148,89 @@ def test_small_boxes_removed_only_when_asked():
     kept = multiclass_nms(boxes, scores, (50, 50), make_test_cfg(min_box_size=0.01))
     assert kept[1].tolist() == pytest.approx([0.8])
     assert len(multiclass_nms(boxes, scores, (50, 50), make_test_cfg())[1]) == 2
+
+
+# ---- the final NMS on the top candidates (postprocess.FINAL_NMS_CANDIDATES) -----------------
+
+
+def full_nms(boxes, scores, size, cfg):
+    """Plain full NMS: the score threshold, then one batched NMS of every candidate
+    (torchvision's coordinate-offset way, the same nms kernel), then the top max_per_image."""
+    num_classes = scores.shape[1]
+    boxes = clip_boxes_to_image(boxes[:, None].expand(-1, num_classes, 4), size).reshape(-1, 4)
+    labels = torch.arange(1, num_classes + 1).expand_as(scores).reshape(-1)
+    scores = scores.reshape(-1)
+    cand = torch.where(scores > cfg.score_thresh)[0]
+    keep = _batched_nms_coordinate_trick(boxes[cand], scores[cand], labels[cand], cfg.nms_iou)
+    keep = cand[keep][: cfg.max_per_image]
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def overlapping(n: int, seed: int) -> torch.Tensor:
+    """Heavily overlapping boxes: tight clusters of about 10."""
+    g = torch.Generator().manual_seed(seed)
+    clusters = n // 10
+    centre = (torch.rand(clusters, 2, generator=g) * 150 + 25)[
+        torch.randint(clusters, (n,), generator=g)
+    ]
+    centre = centre + torch.randn(n, 2, generator=g) * 3
+    wh = 30 + torch.rand(n, 2, generator=g) * 10
+    return torch.cat([centre - wh / 2, centre + wh / 2], dim=1)
+
+
+def case(kind: str):
+    """(boxes (N, 4) shared by the classes, scores (N, K)) of one adversarial kind."""
+    g = torch.Generator().manual_seed(11)
+    if kind == "random":
+        return clustered_boxes(400, seed=12), torch.rand(400, 6, generator=g)
+    if kind == "overlapping":
+        return overlapping(400, seed=13), torch.rand(400, 6, generator=g)
+    if kind == "ties":  # four score values: the cut falls inside a tie group
+        return clustered_boxes(400, seed=14), (
+            torch.rand(400, 6, generator=g) * 4
+        ).floor() / 4 + 0.1
+    if kind == "few_kept":  # one box per class survives in the top candidates: fallback
+        boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0]]).repeat(400, 1)
+        boxes[300:] = overlapping(100, seed=15)  # lower scores: kept by the full NMS only
+        scores = torch.rand(400, 6, generator=g)
+        scores[300:] *= 0.01
+        return boxes, scores
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+@pytest.mark.parametrize("kind", ["random", "overlapping", "ties", "few_kept"])
+def test_top_candidates_nms_equals_full_nms(kind, device_path, monkeypatch):
+    monkeypatch.setattr(postprocess, "FINAL_NMS_CANDIDATES", 150)
+    boxes, scores = case(kind)
+    cfg = make_test_cfg(score_thresh=0.001, nms_iou=0.5, max_per_image=60)
+    stats: dict[str, int] = {}
+    with device_code_path() if device_path else contextlib.nullcontext():
+        got = multiclass_nms(boxes, scores, (200, 200), cfg, stats=stats)
+    expected = full_nms(boxes, scores, (200, 200), cfg)
+    usable = int((scores > 0.001).sum())
+    assert usable > 150  # the cut applies
+    assert int(stats["score_pairs"]) == usable
+    if kind == "few_kept":
+        assert stats["nms_inputs"] == usable  # fewer than max_per_image in the top: all of them
+    else:
+        assert 150 <= stats["nms_inputs"] < usable
+    if kind == "ties":
+        assert stats["nms_inputs"] > 150  # the whole tie group at the cut came in
+    assert len(got[0]) == len(expected[0]) == 60
+    if device_path:  # the same nms kernel on the same candidates in the same order
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+    else:  # torchvision's per-class loop on the CPU orders ties its own way
+        rows = sorted(zip(got[1].tolist(), got[2].tolist(), got[0].tolist(), strict=True))
+        want = [expected[1].tolist(), expected[2].tolist(), expected[0].tolist()]
+        assert rows == sorted(zip(*want, strict=True))
+
+
+def test_top_candidates_include_every_tie_at_the_cut():
+    scores = torch.tensor([0.9, 0.5, 0.7, 0.5, 0.5, 0.2, 0.5, 0.95])
+    usable = torch.ones(8, dtype=torch.bool)
+    usable[6] = False
+    assert final_nms_candidates(scores, usable, 3).tolist() == [0, 2, 7]
+    assert final_nms_candidates(scores, usable, 4).tolist() == [0, 1, 2, 3, 4, 7]  # ties at 0.5
+    assert final_nms_candidates(scores, usable, 20).tolist() == [0, 1, 2, 3, 4, 5, 7]

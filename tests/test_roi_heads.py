@@ -306,9 +306,9 @@ def capture_nms_inputs(monkeypatch) -> list:
     seen = []
     real = roi_base.multiclass_nms
 
-    def spy(boxes, scores, image_size, test_cfg):
+    def spy(boxes, scores, image_size, test_cfg, **kwargs):
         seen.append((boxes, scores))
-        return real(boxes, scores, image_size, test_cfg)
+        return real(boxes, scores, image_size, test_cfg, **kwargs)
 
     monkeypatch.setattr(roi_base, "multiclass_nms", spy)
     return seen

@@ -13,11 +13,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from drcnn.models.backbone import build_backbone
 from drcnn.models.roi_heads import build_roi_heads
@@ -26,12 +27,28 @@ from drcnn.models.rpn import build_rpn
 Size = tuple[int, int]
 
 
+def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
+    """``(N, 4)`` boxes scaled from an ``(H, W)`` image to another, as torchvision's
+    ``resize_boxes`` does (float32 ratios, the same products), with the ratios as Python
+    numbers: torchvision builds them as tensors on the boxes' device, blocking copies on CUDA."""
+    ratio_h, ratio_w = (
+        float(np.float32(new) / np.float32(old))
+        for new, old in zip(new_size, original_size, strict=True)
+    )
+    xmin, ymin, xmax, ymax = boxes.unbind(1)
+    return torch.stack((xmin * ratio_w, ymin * ratio_h, xmax * ratio_w, ymax * ratio_h), dim=1)
+
+
 class DetectorTransform(GeneralizedRCNNTransform):
-    """``GeneralizedRCNNTransform`` with a separate test-time short side.
+    """``GeneralizedRCNNTransform`` with a separate test-time short side, and without blocking
+    copies to the device.
 
     torchvision draws the training short side from ``min_size`` per image and tests at
     ``min_size[-1]``; here ``min_size`` reads as the training choices in training mode and as
     ``(test_min_size,)`` in eval mode, so multi-scale training can test at any scale.
+    torchvision's ``normalize`` and ``postprocess`` build tensors from Python numbers on the
+    images' device (on CUDA, four blocking copies per image); here the mean and std are built
+    on the host and copied without blocking, and boxes are rescaled by Python numbers.
     """
 
     def __init__(self, min_size: Sequence[int], test_min_size: int, **kwargs: Any) -> None:
@@ -45,6 +62,30 @@ class DetectorTransform(GeneralizedRCNNTransform):
     @min_size.setter
     def min_size(self, sizes: Sequence[int]) -> None:
         self.train_min_size = tuple(int(s) for s in sizes)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """``(image - mean) / std`` per channel (torchvision's, same arithmetic)."""
+        if not image.is_floating_point():
+            return super().normalize(image)  # torchvision's error message
+        mean, std = (
+            torch.tensor(values, dtype=image.dtype).to(image.device, non_blocking=True)
+            for values in (self.image_mean, self.image_std)
+        )
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Detections' boxes back in each input image's pixels (eval mode; boxes only: drcnn
+        predicts no masks or keypoints)."""
+        if self.training:
+            return result
+        for pred, size, original in zip(result, image_shapes, original_image_sizes, strict=True):
+            pred["boxes"] = resize_boxes(pred["boxes"], size, original)
+        return result
 
 
 @contextmanager

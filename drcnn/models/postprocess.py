@@ -12,10 +12,54 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torchvision
 from torch import Tensor
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import box_iou, clip_boxes_to_image, nms
+
+from drcnn.models.threads import cpu_path
 
 SOFT_NMS_METHODS = {"soft_nms_linear": "linear", "soft_nms_gaussian": "gaussian"}
+
+# At most about this many (box, class) pairs enter the final NMS (see final_nms_candidates). A
+# trained COCO detector keeps a few thousand pairs above the official score threshold 0.001;
+# with random weights, or a class-agnostic box expanded to 80 classes, all 80 x 1000 may pass,
+# and the CUDA NMS kernel's last step is sequential over every input box.
+FINAL_NMS_CANDIDATES = 3000
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """``torchvision.ops.batched_nms``: NMS within each ``idxs`` group, kept indices best first.
+
+    On the CPU path, torchvision's own (a per-group loop above 1000 boxes, faster there). On a
+    device, always torchvision's coordinate-offset way: boxes of different groups moved apart
+    so one ``nms`` kernel does every group. torchvision also loops there above 25000 boxes (a
+    ``unique`` and one ``nms`` per group, each making the host wait), and its offset adds a
+    tensor copied from the host.
+    """
+    if cpu_path(boxes.device):
+        return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def final_nms_candidates(scores: Tensor, usable: Tensor, limit: int) -> Tensor:
+    """Indices (ascending) of the usable entries of ``scores`` whose score is at least the
+    ``limit``-th best usable score: every usable entry when fewer than ``limit`` are usable.
+
+    Greedy NMS keeps or drops a candidate by the better-scored candidates of its class only,
+    so NMS on a set that holds every candidate scored above some value keeps exactly the full
+    NMS's kept candidates above that value. Ties at the cut come in whole (``>=``), and the
+    candidates keep their order, which NMS's stable sort uses among equal scores: so the kept
+    set and its order are the full run's, cut at that score. The result has ``limit`` or more
+    entries exactly when the cut may have left some usable entries out.
+    """
+    if scores.numel() > limit:
+        masked = torch.where(usable, scores, torch.full_like(scores, float("-inf")))
+        cut = masked.topk(limit, sorted=False).values.min()
+        usable = usable & (scores >= cut)
+    return torch.where(usable)[0]
 
 
 def _decay(iou: Tensor, iou_threshold: float, sigma: float, method: str) -> Tensor:
@@ -66,7 +110,11 @@ def soft_nms(
 
 
 def multiclass_nms(
-    boxes: Tensor, scores: Tensor, image_size: tuple[int, int], test_cfg: Any
+    boxes: Tensor,
+    scores: Tensor,
+    image_size: tuple[int, int],
+    test_cfg: Any,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Final detections of one image.
 
@@ -75,23 +123,45 @@ def multiclass_nms(
     (``cfg.model.roi_head.test``): ``score_thresh``, ``min_box_size``, ``nms``, ``nms_iou``,
     ``soft_nms_sigma``, ``soft_nms_min_score``, ``max_per_image``.
     Returns ``(boxes (M, 4), scores (M,), labels (M,) in 1..K)``, best first.
+
+    Plain NMS runs on the best :data:`FINAL_NMS_CANDIDATES` (box, class) pairs (ties at the
+    cut included, :func:`final_nms_candidates`); when fewer than ``max_per_image`` of them
+    survive and pairs were left out, on all of them. Either way the result is the full NMS's.
+    ``stats``: when given, filled for benchmarks without waiting for the device:
+    ``"nms_inputs"``, the number of pairs that entered the NMS whose result is returned (an
+    int), and ``"score_pairs"``, the number that passed the score threshold (a 0-dim tensor on
+    the scores' device: reading it waits).
     """
     num_classes = scores.shape[1]
     if boxes.dim() == 2:
         boxes = boxes[:, None].expand(-1, num_classes, 4)
-    boxes = clip_boxes_to_image(boxes, image_size)
-    labels = torch.arange(1, num_classes + 1, device=scores.device).expand_as(scores)
-    boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-
-    keep = torch.where(scores > test_cfg.score_thresh)[0]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    boxes = clip_boxes_to_image(boxes, image_size).reshape(-1, 4)
+    labels = torch.arange(1, num_classes + 1, device=scores.device).expand_as(scores).reshape(-1)
+    scores = scores.reshape(-1)
+    # the score threshold and (when asked) torchvision's remove_small_boxes, in one selection
+    usable = scores > test_cfg.score_thresh
     if test_cfg.min_box_size > 0:
-        keep = remove_small_boxes(boxes, test_cfg.min_box_size)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        usable &= ((boxes[:, 2:] - boxes[:, :2]) >= test_cfg.min_box_size).all(dim=1)
+    if stats is not None:
+        stats["score_pairs"] = usable.sum()
 
     if test_cfg.nms == "nms":
-        keep = batched_nms(boxes, scores, labels, test_cfg.nms_iou)[: test_cfg.max_per_image]
+        limit = max(FINAL_NMS_CANDIDATES, test_cfg.max_per_image)
+        cand = final_nms_candidates(scores, usable, limit)
+        keep = cand[batched_nms(boxes[cand], scores[cand], labels[cand], test_cfg.nms_iou)]
+        if len(keep) < test_cfg.max_per_image and len(cand) >= limit:  # maybe pairs left out
+            every = torch.where(usable)[0]
+            if len(every) > len(cand):
+                cand = every
+                keep = cand[batched_nms(boxes[cand], scores[cand], labels[cand], test_cfg.nms_iou)]
+        if stats is not None:
+            stats["nms_inputs"] = len(cand)
+        keep = keep[: test_cfg.max_per_image]
         return boxes[keep], scores[keep], labels[keep]
+    keep = torch.where(usable)[0]
+    if stats is not None:
+        stats["nms_inputs"] = len(keep)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep, new_scores = soft_nms(
         boxes,
         scores,

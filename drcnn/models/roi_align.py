@@ -9,8 +9,11 @@ into contiguous chunks and runs the same torchvision kernels on them in threads
 (:func:`drcnn.models.threads.thread_map`). Every
 output value is computed by the same kernel from the same box, so the forward result is
 bit-identical to torchvision's; the input gradient is the sum of the chunks' gradients (equal up
-to float rounding where two chunks share an image). On CUDA, with one thread, or for little work
-it is exactly :class:`torchvision.ops.MultiScaleRoIAlign` (when not ``aligned``, see below).
+to float rounding where two chunks share an image). On the CPU with one thread or for little
+work it is exactly :class:`torchvision.ops.MultiScaleRoIAlign` (when not ``aligned``, see below).
+On CUDA (or under :func:`drcnn.models.threads.device_code_path`) it never uses threads, and pools
+the RoIs sorted by level in one block per level (:meth:`ThreadedMultiScaleRoIAlign._pool_levels`)
+so that the host waits for the device once per call, not once per level as in torchvision's.
 
 ``aligned=True`` samples half a pixel earlier (a box edge is a pixel edge, not a pixel centre),
 as mmcv's RoIAlign does by default and so the official mmdetection 2.4 code; torchvision's
@@ -32,7 +35,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 # calls MultiScaleRoIAlign.forward makes), so the levels match torchvision's exactly.
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
-from drcnn.models.threads import thread_map
+from drcnn.models.threads import cpu_path, thread_map
 
 # Work (RoIs x channels) below which a chunk is not worth a thread: small calls handed to a
 # thread compete for the cores with PyTorch's OpenMP threads, still spinning after the previous
@@ -160,17 +163,17 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         ``roi_scale_factor``: levels mapped first, then ``roi_rescale``; the Double-Head
         regression branch).
         """
-        threads = torch.get_num_threads()
-        total = sum(len(b) for b in boxes)
         features = _filter_input(x, self.featmap_names)
+        on_cpu = cpu_path(features[0].device)
+        threads = torch.get_num_threads() if on_cpu else 1
+        total = sum(len(b) for b in boxes)
         threaded = (
-            features[0].device.type == "cpu"
-            and threads >= 2
+            threads >= 2
             and total * features[0].shape[1] >= 2 * MIN_WORK_PER_CHUNK
             and len(features) >= 2
             and not torch.jit.is_scripting()
         )
-        if not threaded and not self.aligned and roi_scale_factor is None:
+        if on_cpu and not threaded and not self.aligned and roi_scale_factor is None:
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(
@@ -182,22 +185,35 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         rois = torch.cat(
             [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
         )
+        return self._pool_levels(features, rois, levels, threads if threaded else 1)
+
+    def _pool_levels(
+        self, features: list[Tensor], rois: Tensor, levels: Tensor, threads: int
+    ) -> Tensor:
+        """Each RoI pooled on the map of its level, rows in the order of ``rois``.
+
+        The RoIs are sorted by level (stably: by image within a level, as the threaded chunks
+        need), each level pools its block, and the results are written to its RoIs' rows.
+        One wait for the device per call, for the block sizes: selecting each level's rows with
+        ``torch.where`` (torchvision's way) waited once per level.
+        """
+        order = torch.argsort(levels, stable=True)
+        level_ids = torch.arange(len(features), device=levels.device)
+        counts = (levels[None, :] == level_ids[:, None]).sum(dim=1).tolist()
         size = tuple(self.output_size)
-        # every RoI maps to exactly one level, so every row is written below
-        result = features[0].new_empty((total, features[0].shape[1], *size))
-        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
-            rows = torch.where(levels == level)[0]
+        # every RoI is in exactly one block, so every row is written below
+        result = features[0].new_empty((len(rois), features[0].shape[1], *size))
+        rows_by_level = order.split(counts)
+        for feature, scale, rows in zip(features, self.scales, rows_by_level, strict=True):
             if len(rows) == 0:
                 continue
-            work = len(rows) * feature.shape[1]
-            chunks = max(1, min(threads, work // MIN_WORK_PER_CHUNK)) if threaded else 1
+            block = rois[rows]
+            chunks = max(1, min(threads, len(rows) * feature.shape[1] // MIN_WORK_PER_CHUNK))
             if chunks > 1:
                 pooled = _ThreadedRoIAlign.apply(
-                    feature, rois[rows], scale, size, self.sampling_ratio, self.aligned, chunks
+                    feature, block, scale, size, self.sampling_ratio, self.aligned, chunks
                 )
             else:
-                pooled = roi_align(
-                    feature, rois[rows], size, scale, self.sampling_ratio, self.aligned
-                )
-            result[rows] = pooled.to(result.dtype)
+                pooled = roi_align(feature, block, size, scale, self.sampling_ratio, self.aligned)
+            result.index_copy_(0, rows, pooled.to(result.dtype))
         return result

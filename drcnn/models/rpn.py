@@ -35,8 +35,10 @@ from torchvision.models.detection.rpn import (
 from torchvision.ops import boxes as box_ops
 
 from drcnn.config import rpn_nms_thresholds
+from drcnn.models.box_coder import BoxCoder
 from drcnn.models.losses import box_loss
-from drcnn.models.threads import thread_map
+from drcnn.models.postprocess import batched_nms
+from drcnn.models.threads import cpu_path, thread_map
 
 # Nominal strides of the FPN levels P2..P6 the RPN runs on.
 LEVEL_STRIDES = (4, 8, 16, 32, 64)
@@ -101,7 +103,10 @@ class MMDetAnchorGenerator(AnchorGenerator):
             )
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
         grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
-        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        # filled on the device, not copied from the host (a blocking copy on CUDA)
+        strides = [
+            [torch.empty((), dtype=torch.int64, device=device).fill_(s)] * 2 for s in self.strides
+        ]
         self.set_cell_anchors(dtype, device)
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in image_list.image_sizes]
@@ -163,6 +168,17 @@ def mmdet_anchor_labels(
     return labels, matched
 
 
+def usable_candidates(
+    boxes: Tensor, scores: Tensor, min_size: float, score_thresh: float
+) -> Tensor:
+    """Indices (ascending) of the boxes with both sides >= ``min_size`` and a score >=
+    ``score_thresh``: torchvision's ``remove_small_boxes`` then its score filter, in one
+    selection (the same rows in the same order; the host waits for the device once, not twice).
+    """
+    sides = boxes[:, 2:] - boxes[:, :2]
+    return torch.where((sides >= min_size).all(dim=1) & (scores >= score_thresh))[0]
+
+
 class DecoupledRPN(RegionProposalNetwork):
     """RPN returning ``ProposalSets`` in training with two NMS thresholds, else ``list[Tensor]``.
 
@@ -208,6 +224,7 @@ class DecoupledRPN(RegionProposalNetwork):
             test_nms_thresh,
             score_thresh,
         )
+        self.box_coder = BoxCoder(self.box_coder.weights)  # torchvision's, without syncs
         self.train_nms_thresh = tuple(train_nms_thresh)
         self.min_size = min_size
         self.loss_bbox = loss_bbox
@@ -247,8 +264,7 @@ class DecoupledRPN(RegionProposalNetwork):
             proposals, objectness, levels, image_shapes, strict=True
         ):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
-            keep = box_ops.remove_small_boxes(boxes, self.min_size)
-            keep = keep[scores[keep] >= self.score_thresh]
+            keep = usable_candidates(boxes, scores, self.min_size, self.score_thresh)
             candidates.append(Candidates(boxes[keep], scores[keep], lvl[keep]))
         return candidates
 
@@ -257,9 +273,9 @@ class DecoupledRPN(RegionProposalNetwork):
         limit = self.post_nms_top_n()
 
         def keep(cand: Candidates) -> Tensor:
-            return cand.boxes[box_ops.batched_nms(cand.boxes, cand.scores, cand.levels, thresh)]
+            return cand.boxes[batched_nms(cand.boxes, cand.scores, cand.levels, thresh)]
 
-        run = thread_map if candidates and candidates[0].boxes.device.type == "cpu" else map
+        run = thread_map if candidates and cpu_path(candidates[0].boxes.device) else map
         return [boxes[:limit] for boxes in run(keep, candidates)]
 
     def compute_loss(

@@ -16,8 +16,10 @@ by side anyway, so it gains nothing from a team of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 import torch
@@ -57,3 +59,23 @@ def thread_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     if _POOL is None or _POOL._max_workers < workers:
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drcnn-cpu")
     return list(_POOL.map(call, items))
+
+
+_CPU_PATH: ContextVar[bool] = ContextVar("drcnn_cpu_path", default=True)
+
+
+def cpu_path(device: torch.device) -> bool:
+    """Whether drcnn takes its CPU-only code for tensors on ``device`` (threaded kernels,
+    torchvision's per-class NMS loop): on the CPU, unless :func:`device_code_path` is on."""
+    return device.type == "cpu" and _CPU_PATH.get()
+
+
+@contextmanager
+def device_code_path() -> Iterator[None]:
+    """Run the code an accelerator runs, on the CPU too, inside the block (same results; for
+    the synchronisation audit and the tests that compare the two paths)."""
+    token = _CPU_PATH.set(False)
+    try:
+        yield
+    finally:
+        _CPU_PATH.reset(token)

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import clip_boxes_to_image
 
+from drcnn.models.box_coder import BoxCoder
 from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import multiclass_nms
 from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign
@@ -39,7 +40,8 @@ class StageOutput(NamedTuple):
 
 
 def box_coder(target_stds: Sequence[float]) -> BoxCoder:
-    """torchvision BoxCoder whose weights are the inverse delta stds (0.1, 0.2 -> 10, 5)."""
+    """drcnn's BoxCoder (torchvision's, sync-free) whose weights are the inverse delta stds
+    (0.1, 0.2 -> 10, 5)."""
     return BoxCoder(tuple(1.0 / s for s in target_stds), bbox_xform_clip=BBOX_XFORM_CLIP)
 
 
@@ -53,12 +55,15 @@ def split_proposals(proposals: Any) -> tuple[list[Tensor], list[Tensor]]:
 def clip_rows(
     boxes: Tensor, counts: Sequence[int], image_shapes: Sequence[tuple[int, int]]
 ) -> Tensor:
-    """Clip concatenated per-image boxes (``counts`` rows per image) to their ``(H, W)``."""
-    sizes = torch.as_tensor(
-        [[w, h] for h, w in image_shapes], dtype=boxes.dtype, device=boxes.device
-    ).repeat_interleave(torch.as_tensor(counts, device=boxes.device), dim=0)
-    limits = sizes.repeat(1, 2)  # (N, 4): w, h, w, h
-    return torch.minimum(boxes.clamp(min=0), limits)
+    """Clip concatenated per-image boxes (``counts`` rows per image) to their ``(H, W)``.
+
+    One clamp per image with the sizes as Python numbers: a tensor of the sizes built on the
+    device, and ``repeat_interleave`` without an output size, each made the host wait for it.
+    """
+    parts = boxes.split(list(counts))
+    return torch.cat(
+        [clip_boxes_to_image(b, shape) for b, shape in zip(parts, image_shapes, strict=True)]
+    )
 
 
 class RoIHeadsBase(nn.Module):
@@ -79,6 +84,11 @@ class RoIHeadsBase(nn.Module):
         )
         self.stages = stages
         self.box_coders = [box_coder(stage.target_stds) for stage in roi.stages]
+        # per image of the last inference, for benchmarks to report the final NMS's load
+        # (postprocess.multiclass_nms's stats): the (box, class) pairs that entered it, and
+        # those that passed the score threshold (0-dim tensors on the device)
+        self.final_nms_inputs: list[int] = []
+        self.final_score_pairs: list[Tensor] = []
 
     @staticmethod
     def in_features(cfg: Any, in_channels: int) -> int:
@@ -246,15 +256,21 @@ class RoIHeadsBase(nn.Module):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
     ) -> Detections:
-        """Detections per image: chain the stages, average class scores, per-class NMS."""
+        """Detections per image: chain the stages, average class scores, per-class NMS
+        (each image's NMS load is left in ``final_nms_inputs`` and ``final_score_pairs``)."""
         counts = [len(p) for p in proposals]
         outs = self._chain(features, proposals, image_shapes)
         scores = self._class_probs(outs)[:, 1:].split(counts)
         boxes = self._final_boxes(outs).split(counts)
-        detections = []
+        detections, self.final_nms_inputs, self.final_score_pairs = [], [], []
         for b, s, shape in zip(boxes, scores, image_shapes, strict=True):
-            det_boxes, det_scores, det_labels = multiclass_nms(b, s, shape, self.cfg.test)
+            stats: dict[str, Any] = {}
+            det_boxes, det_scores, det_labels = multiclass_nms(
+                b, s, shape, self.cfg.test, stats=stats
+            )
             detections.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
+            self.final_nms_inputs.append(stats["nms_inputs"])
+            self.final_score_pairs.append(stats["score_pairs"])
         return detections
 
     def analyze(
