@@ -1,0 +1,242 @@
+"""``drcnn run --launcher submitit``: steps as cluster jobs (submitit's local executor here, no
+SLURM), job records, resubmission after a killed job, ``--status``, and the refusals.
+
+The end-to-end test is the only heavy one (four tiny jobs, each a few processes); the others
+check the pieces (settings, torchrun command, waiting for an earlier job) without a job.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import yaml
+from hostile import expect_refusal
+from test_runner import DECOUPLED, FASTER, TINY
+
+from drcnn import cli
+from drcnn.analysis import launchers, runner
+from drcnn.errors import DrcnnError
+
+LOCAL_JOBS = {"type": "submitit", "cluster": "local", "gpus_per_node": 0, "time": 30}
+
+
+def write_spec(path: Path, root: Path, launcher: dict | None = None) -> Path:
+    """Two tiny models, trained and tested as local submitit jobs, then the report."""
+    spec = {
+        "name": "jobs",
+        "dataset": {"type": "synthetic", "root": str(root)},
+        "overrides": TINY,
+        "models": [{"name": "faster", "config": FASTER}, {"name": "dec", "config": DECOUPLED}],
+        "steps": ["train", "test", "report"],
+        "launcher": LOCAL_JOBS if launcher is None else launcher,
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def kill_job(job_id: str) -> None:
+    """End a local job as a failing node would: its controller and every process below it at
+    once (stopped first, so that none starts a child while the others are killed)."""
+    stopped: dict[int, psutil.Process] = {}
+    root = psutil.Process(int(job_id))
+    while True:
+        tree = [root, *root.children(recursive=True)]
+        new = [p for p in tree if p.pid not in stopped]
+        if not new:
+            break
+        for process in new:
+            process.send_signal(signal.SIGSTOP)
+            stopped[process.pid] = process
+    for process in stopped.values():
+        process.send_signal(signal.SIGKILL)
+
+
+def wait_for(path: Path, timeout_s: float = 120.0) -> None:
+    start = time.monotonic()
+    while not path.is_file():
+        assert time.monotonic() - start < timeout_s, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def job(out: Path, step: str) -> dict:
+    return json.loads((out / "jobs" / f"{step}.json").read_text())
+
+
+def test_two_models_run_as_jobs_a_killed_job_is_resubmitted_finished_ones_are_not(
+    tmp_path, synthetic_root, capsys
+):
+    spec, out = write_spec(tmp_path / "spec.yaml", synthetic_root), tmp_path / "out"
+    argv = ["run", str(spec), "--out", str(out)]
+    codes = []
+    first = threading.Thread(target=lambda: codes.append(cli.main(argv)))
+    first.start()
+    wait_for(out / "jobs" / "train-faster.json")
+    killed = job(out, "train-faster")
+    kill_job(killed["job_id"])
+    first.join()
+    printed = capsys.readouterr().out
+    # the killed training fails with its job's log; the other model goes on to its test
+    assert codes == [1]
+    assert f"train-faster: FAILED (DrcnnError: job {killed['job_id']} ended without" in printed
+    assert killed["log"] in printed
+    assert "train-dec: done" in printed and "test-dec: done" in printed
+    assert "test-faster: blocked" in printed
+    dec_train, dec_test = job(out, "train-dec"), job(out, "test-dec")
+    # the training ran torchrun (its command is the first line of its log)
+    assert "-m torch.distributed.run --standalone --nproc_per_node=1 -m drcnn train" in (
+        Path(dec_train["log"]).read_text()
+    )
+    record = json.loads((out / "steps" / "train-dec.json").read_text())
+    assert record["job_id"] == dec_train["job_id"] and record["notebook"] is None
+    assert (out / "notebooks" / "test-dec.ipynb").is_file()  # a test job runs the notebook
+
+    assert cli.main(["run", str(spec), "--out", str(out), "--status"]) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert status[0].startswith(f"train-faster: failed (DrcnnError: job {killed['job_id']}")
+    assert status[0].endswith(f"; {launchers.describe(killed)}")
+    assert status[1] == f"train-dec: done; {launchers.describe(dec_train)}"
+    assert status[2] == "test-faster: not started"
+
+    # again: only the killed training is submitted again, then its test
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train-dec: skipped" in printed and "test-dec: skipped" in printed
+    assert "train-faster: done" in printed and "test-faster: done" in printed
+    again = job(out, "train-faster")
+    assert again["job_id"] != killed["job_id"] and again["earlier_jobs"] == [killed["job_id"]]
+    assert job(out, "train-dec") == dec_train and job(out, "test-dec") == dec_test
+    for name in ("faster", "dec"):
+        assert (out / "models" / name / "metrics.json").is_file()
+    assert cli.main(["run", str(spec), "--out", str(out), "--status"]) == 0
+    assert capsys.readouterr().out.count(": done") == 5
+
+
+@pytest.fixture
+def planned(tmp_path, synthetic_root):
+    """A spec with local jobs, its output folder and its first training step."""
+    spec = runner.load_spec(write_spec(tmp_path / "spec.yaml", synthetic_root))
+    out = tmp_path / "out"
+    return spec, out, runner.plan(spec, out)[0]
+
+
+def test_a_run_waits_for_a_job_still_running_instead_of_submitting_it_again(planned):
+    spec, out, step = planned
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        entry = {
+            "step_id": step.id,
+            "job_id": str(process.pid),
+            "cluster": "local",
+            "folder": str(out / "jobs" / str(process.pid)),
+            "tasks": 1,
+            "log": str(out / "jobs" / str(process.pid) / "log.out"),
+            "fingerprint": runner.fingerprint(step),
+            "earlier_jobs": [],
+        }
+        path = launchers.job_record_path(out, step.id)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(entry))
+        launcher = launchers.SubmititLauncher(spec.launcher, out, spec.name, force=False)
+        assert launcher.earlier_job(step) == entry
+        lines = launchers.status_lines([step], out)
+        assert lines == [f"{step.id}: running; {launchers.describe(entry)}"]
+        # a job of other inputs (or --force) is not waited for, nor submitted beside it
+        other = {**entry, "fingerprint": "another"}
+        with pytest.raises(DrcnnError, match=f"scancel {process.pid}"):
+            launcher.run(step, None, other, runner.fingerprint(step), print)
+    finally:
+        process.kill()
+        process.wait()
+    assert launchers.job_outcome(entry) == (
+        "failed",
+        f"job {process.pid} ended without a result (ENDED)",
+    )
+    assert launcher.earlier_job(step) is None  # ended without a result: submitted again
+
+
+def test_command_line_settings_win_over_the_spec(tmp_path, synthetic_root):
+    launcher = {**LOCAL_JOBS, "partition": "gpu", "sbatch": {"qos": "low", "mem": "64G"}}
+    path = write_spec(tmp_path / "spec.yaml", synthetic_root, launcher)
+    args = cli.build_parser().parse_args(
+        ["run", str(path), "--partition", "big", "--sbatch", "qos=high", "--time", "60"]
+    )
+    from drcnn.commands.run import launcher_settings
+
+    settings = launcher_settings(args)
+    assert settings == {"partition": "big", "time": 60, "sbatch": {"qos": "high"}}
+    spec = runner.load_spec(path, settings)
+    assert (spec.launcher.partition, spec.launcher.time) == ("big", 60)
+    assert dict(spec.launcher.sbatch) == {"qos": "high", "mem": "64G"}
+    assert spec.launcher.cluster == "local"  # not given on the command line: the spec's
+
+
+def test_torchrun_command_of_one_node_of_a_multi_node_training(planned):
+    _, out, step = planned
+    env = SimpleNamespace(num_nodes=2, global_rank=1, hostnames=["n7", "n8"], job_id="4242")
+    command = launchers.torchrun_command(step.parameters, "/ckpt/latest.pth", 8, env)
+    assert command[:2] == [sys.executable, "-m"]
+    assert command[2:9] == [
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--master_addr=n7",
+        f"--master_port={29500 + 4242}",
+        "--nproc_per_node=8",
+        "-m",
+    ]
+    assert command[9:] == [
+        "drcnn",
+        "train",
+        step.parameters["config"],
+        "--work-dir",
+        str(out / "models" / "faster"),
+        "--device",
+        "cpu",
+        "--set",
+        *step.parameters["overrides"],
+        "--resume",
+        "/ckpt/latest.pth",
+    ]
+
+
+def test_without_submitit_the_launcher_is_a_one_line_error(
+    tmp_path, synthetic_root, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
+    spec, out = write_spec(tmp_path / "spec.yaml", synthetic_root), tmp_path / "out"
+    err = expect_refusal(["run", spec, "--out", out], capsys, watch=[tmp_path, synthetic_root])
+    assert err == (
+        "error: launcher submitit: the submitit package is not installed "
+        "(pip install 'drcnn[slurm]' or pip install submitit)"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--sbatch", "qos"], "--sbatch qos: expected KEY=VALUE, e.g. qos=high"),
+        (["--nodes", "0"], "launcher.nodes: expected at least 1, got 0"),
+        (["--nodes", "2"], "launcher.nodes: the local cluster has one node"),
+        (["--cluster", "slurm"], "launcher.cluster slurm: sbatch not found on this machine"),
+        (["--jobs", "2"], "--jobs: for local runs only (submitit submits every step at once)"),
+    ],
+)
+def test_bad_launcher_settings_are_refused(
+    tmp_path, synthetic_root, capsys, monkeypatch, options, message
+):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch here (nor anywhere)
+    spec, out = write_spec(tmp_path / "spec.yaml", synthetic_root), tmp_path / "out"
+    argv = ["run", spec, "--out", out, *options]
+    err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root])
+    assert message in err
+    assert not out.exists()
