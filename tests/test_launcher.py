@@ -90,6 +90,8 @@ def test_two_models_run_as_jobs_a_killed_job_is_resubmitted_finished_ones_are_no
     assert killed["log"] in printed
     assert "train-dec: done" in printed and "test-dec: done" in printed
     assert "test-faster: blocked" in printed
+    report = (out / "report.html").read_text()  # paths unescaped in HTML
+    assert "train-faster FAILED" in report and f"(job log: {killed['log']})" in report
     dec_train, dec_test = job(out, "train-dec"), job(out, "test-dec")
     # the training ran torchrun (its command is the first line of its log)
     assert "-m torch.distributed.run --standalone --nproc_per_node=1 -m drcnn train" in (
@@ -240,3 +242,14 @@ def test_bad_launcher_settings_are_refused(
     err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root])
     assert message in err
     assert not out.exists()
+
+
+def test_a_requeued_training_job_continues_its_latest_checkpoint(planned):
+    _, out, step = planned
+    job = launchers.StepJob()
+    again = job.checkpoint(step, out, None, 8)  # preempted before its first checkpoint
+    assert (again.function, again.args) == (job, (step, out, None, 8))
+    latest = Path(step.parameters["work_dir"]) / "latest.pth"
+    latest.parent.mkdir(parents=True)
+    latest.write_bytes(b"")
+    assert job.checkpoint(step, out, None, 8).args == (step, out, str(latest), 8)

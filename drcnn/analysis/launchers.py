@@ -166,27 +166,45 @@ def _run_torchrun(command: list[str]) -> None:
         raise DrcnnError(f"torchrun exited with status {code} (its output is in this job's log)")
 
 
-def job_main(step: Any, out: Path, resume: str | None, gpus: int) -> dict[str, str | None]:
-    """What a job runs on its node(s): the step, as a local run would, but a training through
-    torchrun. Returns ``{"error": None}`` or the failure's one-line description, so that the
-    run reads why a step failed instead of a pickled traceback."""
-    from drcnn.analysis import runner
+class StepJob:
+    """What a job runs on its node(s), the callable submitit pickles: the step, as a local run
+    would, but a training through torchrun.
 
-    try:
-        if step.kind == "train":
-            import submitit
+    It returns ``{"error": None}`` or the failure's one-line description, so that the run reads
+    why a step failed instead of a pickled traceback. Its :meth:`checkpoint` makes the job
+    requeueable: submitit calls it when SLURM preempts the job or its time limit nears, and
+    requeues the job with what it returns.
+    """
 
-            env = submitit.JobEnvironment()
-            command = torchrun_command(step.parameters, resume, gpus, env)
-            print(" ".join(command), flush=True)
-            _run_torchrun(command)
-        else:
-            runner.execute_notebook(
-                step.notebook, out / "notebooks" / f"{step.id}.ipynb", step.parameters, out
-            )
-    except Exception as exc:
-        return {"error": runner.error_line(exc)}
-    return {"error": None}
+    def __call__(self, step: Any, out: Path, resume: str | None, gpus: int) -> dict[str, Any]:
+        from drcnn.analysis import runner
+
+        try:
+            if step.kind == "train":
+                import submitit
+
+                env = submitit.JobEnvironment()
+                command = torchrun_command(step.parameters, resume, gpus, env)
+                print(" ".join(command), flush=True)
+                _run_torchrun(command)
+            else:
+                runner.execute_notebook(
+                    step.notebook, out / "notebooks" / f"{step.id}.ipynb", step.parameters, out
+                )
+        except Exception as exc:
+            return {"error": runner.error_line(exc)}
+        return {"error": None}
+
+    def checkpoint(self, step: Any, out: Path, resume: str | None, gpus: int) -> Any:
+        """The requeued job's submission: the same step; a training continues from the
+        ``latest.pth`` its job has saved so far (the job's own: the run moved any other aside
+        before submitting it)."""
+        from submitit.helpers import DelayedSubmission
+
+        latest = Path(step.parameters["work_dir"]) / "latest.pth"
+        if step.kind == "train" and latest.is_file():
+            resume = str(latest)
+        return DelayedSubmission(self, step, out, resume, gpus)
 
 
 # ------------------------------------------------------------------------ job states
@@ -215,7 +233,7 @@ def job_outcome(entry: dict[str, Any], mode: str = "force") -> tuple[str, str | 
     if all(t.paths.result_pickle.is_file() for t in tasks):
         for task in tasks:
             outcome, result = pickle_load(task.paths.result_pickle)
-            if outcome != "success":  # job_main itself failed (e.g. drcnn not importable)
+            if outcome != "success":  # StepJob itself failed (e.g. drcnn not importable)
                 lines = [line for line in str(result).splitlines() if line.strip()]
                 return "failed", f"job {entry['job_id']}: {lines[-1] if lines else 'error'}"
             if result["error"] is not None:
@@ -311,7 +329,7 @@ class SubmititLauncher:
         earlier = read_job_record(self.out, step.id)
         executor, gpus = self._executor(step)
         job = executor.submit(
-            job_main, step, self.out, None if resume is None else str(resume), gpus
+            StepJob(), step, self.out, None if resume is None else str(resume), gpus
         )
         first = _task_jobs(job)[0]
         entry = {

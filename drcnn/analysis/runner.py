@@ -13,7 +13,8 @@ seed (:mod:`drcnn.analysis.seeds`; ``ap_table.contrasts`` names extra difference
    ``report`` (:func:`drcnn.analysis.report.write_report`);
 3. executes each notebook with papermill (kernel ``python3``, i.e. this interpreter), keeping
    the executed copy in ``OUT/notebooks/<step>.ipynb``, and prints a line when each step starts
-   and when it ends.
+   and when it ends. With ``launcher.type: submitit`` the training, test and sensitivity steps
+   run as cluster jobs instead (:mod:`drcnn.analysis.launchers`), under the same rules below.
 
 Resuming: a step whose record (``OUT/steps/<step>.json``) says ``done`` with the same
 parameters and inputs (checkpoint / metrics file modification times) and whose output files
