@@ -90,8 +90,11 @@ def test_two_models_run_as_jobs_a_killed_job_is_resubmitted_finished_ones_are_no
     assert killed["log"] in printed
     assert "train-dec: done" in printed and "test-dec: done" in printed
     assert "test-faster: blocked" in printed
+    failed = json.loads((out / "steps" / "train-faster.json").read_text())
+    assert (failed["job_id"], failed["log"]) == (killed["job_id"], killed["log"])
     report = (out / "report.html").read_text()  # paths unescaped in HTML
-    assert "train-faster FAILED" in report and f"(job log: {killed['log']})" in report
+    assert f"Step train-faster FAILED: DrcnnError: job {killed['job_id']} ended" in report
+    assert f"(job log: {killed['log']})" in report
     dec_train, dec_test = job(out, "train-dec"), job(out, "test-dec")
     # the training ran torchrun (its command is the first line of its log)
     assert "-m torch.distributed.run --standalone --nproc_per_node=1 -m drcnn train" in (
@@ -154,7 +157,7 @@ def test_a_run_waits_for_a_job_still_running_instead_of_submitting_it_again(plan
         # a job of other inputs (or --force) is not waited for, nor submitted beside it
         other = {**entry, "fingerprint": "another"}
         with pytest.raises(DrcnnError, match=f"scancel {process.pid}"):
-            launcher.run(step, None, other, runner.fingerprint(step), print)
+            launcher.start(step, None, other, runner.fingerprint(step), print)
     finally:
         process.kill()
         process.wait()
@@ -253,3 +256,20 @@ def test_a_requeued_training_job_continues_its_latest_checkpoint(planned):
     latest.parent.mkdir(parents=True)
     latest.write_bytes(b"")
     assert job.checkpoint(step, out, None, 8).args == (step, out, str(latest), 8)
+
+
+def test_a_local_run_does_not_import_submitit(tmp_path, synthetic_root):
+    """The CPU quickstart path (CLI, spec, plan, a local run's launcher check) leaves submitit
+    unimported: it is an optional extra, imported when a submitit launcher is used."""
+    spec = write_spec(tmp_path / "spec.yaml", synthetic_root, {"type": "local"})
+    code = (
+        "import sys\n"
+        "from drcnn import cli\n"
+        "from drcnn.analysis import runner\n"
+        f"args = cli.build_parser().parse_args(['run', {str(spec)!r}])\n"
+        f"spec = runner.load_spec({str(spec)!r})\n"
+        f"runner.plan(spec, runner.experiment_dir(spec, {str(tmp_path / 'out')!r}))\n"
+        "assert spec.launcher.type == 'local'\n"
+        "assert 'submitit' not in sys.modules, 'submitit imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

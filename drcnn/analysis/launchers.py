@@ -350,7 +350,7 @@ class SubmititLauncher:
         atomic_write_text(path, json.dumps(entry, indent=2))
         return entry
 
-    def run(
+    def start(
         self,
         step: Any,
         resume: Path | None,
@@ -358,19 +358,25 @@ class SubmititLauncher:
         fingerprint: str,
         echo: Callable[[str], None],
     ) -> dict[str, Any]:
-        """Submit ``step`` (or take ``earlier``, its job from a previous run), wait until the
-        job ends and raise a ``DrcnnError`` saying why if it failed; returns the job's record."""
+        """Submit ``step``, or take ``earlier``, its job from a previous run (a job of other
+        inputs, or any with --force, that has not ended is an error); returns the job's
+        record."""
         if earlier is not None and (self.force or earlier["fingerprint"] != fingerprint):
             raise DrcnnError(
                 f"{describe(earlier)}: a job of this step with other inputs (or before --force) "
                 f"has not ended; wait for it or cancel it (scancel {earlier['job_id']})"
             )
-        if earlier is None:
-            entry = self._submit(step, resume, fingerprint)
-            echo(f"submitted: {describe(entry)}")
-        else:
-            entry = earlier
-            echo(f"waiting for the earlier {describe(entry)}")
+        if earlier is not None:
+            echo(f"waiting for the earlier {describe(earlier)}")
+            return earlier
+        entry = self._submit(step, resume, fingerprint)
+        echo(f"submitted: {describe(entry)}")
+        return entry
+
+    @staticmethod
+    def wait(entry: dict[str, Any]) -> None:
+        """Wait until the job ends; a ``DrcnnError`` saying why (and where its log is) if it
+        failed."""
         while True:
             state, error = job_outcome(entry, mode="standard")
             if state in ("succeeded", "failed"):
@@ -378,7 +384,6 @@ class SubmititLauncher:
             time.sleep(POLL_S)
         if error is not None:
             raise DrcnnError(f"{error}; see {entry['log']}")
-        return entry
 
 
 def status_lines(steps: list[Any], out: Path) -> list[str]:

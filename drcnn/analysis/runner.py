@@ -713,10 +713,11 @@ def _execute(
     start = time.perf_counter()
     try:
         if submit:
-            job = launcher.run(
+            job = launcher.start(
                 step, resume, earlier, fingerprint(step), lambda line: echo(f"{prefix}: {line}")
             )
             record.update(job_id=job["job_id"], log=job["log"])
+            launcher.wait(job)
         else:
             _run_step(step, out, resume)
         missing = [str(p) for p in step.outputs if not p.is_file()]
