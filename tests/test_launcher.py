@@ -8,6 +8,7 @@ check the pieces (settings, torchrun command, waiting for an earlier job) withou
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import psutil
 import pytest
 import yaml
 from hostile import expect_refusal
-from test_runner import DECOUPLED, FASTER, TINY
+from test_runner import DECOUPLED, FASTER, TINY, FakeExecutor
+from test_runner import write_spec as runner_spec
 
 from drcnn import cli
 from drcnn.analysis import launchers, runner
@@ -273,3 +275,55 @@ def test_a_local_run_does_not_import_submitit(tmp_path, synthetic_root):
         "assert 'submitit' not in sys.modules, 'submitit imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ctrl_c_ends_the_run_at_once_while_its_jobs_go_on():
+    """``drcnn run`` waits for its jobs on threads; Ctrl-C must end it at once, not after the
+    jobs (days on a cluster). The next run waits for the jobs that went on."""
+    release = threading.Event()
+    threading.Timer(8.0, release.set).start()  # a bounded "job" should Ctrl-C not stop the wait
+
+    def run_one(index: int, step: SimpleNamespace) -> str:  # a job that does not end soon
+        release.wait()
+        return "done"
+
+    steps = [(1, SimpleNamespace(id="train-a")), (2, SimpleNamespace(id="train-b"))]
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launchers.run_at_once(steps, run_one)
+    assert time.monotonic() - start < 4.0
+    release.set()
+    # without Ctrl-C: every step's status, in the steps' order; a step's crash is raised
+    assert launchers.run_at_once(steps, run_one) == {"train-a": "done", "train-b": "done"}
+    with pytest.raises(ZeroDivisionError):
+        launchers.run_at_once(steps, lambda index, step: str(1 / (index - 1)))
+
+
+def test_status_of_a_local_run_reads_the_records_and_writes_nothing(
+    tmp_path, synthetic_root, monkeypatch, capsys
+):
+    monkeypatch.setattr(runner, "execute_notebook", FakeExecutor())  # no real notebooks
+    spec = runner_spec(tmp_path / "spec.yaml", synthetic_root, ["train", "test", "report"])
+    out = tmp_path / "out"
+    status = ["run", str(spec), "--out", str(out), "--status"]
+    assert cli.main(status) == 0
+    steps = ["train-faster", "train-broken", "test-faster", "test-broken", "report"]
+    assert capsys.readouterr().out.splitlines() == [f"{s}: not started" for s in steps]
+    assert not out.exists()
+    assert cli.main(["run", str(spec), "--out", str(out)]) == 1
+    record = out / "steps" / "test-faster.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "fingerprint": "old"}))
+    capsys.readouterr()
+    assert cli.main(status) == 0
+    lines = capsys.readouterr().out.splitlines()
+    notebooks = out / "notebooks"
+    assert lines[0] == f"train-faster: done; notebook {notebooks / 'train-faster.ipynb'}"
+    assert lines[1] == (
+        "train-broken: failed (DrcnnError: override train.no_such_key: unknown config key); "
+        f"notebook {notebooks / 'train-broken.ipynb'}"
+    )
+    assert lines[2] == (
+        f"test-faster: done, outdated: will be redone; notebook {notebooks / 'test-faster.ipynb'}"
+    )
+    assert lines[3:] == ["test-broken: not started", "report: done"]

@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -375,15 +376,38 @@ class SubmititLauncher:
 
     @staticmethod
     def wait(entry: dict[str, Any]) -> None:
-        """Wait until the job ends; a ``DrcnnError`` saying why (and where its log is) if it
-        failed."""
+        """Wait until the job ends; a ``DrcnnError`` saying why if it failed."""
         while True:
             state, error = job_outcome(entry, mode="standard")
             if state in ("succeeded", "failed"):
                 break
             time.sleep(POLL_S)
         if error is not None:
-            raise DrcnnError(f"{error}; see {entry['log']}")
+            raise DrcnnError(error)
+
+
+def run_at_once(steps: list[tuple[int, Any]], run_one: Callable[[int, Any], str]) -> dict[str, str]:
+    """``run_one`` (submit a step's job and wait for it) for every step at once, on daemon
+    threads: Ctrl-C ends ``drcnn run`` at once instead of waiting for the jobs, which go on (on
+    SLURM) and which the next run waits for. ``{step id: status}`` in the steps' order."""
+    results: dict[str, str | BaseException] = {}
+
+    def target(index: int, step: Any) -> None:
+        try:
+            results[step.id] = run_one(index, step)
+        except BaseException as exc:  # raised again in the calling thread
+            results[step.id] = exc
+
+    threads = [threading.Thread(target=target, args=pair, daemon=True) for pair in steps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(timeout=POLL_S)  # a timeout: KeyboardInterrupt reaches this thread
+    for result in results.values():
+        if isinstance(result, BaseException):
+            raise result
+    return {step.id: results[step.id] for _, step in steps}
 
 
 def status_lines(steps: list[Any], out: Path) -> list[str]:

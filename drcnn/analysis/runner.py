@@ -562,18 +562,13 @@ def thread_share(jobs: int) -> Iterator[None]:
 
 
 def _run_wave(
-    steps: list[tuple[int, Step]],
-    run_one: Callable[[int, Step], str],
-    jobs: int,
-    share_cpus: bool = True,
+    steps: list[tuple[int, Step]], run_one: Callable[[int, Step], str], jobs: int
 ) -> dict[str, str]:
     """Run independent steps (the training steps, or the test steps, of all runs), ``jobs`` at
-    a time on threads that each wait for their step's notebook kernel (or cluster job: then
-    ``share_cpus=False``, the job has its own CPUs); ``{step id: status}``."""
+    a time on threads that each wait for their step's notebook kernel; ``{step id: status}``."""
     if jobs == 1 or len(steps) < 2:
         return {step.id: run_one(index, step) for index, step in steps}
-    shared = thread_share(jobs) if share_cpus else contextlib.nullcontext()
-    with shared, ThreadPoolExecutor(max_workers=jobs) as pool:
+    with thread_share(jobs), ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {step.id: pool.submit(run_one, index, step) for index, step in steps}
         return {name: future.result() for name, future in futures.items()}
 
@@ -607,8 +602,8 @@ def _run_locked(
     numbered = list(enumerate(steps, 1))
     for kind in STEP_KINDS:  # plan() orders the steps by kind; runs of one kind are independent
         wave = [(i, s) for i, s in numbered if s.kind == kind]
-        if launcher is not None and kind in launchers.SUBMITTED_KINDS:  # all jobs at once
-            status.update(_run_wave(wave, run_one, len(wave), share_cpus=False))
+        if launcher is not None and kind in launchers.SUBMITTED_KINDS:
+            status.update(launchers.run_at_once(wave, run_one))
             continue
         status.update(_run_wave(wave, run_one, jobs if kind in ("train", "test") else 1))
     failed = [s for s, v in status.items() if v in ("failed", "blocked")]
@@ -711,12 +706,14 @@ def _execute(
     echo(f"{prefix}: running" + (f" ({'; '.join(notes)})" if notes else ""))
     sys.stdout.flush()
     start = time.perf_counter()
+    where = notebook  # what to look at if the step fails
     try:
         if submit:
             job = launcher.start(
                 step, resume, earlier, fingerprint(step), lambda line: echo(f"{prefix}: {line}")
             )
             record.update(job_id=job["job_id"], log=job["log"])
+            where = notebook or job["log"]
             launcher.wait(job)
         else:
             _run_step(step, out, resume)
@@ -725,7 +722,7 @@ def _execute(
             raise DrcnnError(f"step finished without writing {', '.join(missing)}")
     except Exception as exc:  # a failing step must not stop the others
         record.update(status="failed", error=error_line(exc))
-        echo(f"{prefix}: FAILED ({record['error']}); see {notebook or out}")
+        echo(f"{prefix}: FAILED ({record['error']}); see {where or out}")
     else:
         record.update(status="done", fingerprint=fingerprint(step))
         echo(f"{prefix}: done in {time.perf_counter() - start:.1f} s")
