@@ -125,6 +125,14 @@ def test_two_models_run_as_jobs_a_killed_job_is_resubmitted_finished_ones_are_no
         assert (out / "models" / name / "metrics.json").is_file()
     assert cli.main(["run", str(spec), "--out", str(out), "--status"]) == 0
     assert capsys.readouterr().out.count(": done") == 5
+    # a job that ended well while no drcnn run recorded it (say the run was stopped) is taken
+    # as it is, not submitted again
+    (out / "steps" / "train-dec.json").unlink()
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"train-dec: waiting for the earlier {launchers.describe(dec_train)}" in printed
+    assert "train-dec: done" in printed and "test-dec: skipped" in printed
+    assert job(out, "train-dec") == dec_train
 
 
 @pytest.fixture
@@ -327,3 +335,29 @@ def test_status_of_a_local_run_reads_the_records_and_writes_nothing(
         f"test-faster: done, outdated: will be redone; notebook {notebooks / 'test-faster.ipynb'}"
     )
     assert lines[3:] == ["test-broken: not started", "report: done"]
+
+
+@pytest.mark.parametrize(
+    ("sacct", "state"),
+    [
+        ("PENDING", ("queued", None)),
+        ("REQUEUED", ("queued", None)),
+        ("RUNNING", ("running", None)),
+        ("CANCELLED by 1234", ("failed", "job 77 ended without a result (CANCELLED)")),
+        ("NODE_FAIL", ("failed", "job 77 ended without a result (NODE_FAIL)")),
+        ("TIMEOUT", ("failed", "job 77 ended without a result (TIMEOUT)")),
+    ],
+)
+def test_the_state_of_a_slurm_job_without_result_is_sacct_s(tmp_path, monkeypatch, sacct, state):
+    import submitit
+
+    asked = []
+
+    def get_state(job_id: str, mode: str = "standard") -> str:
+        asked.append((job_id, mode))
+        return sacct
+
+    monkeypatch.setattr(submitit.SlurmJob.watcher, "get_state", get_state)
+    entry = {"job_id": "77", "cluster": "slurm", "folder": str(tmp_path), "tasks": 2}
+    assert launchers.job_outcome(entry) == state
+    assert asked == [("77", "force")]
