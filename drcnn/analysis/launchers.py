@@ -36,10 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write_text
+
+if TYPE_CHECKING:  # runner imports this module
+    from drcnn.analysis.runner import Step
 
 LAUNCHER_TYPES = ("local", "submitit")
 CLUSTERS = ("slurm", "local")  # submitit's executors drcnn uses
@@ -177,7 +180,7 @@ class StepJob:
     requeues the job with what it returns.
     """
 
-    def __call__(self, step: Any, out: Path, resume: str | None, gpus: int) -> dict[str, Any]:
+    def __call__(self, step: Step, out: Path, resume: str | None, gpus: int) -> dict[str, Any]:
         from drcnn.analysis import runner
 
         try:
@@ -196,7 +199,7 @@ class StepJob:
             return {"error": runner.error_line(exc)}
         return {"error": None}
 
-    def checkpoint(self, step: Any, out: Path, resume: str | None, gpus: int) -> Any:
+    def checkpoint(self, step: Step, out: Path, resume: str | None, gpus: int) -> Any:
         """The requeued job's submission: the same step; a training continues from the
         ``latest.pth`` its job has saved so far (the job's own: the run moved any other aside
         before submitting it)."""
@@ -286,10 +289,10 @@ class SubmititLauncher:
         self.name = name
         self.force = force
 
-    def submits(self, step: Any) -> bool:
+    def submits(self, step: Step) -> bool:
         return step.kind in SUBMITTED_KINDS
 
-    def earlier_job(self, step: Any) -> dict[str, Any] | None:
+    def earlier_job(self, step: Step) -> dict[str, Any] | None:
         """The recorded job of ``step`` that the run must not submit again: one that is
         still queued or running, or (without --force) one that ended well."""
         entry = read_job_record(self.out, step.id)
@@ -301,7 +304,7 @@ class SubmititLauncher:
             return entry
         return None
 
-    def _executor(self, step: Any) -> tuple[Any, int]:
+    def _executor(self, step: Step) -> tuple[Any, int]:
         """An executor for ``step`` and its GPUs per node: a training gets every node and GPU
         of the settings, the other steps one GPU (none without GPUs) of one node."""
         s = self.settings
@@ -323,7 +326,7 @@ class SubmititLauncher:
         )
         return executor, gpus
 
-    def _submit(self, step: Any, resume: Path | None, fingerprint: str) -> dict[str, Any]:
+    def _submit(self, step: Step, resume: Path | None, fingerprint: str) -> dict[str, Any]:
         """Submit ``step`` and record the job in ``OUT/jobs/<step>.json``."""
         from drcnn.analysis import provenance
 
@@ -353,7 +356,7 @@ class SubmititLauncher:
 
     def start(
         self,
-        step: Any,
+        step: Step,
         resume: Path | None,
         earlier: dict[str, Any] | None,
         fingerprint: str,
@@ -386,13 +389,15 @@ class SubmititLauncher:
             raise DrcnnError(error)
 
 
-def run_at_once(steps: list[tuple[int, Any]], run_one: Callable[[int, Any], str]) -> dict[str, str]:
+def run_at_once(
+    steps: list[tuple[int, Step]], run_one: Callable[[int, Step], str]
+) -> dict[str, str]:
     """``run_one`` (submit a step's job and wait for it) for every step at once, on daemon
     threads: Ctrl-C ends ``drcnn run`` at once instead of waiting for the jobs, which go on (on
     SLURM) and which the next run waits for. ``{step id: status}`` in the steps' order."""
     results: dict[str, str | BaseException] = {}
 
-    def target(index: int, step: Any) -> None:
+    def target(index: int, step: Step) -> None:
         try:
             results[step.id] = run_one(index, step)
         except BaseException as exc:  # raised again in the calling thread
@@ -410,7 +415,7 @@ def run_at_once(steps: list[tuple[int, Any]], run_one: Callable[[int, Any], str]
     return {step.id: results[step.id] for _, step in steps}
 
 
-def status_lines(steps: list[Any], out: Path) -> list[str]:
+def status_lines(steps: list[Step], out: Path) -> list[str]:
     """One line per step: done / failed / queued / running / not started, with the job's log
     (submitit) or the executed notebook (local) where there is one."""
     from drcnn.analysis import provenance, runner
