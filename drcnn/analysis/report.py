@@ -423,7 +423,7 @@ def provenance_section(exp_dir: Path) -> Section:
                     "finished": r.get("finished"),
                     "seconds": r.get("seconds", math.nan),
                     "commit": r.get("git_commit"),
-                    "notebook": r.get("notebook") or "",
+                    "notebook": r.get("notebook") or r.get("log") or "",  # log: a job's
                 }
                 for r in records
             ]
@@ -453,12 +453,14 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
     )
     failed = [r for r in provenance.read_records(exp_dir) if r.get("status") == "failed"]
     for record in failed:
+        where = "executed notebook" if record.get("notebook") else "job log"  # --launcher
         header.blocks.append(
             _text(
-                "Step {} FAILED: {} (executed notebook: {}).",
+                "Step {} FAILED: {} ({}: {}).",
                 record.get("step_id"),
                 record.get("error", ""),
-                record.get("notebook"),
+                where,
+                record.get("notebook") or record.get("log"),
             )
         )
     sections = [

@@ -13,7 +13,8 @@ seed (:mod:`drcnn.analysis.seeds`; ``ap_table.contrasts`` names extra difference
    ``report`` (:func:`drcnn.analysis.report.write_report`);
 3. executes each notebook with papermill (kernel ``python3``, i.e. this interpreter), keeping
    the executed copy in ``OUT/notebooks/<step>.ipynb``, and prints a line when each step starts
-   and when it ends.
+   and when it ends. With ``launcher.type: submitit`` the training, test and sensitivity steps
+   run as cluster jobs instead (:mod:`drcnn.analysis.launchers`), under the same rules below.
 
 Resuming: a step whose record (``OUT/steps/<step>.json``) says ``done`` with the same
 parameters and inputs (checkpoint / metrics file modification times) and whose output files
@@ -52,7 +53,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from drcnn.analysis import provenance
+from drcnn.analysis import launchers, provenance
+from drcnn.analysis.launchers import LauncherSpec
 from drcnn.analysis.seeds import seed_run
 from drcnn.config import reject_interpolations
 from drcnn.engine.distributed import AUTO_DEVICE, DEVICE_CHOICES, device_kind, device_name
@@ -139,6 +141,7 @@ class Spec:
     steps: list[str] = field(default_factory=lambda: list(STEP_KINDS))
     sensitivity: SensitivitySpec = field(default_factory=SensitivitySpec)
     ap_table: ApTableSpec = field(default_factory=ApTableSpec)
+    launcher: LauncherSpec = field(default_factory=LauncherSpec)  # where steps run (launchers)
 
 
 @dataclass
@@ -175,13 +178,14 @@ def _read_spec(path: Path, chain: tuple[Path, ...] = ()) -> Any:
     return OmegaConf.merge(_read_spec(path.parent / base, (*chain, path.resolve())), loaded)
 
 
-def load_spec(path: str | Path) -> Any:
+def load_spec(path: str | Path, launcher: dict[str, Any] | None = None) -> Any:
     """Read and validate a spec file (unknown keys, wrong types, bad names, interpolations:
-    one-line errors). A spec may start from another: ``base: other_spec.yaml``."""
+    one-line errors). A spec may start from another: ``base: other_spec.yaml``. ``launcher``:
+    settings that win over the spec's ``launcher:`` section (command-line options)."""
     path = Path(path)
     loaded = _read_spec(path)
     try:
-        spec = OmegaConf.merge(OmegaConf.structured(Spec), loaded)
+        spec = OmegaConf.merge(OmegaConf.structured(Spec), loaded, {"launcher": launcher or {}})
     except OmegaConfBaseException as exc:
         raise DrcnnError(f"spec {path}: {str(exc).splitlines()[0]}") from exc
     _validate(spec, path)
@@ -225,6 +229,7 @@ def _validate(spec: Any, path: Path) -> None:
     if len(set(spec.seeds)) != len(spec.seeds):
         raise DrcnnError(f"spec {path}: seeds: expected distinct seeds, got {list(spec.seeds)}")
     _validate_contrasts(spec.ap_table.contrasts, names, path)
+    launchers.validate(spec.launcher, f"spec {path}")
 
 
 def _validate_contrasts(contrasts: Sequence[Any], names: list[str], path: Path) -> None:
@@ -438,7 +443,7 @@ def execute_notebook(notebook: str, executed: Path, parameters: dict[str, Any], 
     )
 
 
-def _error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """A one-line description of a step failure (papermill: the cell's exception)."""
     name = getattr(exc, "ename", None) or type(exc).__name__
     value = getattr(exc, "evalue", None) or str(exc)
@@ -508,20 +513,41 @@ def run_experiment(
     force: bool = False,
     echo: Callable[[str], None] = print,
     jobs: int = 1,
+    launcher: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Run (or resume) an experiment; returns ``{step id: done | skipped | failed | blocked}``.
 
     ``out`` defaults to ``experiments/runs/<spec name>``. Output layout: docs/design.md. Another
     run already using ``out`` is a ``DrcnnError``. ``jobs`` > 1 runs that many training (then
     test) steps at once, each with an equal share of the CPU threads (:func:`_run_wave`).
+    ``launcher``: settings over the spec's ``launcher:`` section (``drcnn run --launcher ...``);
+    with ``type: submitit`` the training, test and sensitivity steps run as cluster jobs
+    (:mod:`drcnn.analysis.launchers`).
     """
     if jobs < 1:
         raise DrcnnError(f"--jobs {jobs}: expected at least 1")
-    spec = load_spec(spec_path)
-    out = Path(out if out is not None else Path("experiments/runs") / spec.name).resolve()
+    spec = load_spec(spec_path, launcher)
+    if spec.launcher.type == "submitit":
+        if jobs != 1:
+            raise DrcnnError("--jobs: for local runs only (submitit submits every step at once)")
+        launchers.check_available(spec.launcher)
+    out = experiment_dir(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, busy=RUN_BUSY):
         return _run_locked(spec, out, force, echo, jobs)
+
+
+def experiment_dir(spec: Any, out: str | Path | None) -> Path:
+    """The output folder: ``out``, or ``experiments/runs/<spec name>`` (absolute)."""
+    return Path(out if out is not None else Path("experiments/runs") / spec.name).resolve()
+
+
+def experiment_status(spec_path: str | Path, out: str | Path | None = None) -> list[str]:
+    """``drcnn run SPEC --status``: one line per step of the spec (done, failed, queued,
+    running or not started, with its log), read from OUT without writing to it."""
+    spec = load_spec(spec_path)
+    out = experiment_dir(spec, out)
+    return launchers.status_lines(plan(spec, out), out)
 
 
 @contextlib.contextmanager
@@ -568,6 +594,9 @@ def _run_locked(
     status: dict[str, str] = {}
     superseded = Superseded(out)
     lines = threading.Lock()
+    launcher = None
+    if spec.launcher.type == "submitit":
+        launcher = launchers.SubmititLauncher(spec.launcher, out, spec.name, force)
 
     def say(line: str) -> None:  # whole lines, also from the steps of a wave run at once
         with lines:
@@ -575,11 +604,14 @@ def _run_locked(
 
     def run_one(index: int, step: Step) -> str:
         prefix = f"[{index}/{len(steps)}] {step.id}"
-        return _execute(step, out, force, status, prefix, say, superseded)
+        return _execute(step, out, force, status, prefix, say, superseded, launcher)
 
     numbered = list(enumerate(steps, 1))
     for kind in STEP_KINDS:  # plan() orders the steps by kind; runs of one kind are independent
         wave = [(i, s) for i, s in numbered if s.kind == kind]
+        if launcher is not None and kind in launchers.SUBMITTED_KINDS:
+            status.update(launchers.run_at_once(wave, run_one))
+            continue
         status.update(_run_wave(wave, run_one, jobs if kind in ("train", "test") else 1))
     failed = [s for s, v in status.items() if v in ("failed", "blocked")]
     if failed:
@@ -641,8 +673,11 @@ def _execute(
     prefix: str,
     echo: Callable,
     superseded: Superseded,
+    launcher: launchers.SubmititLauncher | None = None,
 ) -> str:
-    """Run one step (or skip it) and record the outcome; returns its status."""
+    """Run one step (or skip it) and record the outcome; returns its status. With a
+    ``launcher`` that submits the step, it runs as a job (or the run waits for its job of an
+    earlier run: then the model's outputs are left as they are)."""
     ready, parameters = _ready(step, status)
     if not ready:
         echo(f"{prefix}: blocked (needs {', '.join(step.needs)})")
@@ -651,14 +686,18 @@ def _execute(
     if not force and is_complete(step, out):
         echo(f"{prefix}: skipped (already complete)")
         return "skipped"
+    submit = launcher is not None and launcher.submits(step)
+    earlier = launcher.earlier_job(step) if submit else None
     resume = None
-    if step.kind == "train":
+    if step.kind == "train" and earlier is None:
         resume = _prepare_training(
             step, out, force, superseded, lambda line: echo(f"{prefix}: {line}")
         )
     # invalidate first: if this run is interrupted, the next one must not take the step as done
     provenance.record_path(out, step.id).unlink(missing_ok=True)
-    notebook = str(out / "notebooks" / f"{step.id}.ipynb") if step.notebook else None
+    # a training job runs torchrun, not the notebook: its log is the job's
+    in_notebook = step.notebook and not (submit and step.kind == "train")
+    notebook = str(out / "notebooks" / f"{step.id}.ipynb") if in_notebook else None
     record = {
         "step_id": step.id,
         "parameters": step.parameters,
@@ -674,14 +713,23 @@ def _execute(
     echo(f"{prefix}: running" + (f" ({'; '.join(notes)})" if notes else ""))
     sys.stdout.flush()
     start = time.perf_counter()
+    where = notebook  # what to look at if the step fails
     try:
-        _run_step(step, out, resume)
+        if submit:
+            job = launcher.start(
+                step, resume, earlier, fingerprint(step), lambda line: echo(f"{prefix}: {line}")
+            )
+            record.update(job_id=job["job_id"], log=job["log"])
+            where = notebook or job["log"]
+            launcher.wait(job)
+        else:
+            _run_step(step, out, resume)
         missing = [str(p) for p in step.outputs if not p.is_file()]
         if missing:
             raise DrcnnError(f"step finished without writing {', '.join(missing)}")
     except Exception as exc:  # a failing step must not stop the others
-        record.update(status="failed", error=_error_line(exc))
-        echo(f"{prefix}: FAILED ({record['error']}); see {notebook or out}")
+        record.update(status="failed", error=error_line(exc))
+        echo(f"{prefix}: FAILED ({record['error']}); see {where or out}")
     else:
         record.update(status="done", fingerprint=fingerprint(step))
         echo(f"{prefix}: done in {time.perf_counter() - start:.1f} s")

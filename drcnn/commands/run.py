@@ -32,11 +32,64 @@ def add_parser(subparsers) -> None:
         "CPU threads (default 1); on a small CPU, single-thread jobs use the cores better; on "
         "CUDA the jobs share the GPU",
     )
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="show each step's state (done, failed, queued, running, not started) and its log "
+        "or notebook, then exit; runs nothing",
+    )
+    add_launcher_options(parser)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from drcnn.analysis.runner import run_experiment
+def add_launcher_options(parser: argparse.ArgumentParser) -> None:
+    """``--launcher`` and the cluster settings; each given one wins over the spec's
+    ``launcher:`` section (drcnn.analysis.launchers.LauncherSpec, docs/cluster.md)."""
+    group = parser.add_argument_group(
+        "cluster (spec section launcher:; see docs/cluster.md)",
+        "With --launcher submitit every training, test and sensitivity step is a job submitted "
+        "through submitit (pip install 'drcnn[slurm]'); a training job starts torchrun on "
+        "each of its nodes. The job ids go to OUT/jobs/.",
+    )
+    group.add_argument("--launcher", choices=("local", "submitit"), dest="type")
+    group.add_argument(
+        "--cluster", choices=("slurm", "local"), help="submitit executor (default slurm)"
+    )
+    group.add_argument("--partition")
+    group.add_argument("--account")
+    group.add_argument("--nodes", type=int, help="nodes per training job")
+    group.add_argument("--gpus-per-node", type=int, dest="gpus_per_node")
+    group.add_argument("--cpus-per-task", type=int, dest="cpus_per_task")
+    group.add_argument("--time", type=int, help="minutes a job may run")
+    group.add_argument(
+        "--sbatch",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="more sbatch options, e.g. --sbatch qos=high constraint=a100",
+    )
 
-    status = run_experiment(args.spec, args.out, force=args.force, jobs=args.jobs)
+
+def launcher_settings(args: argparse.Namespace) -> dict:
+    """The launcher options given on the command line (the others stay as the spec says)."""
+    from drcnn.analysis.launchers import parse_sbatch
+
+    keys = ("type", "cluster", "partition", "account", "nodes", "gpus_per_node")
+    keys += ("cpus_per_task", "time")
+    settings = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    if args.sbatch:
+        settings["sbatch"] = parse_sbatch(args.sbatch)
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from drcnn.analysis.runner import experiment_status, run_experiment
+
+    if args.status:
+        for line in experiment_status(args.spec, args.out):
+            print(line)
+        return 0
+    status = run_experiment(
+        args.spec, args.out, force=args.force, jobs=args.jobs, launcher=launcher_settings(args)
+    )
     return 1 if any(v in ("failed", "blocked") for v in status.values()) else 0
