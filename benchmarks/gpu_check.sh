@@ -32,7 +32,7 @@ LOG_KEEP=20000 # bytes of each step's output kept in log.txt (head and tail)
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 
 if [ "$DEVICE" = cuda ]; then
-  BUDGET=${GPU_CHECK_BUDGET:-345}
+  BUDGET=${GPU_CHECK_BUDGET:-330}
   SCALE=1 # on each step's time limit
   INFERENCE=(--size 800x1333 --repeats 20)
   SYNC=(--size 800x1333)
@@ -103,7 +103,7 @@ done
 BENCHMARK=("$PY" -m drcnn benchmark "$CONFIG" --device "$DEVICE" "${BENCH[@]}"
   --set model.backbone.pretrained=null)
 step benchmark_fp32 60 "${BENCHMARK[@]}" --out "$OUT_DIR/benchmark_fp32.json"
-if timeout 60 "$PY" -m drcnn benchmark --help 2>/dev/null | grep -q -- --amp; then
+if timeout 20 "$PY" -m drcnn benchmark --help 2>/dev/null | grep -q -- --amp; then
   step benchmark_bf16 60 "${BENCHMARK[@]}" --amp bf16 --out "$OUT_DIR/benchmark_bf16.json"
 else
   note "== benchmark_bf16: skipped, 'python3 -m drcnn benchmark --help' has no --amp"

@@ -24,8 +24,8 @@ a few classes each, and only the confident tail, about a tenth, above 0.05. The 
 run, so their cost is kept; only their values are set. The RoI heads' box regression stays
 random. torchvision's head has 91 columns (COCO's 90 ids, 10 unused): the 80 used ones get the
 table's columns, the unused ones 1e-5. Reported per model and threshold: ``nms_candidates``,
-the boxes entering the final NMS (counted by wrapping ``batched_nms`` during the RoI heads'
-forward in one untimed pass; ``None`` if the head calls no ``batched_nms``), and
+the boxes entering the final NMS (counted by wrapping torchvision's ``nms`` during the RoI
+heads' forward in one untimed pass; ``None`` if the head calls no ``nms``), and
 ``pairs_above_threshold``, what the table puts above it for the RoIs the head saw.
 
 The proposals' shapes set the cost of adaptive RoIAlign (``sampling_ratio: 0``); two proposal
@@ -247,12 +247,13 @@ def set_score_thresh(model: nn.Module, threshold: float) -> None:
 
 @contextmanager
 def counting_final_nms(model: nn.Module) -> Iterator[list[int]]:
-    """Record the number of boxes of each ``batched_nms`` call made inside ``model.roi_heads``
-    (the final NMS; the RPN's calls are outside it). Patches the name in torchvision's box ops
-    (which torchvision's RoI heads call) and in drcnn's postprocess module."""
+    """Record the number of boxes of each NMS call made inside ``model.roi_heads`` (the final
+    NMS; the RPN's calls are outside it). Patches ``nms`` in torchvision's box ops, which its
+    ``batched_nms`` calls on every path (one call, or one per class), and in drcnn's
+    postprocess module if it imports the name."""
     sizes: list[int] = []
     inside = [False]
-    original = torchvision.ops.boxes.batched_nms
+    original = torchvision.ops.boxes.nms
 
     def counted(boxes: Tensor, *args, **kwargs) -> Tensor:
         if inside[0]:
@@ -269,17 +270,18 @@ def counting_final_nms(model: nn.Module) -> Iterator[list[int]]:
         model.roi_heads.register_forward_pre_hook(enter),
         model.roi_heads.register_forward_hook(leave),
     ]
-    patched = [(torchvision.ops.boxes, "batched_nms")]
-    if hasattr(drcnn.models.postprocess, "batched_nms"):
-        patched.append((drcnn.models.postprocess, "batched_nms"))
-    saved = [getattr(module, name) for module, name in patched]
-    for module, name in patched:
-        setattr(module, name, counted)
+    patched = [
+        module
+        for module in (torchvision.ops.boxes, drcnn.models.postprocess)
+        if getattr(module, "nms", None) is original
+    ]
+    for module in patched:
+        module.nms = counted
     try:
         yield sizes
     finally:
-        for (module, name), value in zip(patched, saved, strict=True):
-            setattr(module, name, value)
+        for module in patched:
+            module.nms = original
         for handle in handles:
             handle.remove()
 

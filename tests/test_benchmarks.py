@@ -115,7 +115,7 @@ def test_fixed_load_reaches_the_final_nms(build):
     table = inference.class_probabilities(
         inference.foreground_columns(model), inference.classification_layers(model)[0].out_features
     )
-    original = torchvision.ops.boxes.batched_nms
+    original = torchvision.ops.boxes.nms
     for threshold in (0.001, 0.05):
         inference.set_score_thresh(model, threshold)
         assert inference.score_thresh(model) == threshold
@@ -123,13 +123,44 @@ def test_fixed_load_reaches_the_final_nms(build):
         assert 0 < load["rois"] <= 300
         assert load["pairs_above_threshold"] == expected_pairs(table[: load["rois"]], threshold)
         assert load["nms_candidates"] == load["pairs_above_threshold"]
-    assert torchvision.ops.boxes.batched_nms is original
+    assert torchvision.ops.boxes.nms is original
     with torch.no_grad():
         detections = model([image])[0]
     # every detection's score is an entry of its class's column (labels are column indices)
     assert len(detections["scores"]) > 0
     column = table[:, detections["labels"]].float()
     assert ((column - detections["scores"]).abs() < 1e-6).any(dim=0).all()
+
+
+class ClassNms(nn.Module):
+    """Per-class NMS through torchvision's ``batched_nms``."""
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor):
+        return torchvision.ops.batched_nms(boxes, scores, labels, 0.5)
+
+
+class NmsTwice(nn.Module):
+    """One NMS outside ``roi_heads`` (as the RPN's), then one inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roi_heads = ClassNms()
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor):
+        torchvision.ops.batched_nms(boxes, scores, labels, 0.5)
+        return self.roi_heads(boxes, scores, labels)
+
+
+@pytest.mark.parametrize("count", [50, 2000])  # torchvision: one NMS call; one per class on CPU
+def test_final_nms_count_sums_every_call_inside_the_roi_heads(count):
+    generator = torch.Generator().manual_seed(1)
+    xy = torch.rand(count, 2, generator=generator) * 100
+    boxes, scores = torch.cat([xy, xy + 10], dim=1), torch.rand(count, generator=generator)
+    model = NmsTwice()
+    with inference.counting_final_nms(model) as sizes:
+        model(boxes, scores, torch.arange(count) % 3)
+    assert sum(sizes) == count
+    assert len(sizes) == (1 if count == 50 else 3)
 
 
 def test_sync_tally_counts_only_sync_warnings_by_line(monkeypatch):
