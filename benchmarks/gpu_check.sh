@@ -103,10 +103,11 @@ done
 BENCHMARK=("$PY" -m drcnn benchmark "$CONFIG" --device "$DEVICE" "${BENCH[@]}"
   --set model.backbone.pretrained=null)
 step benchmark_fp32 60 "${BENCHMARK[@]}" --out "$OUT_DIR/benchmark_fp32.json"
-if timeout 20 "$PY" -m drcnn benchmark --help 2>/dev/null | grep -q -- --amp; then
+HELP=$(timeout 20 "$PY" -m drcnn benchmark --help 2>&1)
+if grep -q -- --amp <<<"$HELP"; then
   step benchmark_bf16 60 "${BENCHMARK[@]}" --amp bf16 --out "$OUT_DIR/benchmark_bf16.json"
 else
-  note "== benchmark_bf16: skipped, 'python3 -m drcnn benchmark --help' has no --amp"
+  note "== benchmark_bf16: skipped, 'drcnn benchmark --help' shows no --amp: $(tail -1 <<<"$HELP")"
   printf 'benchmark_bf16\tskipped (no --amp)\t\t0\t0\n' >>"$STEPS"
 fi
 step profile_train 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${PROFILE[@]}" \
@@ -129,7 +130,11 @@ for path in sorted(out.glob("*.json")):
             results[path.stem] = {"error": f"unreadable: {exc}"}
 summary = {"device": device, "seconds": seconds, "steps": steps, "results": results}
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-failed = [s["step"] for s in steps if s["status"] != "ok"]
-print(f"gpu_check: {seconds} s, {len(steps) - len(failed)} of {len(steps)} steps ok"
-      + (f"; not ok: {', '.join(failed)}" if failed else "") + f"; wrote {out / 'summary.json'}")
+ok = [s["step"] for s in steps if s["status"] == "ok"]
+skipped = [s["step"] for s in steps if s["status"].startswith("skipped")]
+failed = [s["step"] for s in steps if s["step"] not in ok + skipped]
+print(f"gpu_check: {seconds} s, {len(ok)} of {len(steps)} steps ok"
+      + (f"; failed or timed out: {', '.join(failed)}" if failed else "")
+      + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+      + f"; wrote {out / 'summary.json'}")
 PY

@@ -206,18 +206,25 @@ case "$1" in
   -) exec {python} "$@" ;;
   benchmarks/inference.py)
     while [ $# -gt 0 ]; do [ "$1" = --out ] && echo '{{"ms": 1}}' > "$2"; shift; done ;;
-  -m) [ "$4" = --help ] && echo "usage: drcnn benchmark [--images N]" || exit 3 ;;
+  -m) [ "$4" = --help ] && echo "usage: drcnn benchmark [--images N] $FAKE_HELP" || exit 3 ;;
   *) echo "boom"; exit 1 ;;
 esac
 """
 
 
-def run_gpu_check(tmp_path: Path, budget: int) -> dict:
+def run_gpu_check(tmp_path: Path, budget: int, help_text: str = "") -> dict:
+    """Run gpu_check.sh in its CPU mode with the fake interpreter (whose ``drcnn benchmark
+    --help`` ends with ``help_text``); returns its summary.json."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_BUDGET": str(budget)}
+    env = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "GPU_CHECK_BUDGET": str(budget),
+        "FAKE_HELP": help_text,
+    }
     subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--device", "cpu", str(out)],
         cwd=ROOT,
@@ -243,6 +250,13 @@ def test_gpu_check_goes_on_after_failures_and_skips_missing_amp(tmp_path):
     }
     assert summary["results"] == {"inference": {"ms": 1}}
     assert "boom" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_gpu_check_runs_the_bf16_benchmark_when_drcnn_has_amp(tmp_path):
+    summary = run_gpu_check(tmp_path, budget=1000, help_text="[--amp AMP]")
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert status["benchmark_bf16"] == "failed"  # it ran (and the fake interpreter failed it)
+    assert "--amp bf16 --out" in (tmp_path / "out" / "log.txt").read_text()
 
 
 def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
