@@ -1,17 +1,19 @@
 """Training-step time of drcnn's Faster R-CNN and Decoupled R-CNN against torchvision's.
 
     .venv/bin/python benchmarks/train_step.py [--device cpu|cuda] [--steps 5] [--warmup 2]
+        [--amp none|bf16] [--no-fps]
 
-One training step = zero_grad, forward with targets, summed losses, backward, SGD step. All
+One training step = zero_grad, forward with targets, summed losses, backward, SGD step (with
+``--amp bf16`` the forward and losses under bf16 autocast, as ``train.amp: bf16`` runs them). All
 three models use a randomly initialised ResNet-50 + FPN, the same batch of random images with
 random boxes, and the same resize setting, measured in the same run: torchvision's
 ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)``, drcnn with
 ``configs/baselines/faster_rcnn_r50_fpn_torchvision.yaml`` (the same hyper-parameters) and
 drcnn with ``configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml``. Default size: 2
 images of 320 px on the CPU, 2 images of 800x1333 on CUDA, where the inference fps of the R-50
-Decoupled R-CNN COCO config is measured too (``drcnn.engine.benchmark``). Prints a table and
-writes ``benchmarks/results/train_step.json`` with the median times and their ratios to
-torchvision.
+Decoupled R-CNN COCO config is measured too (``drcnn.engine.benchmark``; ``--no-fps`` skips
+it). Prints a table and writes ``benchmarks/results/train_step.json`` with the median times and
+their ratios to torchvision.
 """
 
 from __future__ import annotations
@@ -85,8 +87,11 @@ def build_models(height: int, width: int) -> dict[str, tuple[torch.nn.Module, in
     return models
 
 
-def step_times(model: torch.nn.Module, batch: tuple, steps: int, warmup: int) -> list[float]:
-    """Seconds per training step (after ``warmup`` untimed steps)."""
+def step_times(
+    model: torch.nn.Module, batch: tuple, steps: int, warmup: int, amp: str = "none"
+) -> list[float]:
+    """Seconds per training step (after ``warmup`` untimed steps); ``amp="bf16"``: the forward
+    pass and losses under bf16 autocast."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device = batch[0][0].device
@@ -95,8 +100,10 @@ def step_times(model: torch.nn.Module, batch: tuple, steps: int, warmup: int) ->
         synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        losses = model(*batch)
-        sum(v for k, v in losses.items() if k.rsplit(".", 1)[-1].startswith("loss")).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            losses = model(*batch)
+            loss = sum(v for k, v in losses.items() if k.rsplit(".", 1)[-1].startswith("loss"))
+        loss.backward()
         optimizer.step()
         synchronize(device)
         if index >= warmup:
@@ -111,6 +118,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument(
+        "--fps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, also the R-50 Decoupled R-CNN inference fps (default: yes)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -118,7 +132,7 @@ def main() -> None:
     rows = {}
     for name, (model, num_classes) in build_models(height, width).items():
         batch = random_batch(args.batch, height, width, num_classes, device)
-        times = step_times(model.to(device), batch, args.steps, args.warmup)
+        times = step_times(model.to(device), batch, args.steps, args.warmup, args.amp)
         rows[name] = {"median_s": statistics.median(times), "times_s": times}
         model.cpu()
     reference = rows["torchvision_faster_rcnn"]["median_s"]
@@ -128,6 +142,7 @@ def main() -> None:
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "batch": args.batch,
+        "amp": args.amp,
         "input_size": [height, width],
         "steps": args.steps,
         "warmup": args.warmup,
@@ -136,7 +151,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "models": rows,
     }
-    if device.type == "cuda":
+    if device.type == "cuda" and args.fps:
         cfg = load_config(DRCNN_CONFIGS["drcnn_decoupled_rcnn"], ["model.backbone.pretrained=null"])
         fps_out = args.out.with_name("decoupled_r50_fps.json")
         result["decoupled_r50_coco_inference"] = benchmark(

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Every GPU figure of issue 13 in one run (at most 6 minutes), into one folder:
+#   inference.json       benchmarks/inference.py: ms/image of torchvision's and drcnn's R-50
+#                        detectors at score 0.001 and 0.05, fixed classification load, NMS load
+#   sync_count.json      benchmarks/sync_count.py: synchronising CUDA calls per image, by line
+#   train_step_fp32.json benchmarks/train_step.py: batch 2 of 800x1333, torchvision vs drcnn
+#   train_step_bf16.json   Faster vs Decoupled, fp32 and bf16 autocast
+#   benchmark_fp32.json  python3 -m drcnn benchmark <Decoupled R-50 config> (fps), and with
+#   benchmark_bf16.json    --amp bf16 when the command has that flag (else skipped, logged)
+#   profile_train.txt    benchmarks/profile_train.py: torch.profiler over 10 training
+#   profile_train.json     iterations of the synthetic R-18 Decoupled config (256 px, batch 8)
+#   summary.json         all of the above in one JSON, with each step's status and the machine
+#   log.txt              each step's command, status and output (trimmed)
+# Every step has its own time limit inside the overall budget; a failing step is logged and the
+# script goes on. Usage, from the project root (on the GPU machine after `source .gpu/env.sh`):
+#     bash benchmarks/gpu_check.sh [--device cpu] [OUT]
+# OUT: the argument, else $OUT, else benchmarks/results/gpu. `--device cpu` (or
+# GPU_CHECK_DEVICE=cpu) runs every step with tiny sizes on the CPU, to test the script (a few
+# minutes). PYTHON (default python3) is the interpreter; GPU_CHECK_BUDGET the overall seconds.
+set -u -o pipefail
+
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+if [ "${1:-}" = "--device" ]; then
+  DEVICE=${2:?--device: expected cpu or cuda}
+  shift 2
+fi
+case "$DEVICE" in cpu | cuda) ;; *) echo "--device: expected cpu or cuda, got $DEVICE" >&2; exit 2 ;; esac
+OUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
+PY=${PYTHON:-python3}
+CONFIG=configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml
+LOG_KEEP=20000 # bytes of each step's output kept in log.txt (head and tail)
+export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+
+if [ "$DEVICE" = cuda ]; then
+  BUDGET=${GPU_CHECK_BUDGET:-330}
+  SCALE=1 # on each step's time limit
+  INFERENCE=(--size 800x1333 --repeats 20)
+  SYNC=(--size 800x1333)
+  TRAIN=(--steps 10 --warmup 3 --batch 2 --size 800 1333)
+  BENCH=(--size 800 1333 --images 50 --warmup 5)
+  PROFILE=(--batch 8 --size 256 --steps 10 --warmup 3)
+else
+  BUDGET=${GPU_CHECK_BUDGET:-1800}
+  SCALE=4
+  INFERENCE=(--size 96x128 --repeats 1)
+  SYNC=(--size 96x128)
+  TRAIN=(--steps 1 --warmup 1 --batch 1 --size 96 128)
+  BENCH=(--size 96 128 --images 2 --warmup 1)
+  PROFILE=(--batch 2 --size 96 --steps 2 --warmup 1)
+fi
+
+mkdir -p "$OUT_DIR" || exit 2
+LOG=$OUT_DIR/log.txt
+STEPS=$OUT_DIR/steps.tsv
+: >"$LOG"
+printf 'step\tstatus\trc\tseconds\tlimit_s\n' >"$STEPS"
+START=$(date +%s)
+
+note() { echo "$*" | tee -a "$LOG"; }
+
+# step NAME LIMIT_S COMMAND...: run it under `timeout`, within what is left of the budget;
+# record its status (ok / failed / timeout / skipped) in steps.tsv and its output in log.txt.
+step() {
+  local name=$1 limit=$(($2 * SCALE)) left begin rc status output
+  shift 2
+  left=$((BUDGET - ($(date +%s) - START) - 15)) # 15 s kept for the summary
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    note "== $name: skipped, the ${BUDGET} s budget is spent"
+    printf '%s\tskipped\t\t0\t0\n' "$name" >>"$STEPS"
+    return
+  fi
+  note "== $name (limit ${limit} s): $*"
+  output=$(mktemp)
+  begin=$(date +%s)
+  timeout -k 10 "$limit" "$@" >"$output" 2>&1
+  rc=$?
+  case $rc in 0) status=ok ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
+  if [ "$(wc -c <"$output")" -gt $((2 * LOG_KEEP)) ]; then
+    { head -c "$LOG_KEEP" "$output"; echo; echo "[... trimmed ...]"; tail -c "$LOG_KEEP" "$output"; } >>"$LOG"
+  else
+    cat "$output" >>"$LOG"
+  fi
+  rm -f "$output"
+  note "== $name: $status (exit $rc) in $(($(date +%s) - begin)) s"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - begin))" "$limit" >>"$STEPS"
+}
+
+note "gpu_check: device $DEVICE, out $OUT_DIR, budget $BUDGET s, $(date -u +%FT%TZ)"
+step environment 30 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+  2>&1 | head -5; nproc; $PY -c 'import torch, torchvision; print(torch.__version__, \
+  torchvision.__version__, torch.version.cuda)'; git rev-parse HEAD 2>/dev/null || true"
+step inference 150 "$PY" benchmarks/inference.py --device "$DEVICE" "${INFERENCE[@]}" \
+  --out "$OUT_DIR/inference.json"
+step sync_count 90 "$PY" benchmarks/sync_count.py --device "$DEVICE" "${SYNC[@]}" \
+  --out "$OUT_DIR/sync_count.json"
+for amp in fp32 bf16; do
+  mode=$amp
+  [ "$amp" = fp32 ] && mode=none
+  step "train_step_$amp" 90 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}" \
+    --amp "$mode" --no-fps --out "$OUT_DIR/train_step_$amp.json"
+done
+BENCHMARK=("$PY" -m drcnn benchmark "$CONFIG" --device "$DEVICE" "${BENCH[@]}"
+  --set model.backbone.pretrained=null)
+step benchmark_fp32 60 "${BENCHMARK[@]}" --out "$OUT_DIR/benchmark_fp32.json"
+HELP=$(timeout 20 "$PY" -m drcnn benchmark --help 2>&1)
+if grep -q -- --amp <<<"$HELP"; then
+  step benchmark_bf16 60 "${BENCHMARK[@]}" --amp bf16 --out "$OUT_DIR/benchmark_bf16.json"
+else
+  note "== benchmark_bf16: skipped, 'drcnn benchmark --help' shows no --amp: $(tail -1 <<<"$HELP")"
+  printf 'benchmark_bf16\tskipped (no --amp)\t\t0\t0\n' >>"$STEPS"
+fi
+step profile_train 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${PROFILE[@]}" \
+  --out "$OUT_DIR/profile_train.txt"
+
+# summary.json: the steps' status and every JSON result of the folder, in one file
+timeout 30 "$PY" - "$OUT_DIR" "$DEVICE" "$(($(date +%s) - START))" <<'PY' 2>&1 | tee -a "$LOG"
+import csv, json, sys
+from pathlib import Path
+
+out, device, seconds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+with open(out / "steps.tsv") as f:
+    steps = list(csv.DictReader(f, delimiter="\t"))
+results = {}
+for path in sorted(out.glob("*.json")):
+    if path.name != "summary.json":
+        try:
+            results[path.stem] = json.loads(path.read_text())
+        except ValueError as exc:
+            results[path.stem] = {"error": f"unreadable: {exc}"}
+summary = {"device": device, "seconds": seconds, "steps": steps, "results": results}
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+ok = [s["step"] for s in steps if s["status"] == "ok"]
+skipped = [s["step"] for s in steps if s["status"].startswith("skipped")]
+failed = [s["step"] for s in steps if s["step"] not in ok + skipped]
+print(f"gpu_check: {seconds} s, {len(ok)} of {len(steps)} steps ok"
+      + (f"; failed or timed out: {', '.join(failed)}" if failed else "")
+      + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+      + f"; wrote {out / 'summary.json'}")
+PY

@@ -1,0 +1,266 @@
+"""The benchmark scripts' own logic (benchmarks/*.py, benchmarks/gpu_check.sh), on tiny models.
+
+The timings themselves are not tested (they are what the scripts measure); what is: the fixed
+classification load of ``inference.py`` (its exact counts, in drcnn's and torchvision's column
+layouts, through the real postprocessing of both), the count of boxes entering the final NMS,
+the sync-warning tally of ``sync_count.py``, the training overrides of ``profile_train.py``, and
+``gpu_check.sh``'s bookkeeping (a failing step does not stop it, ``--amp`` missing is a skip,
+a spent budget skips, ``summary.json`` always written). The CPU mode of ``gpu_check.sh`` end to
+end takes minutes (six R-50 models): it is run by hand, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from drcnn.config import load_config
+from drcnn.engine.benchmark import use_anchor_proposals
+from drcnn.models.detector import build_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import inference  # noqa: E402
+import profile_train  # noqa: E402
+import sync_count  # noqa: E402
+
+TORCHVISION_UNUSED_IDS = [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]  # COCO ids without a class
+
+
+def expected_pairs(table: torch.Tensor, threshold: float) -> int:
+    """Foreground (RoI, class) pairs of a probability table above ``threshold``."""
+    return int((table[:, 1:] > threshold).sum())
+
+
+@pytest.mark.parametrize("layout", ["drcnn", "torchvision"])
+def test_class_probabilities_have_the_stated_counts(layout):
+    width = 81 if layout == "drcnn" else 91
+    columns = [i for i in range(1, width) if i not in TORCHVISION_UNUSED_IDS or width == 81]
+    table = inference.class_probabilities(columns, width)
+    assert table.shape == (inference.TABLE_ROIS, width)
+    torch.testing.assert_close(table.sum(dim=1), torch.ones(len(table), dtype=torch.float64))
+    assert expected_pairs(table, 0.001) == inference.CANDIDATES == 3000
+    assert expected_pairs(table, 0.05) == inference.CONFIDENT == 300
+    assert (table[:, 0] > 0.05).all()
+    if layout == "torchvision":
+        assert (table[:, TORCHVISION_UNUSED_IDS] == inference.FLOOR).all()
+    # the softmax of the hook's logits gives the table back, float32 rounding aside
+    logits = inference.FixedLogits(table).logits
+    torch.testing.assert_close(logits.softmax(dim=1).double(), table, rtol=1e-5, atol=1e-7)
+
+
+def test_torchvision_columns_skip_coco_unused_ids():
+    model = tiny_torchvision_detector()
+    assert inference.foreground_columns(model) == [
+        i for i in range(1, 91) if i not in TORCHVISION_UNUSED_IDS
+    ]
+
+
+def tiny_torchvision_detector() -> nn.Module:
+    """torchvision's FasterRCNN (its RoI heads and postprocessing, 91 classes) on a one-level
+    8-channel backbone, resizing to 64 px."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+    backbone.out_channels = 8
+    return FasterRCNN(
+        backbone,
+        num_classes=91,
+        min_size=64,
+        max_size=96,
+        rpn_anchor_generator=AnchorGenerator(((8, 16, 32),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=300,
+    )
+
+
+def tiny_drcnn_detector() -> nn.Module:
+    """The synthetic R-18 Decoupled R-CNN with COCO's 80 classes, resizing to 64 px."""
+    torch.manual_seed(0)
+    cfg = load_config(
+        ROOT / "configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml",
+        [
+            "model.roi_head.num_classes=80",
+            "model.transform.min_size=[64]",
+            "model.transform.test_min_size=64",
+            "model.transform.max_size=96",
+        ],
+    )
+    return build_detector(cfg)
+
+
+@pytest.mark.parametrize("build", [tiny_torchvision_detector, tiny_drcnn_detector])
+def test_fixed_load_reaches_the_final_nms(build):
+    """Through each library's real postprocessing, the boxes entering the final NMS are the
+    table's pairs above each threshold for the RoIs the head saw (anchor proposals, zero box
+    regression: no box is small enough to be dropped), and the RPN's NMS is not counted."""
+    model = build().eval()
+    use_anchor_proposals(model)
+    hook = inference.fix_classification(model, torch.device("cpu"))
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0))
+    table = inference.class_probabilities(
+        inference.foreground_columns(model), inference.classification_layers(model)[0].out_features
+    )
+    original = torchvision.ops.boxes.nms
+    for threshold in (0.001, 0.05):
+        inference.set_score_thresh(model, threshold)
+        assert inference.score_thresh(model) == threshold
+        load = inference.nms_load(model, hook, image, threshold)
+        assert 0 < load["rois"] <= 300
+        assert load["pairs_above_threshold"] == expected_pairs(table[: load["rois"]], threshold)
+        assert load["nms_candidates"] == load["pairs_above_threshold"]
+    assert torchvision.ops.boxes.nms is original
+    with torch.no_grad():
+        detections = model([image])[0]
+    # every detection's score is an entry of its class's column (labels are column indices)
+    assert len(detections["scores"]) > 0
+    column = table[:, detections["labels"]].float()
+    assert ((column - detections["scores"]).abs() < 1e-6).any(dim=0).all()
+
+
+class ClassNms(nn.Module):
+    """Per-class NMS through torchvision's ``batched_nms``."""
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor):
+        return torchvision.ops.batched_nms(boxes, scores, labels, 0.5)
+
+
+class NmsTwice(nn.Module):
+    """One NMS outside ``roi_heads`` (as the RPN's), then one inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roi_heads = ClassNms()
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor):
+        torchvision.ops.batched_nms(boxes, scores, labels, 0.5)
+        return self.roi_heads(boxes, scores, labels)
+
+
+@pytest.mark.parametrize("count", [50, 2000])  # torchvision: one NMS call; one per class on CPU
+def test_final_nms_count_sums_every_call_inside_the_roi_heads(count):
+    generator = torch.Generator().manual_seed(1)
+    xy = torch.rand(count, 2, generator=generator) * 100
+    boxes, scores = torch.cat([xy, xy + 10], dim=1), torch.rand(count, generator=generator)
+    model = NmsTwice()
+    with inference.counting_final_nms(model) as sizes:
+        model(boxes, scores, torch.arange(count) % 3)
+    assert sum(sizes) == count
+    assert len(sizes) == (1 if count == 50 else 3)
+
+
+def test_sync_tally_counts_only_sync_warnings_by_line(monkeypatch):
+    """The tally, on a fake CUDA device: two sync warnings from one line, one from another, and
+    an unrelated warning."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    line = 0
+
+    def run():
+        nonlocal line
+        for _ in range(2):
+            line = sys._getframe().f_lineno + 1
+            warnings.warn(sync_count.SYNC_WARNING, stacklevel=1)
+        warnings.warn(f"{sync_count.SYNC_WARNING}!", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
+
+    tally = sync_count.synchronising_calls(run, torch.device("cuda"))
+    assert modes == ["warn", "default"]
+    name = sync_count.short_path(__file__)
+    assert name == "tests/test_benchmarks.py"
+    assert tally[f"{name}:{line}"] == 2
+    assert sum(tally.values()) == 3
+
+
+def test_sync_tally_on_cpu_runs_and_reports_none():
+    calls = []
+    assert sync_count.synchronising_calls(lambda: calls.append(1), torch.device("cpu")) is None
+    assert calls == [1]
+
+
+def test_profile_overrides_load(tmp_path):
+    cfg = load_config(profile_train.CONFIG, profile_train.overrides(tmp_path, 8, 256, 13, "bf16"))
+    assert (cfg.data.batch_size, cfg.train.max_iters, cfg.train.amp) == (8, 13, "bf16")
+    assert cfg.train.optimizer == "adamw" and cfg.train.eval_interval == 0
+    assert cfg.model.transform.min_size == [256] and cfg.data.root == str(tmp_path)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# A stand-in interpreter: inference.py writes its --out, drcnn's help lacks --amp, the summary
+# heredoc runs in the real Python, everything else fails.
+case "$1" in
+  -) exec {python} "$@" ;;
+  benchmarks/inference.py)
+    while [ $# -gt 0 ]; do [ "$1" = --out ] && echo '{{"ms": 1}}' > "$2"; shift; done ;;
+  -m) [ "$4" = --help ] && echo "usage: drcnn benchmark [--images N] $FAKE_HELP" || exit 3 ;;
+  *) echo "boom"; exit 1 ;;
+esac
+"""
+
+
+def run_gpu_check(tmp_path: Path, budget: int, help_text: str = "") -> dict:
+    """Run gpu_check.sh in its CPU mode with the fake interpreter (whose ``drcnn benchmark
+    --help`` ends with ``help_text``); returns its summary.json."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "GPU_CHECK_BUDGET": str(budget),
+        "FAKE_HELP": help_text,
+    }
+    subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--device", "cpu", str(out)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_gpu_check_goes_on_after_failures_and_skips_missing_amp(tmp_path):
+    summary = run_gpu_check(tmp_path, budget=1000)
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert status == {
+        "environment": "ok",
+        "inference": "ok",
+        "sync_count": "failed",
+        "train_step_fp32": "failed",
+        "train_step_bf16": "failed",
+        "benchmark_fp32": "failed",
+        "benchmark_bf16": "skipped (no --amp)",
+        "profile_train": "failed",
+    }
+    assert summary["results"] == {"inference": {"ms": 1}}
+    assert "boom" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_gpu_check_runs_the_bf16_benchmark_when_drcnn_has_amp(tmp_path):
+    summary = run_gpu_check(tmp_path, budget=1000, help_text="[--amp AMP]")
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert status["benchmark_bf16"] == "failed"  # it ran (and the fake interpreter failed it)
+    assert "--amp bf16 --out" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
+    summary = run_gpu_check(tmp_path, budget=20)
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert set(status.values()) == {"skipped", "skipped (no --amp)"}
+    assert len(status) == 8
