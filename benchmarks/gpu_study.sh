@@ -6,7 +6,9 @@
 # RESULTS (default $OUT, else benchmarks/results/gpu_study) receives <mode>.log (the run's
 # output with each step's time), <mode>.json (wall time, exit status, device) and
 # <mode>_outputs.tar.gz (the run folder without checkpoints and per-object rows). JOBS (default 6) trainings, then
-# tests, run at once: one R-18 training at 256 px keeps an H200 far from busy.
+# tests, run at once: one R-18 training at 256 px keeps an H200 far from busy. LIMIT (seconds,
+# default none) stops the run there and still packs what it wrote; running the script again
+# resumes the run (finished steps are skipped).
 # SPEC=other.yaml replaces the spec (a CPU trial of this script, say).
 # On the GPU machine, from the project root: source .gpu/env.sh && bash benchmarks/gpu_study.sh full
 set -uo pipefail
@@ -21,12 +23,14 @@ esac
 mkdir -p "$results"
 run_dir=${RUN_DIR:-/tmp/drcnn_gpu_study_$mode}
 start=$(date +%s.%N)
-python3 -m drcnn run "$spec" --out "$run_dir" --jobs "$jobs" 2>&1 | tee "$results/$mode.log"
+limit=${LIMIT:-0}  # timeout's 0: no limit
+timeout -k 10 "$limit" python3 -m drcnn run "$spec" --out "$run_dir" --jobs "$jobs" 2>&1 |
+  tee "$results/$mode.log"
 status=${PIPESTATUS[0]}
 wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
-printf '{"mode": "%s", "spec": "%s", "jobs": %s, "exit_status": %s, "wall_s": %s, "device": "%s"}\n' \
-  "$mode" "$spec" "$jobs" "$status" "$wall" "$device" | tee "$results/$mode.json"
+printf '{"mode": "%s", "spec": "%s", "jobs": %s, "limit_s": %s, "exit_status": %s, "wall_s": %s, "device": "%s"}\n' \
+  "$mode" "$spec" "$jobs" "$limit" "$status" "$wall" "$device" | tee "$results/$mode.json"
 # without checkpoints and the per-object sensitivity rows (hundreds of MB; the summaries stay)
 tar czf "$results/${mode}_outputs.tar.gz" --exclude='*.pth' --exclude='./sensitivity/sensitivity.csv' \
   --exclude='./sensitivity/sensitivity.parquet' \
