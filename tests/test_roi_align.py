@@ -1,13 +1,15 @@
-"""Threaded multi-scale RoIAlign against torchvision's MultiScaleRoIAlign (the reference)."""
+"""drcnn's multi-scale RoIAlign (threaded or not, aligned or not) against torchvision's
+MultiScaleRoIAlign and roi_align (the references)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import MultiScaleRoIAlign as TorchvisionMultiScaleRoIAlign
+from torchvision.ops import roi_align
 
 from drcnn.models import roi_align as roi_align_module
-from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign, chunk_bounds
+from drcnn.models.roi_align import MultiScaleRoIAlign, chunk_bounds
 
 NAMES = ["0", "1", "2", "3"]
 SHAPES = [(256, 320), (256, 320), (256, 320)]
@@ -60,13 +62,15 @@ def boxes(per_image: int = 120) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
-def test_forward_is_bit_identical_and_gradients_match(small_chunks, sampling_ratio):
+def test_forward_is_bit_identical_and_gradients_match(small_chunks, sampling_ratio, threads):
+    torch.set_num_threads(threads)
     x, rois = features(grad=True), boxes()
-    reference = MultiScaleRoIAlign(NAMES, 7, sampling_ratio)
-    threaded = ThreadedMultiScaleRoIAlign(NAMES, 7, sampling_ratio)
-    expected, got = reference(x, rois, SHAPES), threaded(x, rois, SHAPES)
-    assert "_ThreadedRoIAlignBackward" in graph_nodes(got)  # not torchvision's own path
+    reference = TorchvisionMultiScaleRoIAlign(NAMES, 7, sampling_ratio)
+    pooler = MultiScaleRoIAlign(NAMES, 7, sampling_ratio)
+    expected, got = reference(x, rois, SHAPES), pooler(x, rois, SHAPES)
+    assert ("_ThreadedRoIAlignBackward" in graph_nodes(got)) == (threads > 1)
     assert torch.equal(got, expected)
     weights = torch.randn_like(expected)
     inputs = list(x.values())
@@ -94,7 +98,7 @@ def test_aligned_matches_per_level_roi_align(small_chunks, threads):
     """aligned=True against torchvision's roi_align run per level, levels by mmdet's rule."""
     torch.set_num_threads(threads)
     x, rois = features(grad=True), boxes()
-    got = ThreadedMultiScaleRoIAlign(NAMES, 7, 0, aligned=True)(x, rois, SHAPES)
+    got = MultiScaleRoIAlign(NAMES, 7, 0, aligned=True)(x, rois, SHAPES)
     assert ("_ThreadedRoIAlignBackward" in graph_nodes(got)) == (threads > 1)
     indexed = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(rois)])
     levels = mmdet_levels(rois)
@@ -122,7 +126,7 @@ def test_aligned_shifts_samples_by_half_a_pixel(small_chunks, threads, aligned):
     columns = torch.arange(80.0).expand(3, 8, 64, 80)
     x = {"0": columns, "1": columns[..., ::2, ::2].contiguous()}  # two levels: threaded path
     rois = [torch.tensor([[40.0, 40.0, 96.0, 68.0]]).repeat(40, 1)] * 3  # 56x28 px: level 0
-    got = ThreadedMultiScaleRoIAlign(["0", "1"], 7, 2, aligned=aligned)(x, rois, SHAPES)
+    got = MultiScaleRoIAlign(["0", "1"], 7, 2, aligned=aligned)(x, rois, SHAPES)
     x1, width = 40 / 4, 56 / 4
     centres = x1 + (torch.arange(7.0) + 0.5) * width / 7 - (0.5 if aligned else 0.0)
     torch.testing.assert_close(got, centres.expand_as(got), rtol=0, atol=1e-5)
@@ -132,20 +136,47 @@ def test_autocast_bf16_matches_torchvision(small_chunks):
     x, rois = features(grad=False), boxes()
     bf16 = {k: v.bfloat16() for k, v in x.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = MultiScaleRoIAlign(NAMES, 7, 0)(bf16, rois, SHAPES)
-        got = ThreadedMultiScaleRoIAlign(NAMES, 7, 0)(bf16, rois, SHAPES)
+        expected = TorchvisionMultiScaleRoIAlign(NAMES, 7, 0)(bf16, rois, SHAPES)
+        got = MultiScaleRoIAlign(NAMES, 7, 0)(bf16, rois, SHAPES)
     assert got.dtype == expected.dtype == torch.bfloat16
     assert torch.equal(got, expected)
 
 
-def test_little_work_falls_back_to_torchvision_itself(two_threads, monkeypatch):
-    """Below the work threshold it is torchvision's own forward (no threads, no custom op)."""
-    calls = []
-    monkeypatch.setattr(
-        MultiScaleRoIAlign, "forward", lambda self, *args: calls.append(len(args[1][0]))
-    )
-    ThreadedMultiScaleRoIAlign(NAMES, 7, 0)(features(False), [boxes()[0][:5]], SHAPES[:1])
-    assert calls == [5]
+def thread_spy(monkeypatch) -> list[int]:
+    """Record the chunk count of every hand-over to threads."""
+    calls: list[int] = []
+    real = roi_align_module.thread_map
+
+    def spy(fn, items):
+        calls.append(len(items))
+        return real(fn, items)
+
+    monkeypatch.setattr(roi_align_module, "thread_map", spy)
+    return calls
+
+
+def test_little_work_is_the_plain_kernel(two_threads, monkeypatch):
+    """Below the work threshold no level is cut into chunks: plain roi_align, no threads."""
+    calls = thread_spy(monkeypatch)
+    x = features(True)
+    got = MultiScaleRoIAlign(NAMES, 7, 0)(x, [boxes()[0][:5]], SHAPES[:1])
+    assert calls == []
+    assert "_ThreadedRoIAlignBackward" not in graph_nodes(got)
+    expected = TorchvisionMultiScaleRoIAlign(NAMES, 7, 0)(x, [boxes()[0][:5]], SHAPES[:1])
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_threading_is_optional(small_chunks, monkeypatch, aligned):
+    """cpu_threads=False: the same values from plain kernel calls, on the CPU path too."""
+    calls = thread_spy(monkeypatch)
+    x, rois = features(grad=False), boxes()
+    threaded = MultiScaleRoIAlign(NAMES, 7, 0, aligned=aligned)(x, rois, SHAPES)
+    assert calls and max(calls) == 2
+    calls.clear()
+    plain = MultiScaleRoIAlign(NAMES, 7, 0, aligned=aligned, cpu_threads=False)(x, rois, SHAPES)
+    assert calls == []
+    assert torch.equal(plain, threaded)
 
 
 def test_chunk_bounds_follow_image_boundaries():

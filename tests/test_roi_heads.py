@@ -7,11 +7,12 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from drcnn.config import ROI_HEAD_TYPES, StageConfig, load_config
+from drcnn.config import ROI_HEAD_TYPES, RoIHeadConfig, StageConfig, load_config
 from drcnn.errors import DrcnnError
 from drcnn.models.roi_heads import ROI_HEADS, build_roi_heads
 from drcnn.models.roi_heads import base as roi_base
@@ -522,6 +523,25 @@ def test_decoupled_head_refuses_a_regression_sampler_that_takes_negatives():
             ),
             CHANNELS,
         )
+
+
+@pytest.mark.parametrize("kind", ROI_HEAD_TYPES)
+def test_heads_are_built_from_their_typed_config_part(kind):
+    """Each head class takes the ``model.roi_head`` dataclass, the channels and the FPN map
+    names (no global config), as the RPN does; ``build_roi_heads`` builds the same head."""
+    path = "configs/synthetic/dynamic_rcnn_r18_fpn_synthetic.yaml" if kind == "dynamic" else None
+    cfg = load_config(path, [f"model.roi_head.type={kind}", "model.roi_head.fc_dim=16"])
+    roi = OmegaConf.to_object(cfg.model.roi_head)
+    assert isinstance(roi, RoIHeadConfig)
+    head = ROI_HEADS[kind](roi, CHANNELS, ("p2", "p3"))
+    assert head.cfg is roi
+    assert head.box_roi_pool.featmap_names == ["p2", "p3"]
+    assert head.stages[0].cls_score.in_features == 16  # fc_dim
+    built = build_roi_heads(cfg, CHANNELS)
+    assert type(built) is type(head)
+    assert built.cfg == roi
+    shapes = {k: v.shape for k, v in head.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in built.state_dict().items()}
 
 
 def test_roi_head_table_has_the_config_names():

@@ -14,7 +14,8 @@ from test_torchvision_compat import pair  # noqa: F401  (the fixture)
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection.transform import resize_boxes as torchvision_resize_boxes
-from torchvision.ops import MultiScaleRoIAlign, remove_small_boxes, roi_align
+from torchvision.ops import MultiScaleRoIAlign as TorchvisionMultiScaleRoIAlign
+from torchvision.ops import remove_small_boxes, roi_align
 from torchvision.ops.boxes import _batched_nms_coordinate_trick
 
 from drcnn.config import load_config
@@ -22,7 +23,7 @@ from drcnn.models import postprocess, rpn
 from drcnn.models import roi_align as roi_align_module
 from drcnn.models.box_coder import BoxCoder
 from drcnn.models.detector import DetectorTransform, build_detector, resize_boxes
-from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign
+from drcnn.models.roi_align import MultiScaleRoIAlign
 from drcnn.models.roi_heads import base
 from drcnn.models.sync_audit import SyncAudit
 from drcnn.models.threads import device_code_path
@@ -160,7 +161,7 @@ def test_roi_align_device_path_has_no_threads_and_same_values(aligned, monkeypat
     monkeypatch.setattr(roi_align_module, "MIN_WORK_PER_CHUNK", 64)
     try:
         x, rois = features(grad=True), boxes()
-        pool = ThreadedMultiScaleRoIAlign(NAMES, 7, 0, aligned=aligned)
+        pool = MultiScaleRoIAlign(NAMES, 7, 0, aligned=aligned)
         on_cpu = pool(x, rois, SHAPES)
         with SyncAudit() as audit:
             on_device = pool(x, rois, SHAPES)
@@ -170,7 +171,7 @@ def test_roi_align_device_path_has_no_threads_and_same_values(aligned, monkeypat
     assert "_ThreadedRoIAlignBackward" not in graph_nodes(on_device)
     assert torch.equal(on_device, on_cpu)
     if not aligned:
-        assert torch.equal(on_device, MultiScaleRoIAlign(NAMES, 7, 0)(x, rois, SHAPES))
+        assert torch.equal(on_device, TorchvisionMultiScaleRoIAlign(NAMES, 7, 0)(x, rois, SHAPES))
     assert audit.counts == {"tolist": 1}  # the level block sizes, once for all levels
     weights = torch.randn_like(on_cpu)
     inputs = list(x.values())
@@ -300,7 +301,7 @@ def use_torchvision_pieces(model, monkeypatch) -> None:
     monkeypatch.setattr(model.rpn, "box_coder", TorchvisionBoxCoder(model.rpn.box_coder.weights))
     coders = [TorchvisionBoxCoder(c.weights, c.bbox_xform_clip) for c in model.roi_heads.box_coders]
     monkeypatch.setattr(model.roi_heads, "box_coders", coders)
-    monkeypatch.setattr(ThreadedMultiScaleRoIAlign, "_pool_levels", pool_levels_by_where)
+    monkeypatch.setattr(MultiScaleRoIAlign, "_pool_levels", pool_levels_by_where)
     monkeypatch.setattr(rpn, "usable_candidates", remove_small_then_filter)
     monkeypatch.setattr(rpn, "batched_nms", torchvision.ops.batched_nms)
     monkeypatch.setattr(postprocess, "batched_nms", torchvision.ops.batched_nms)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.models.detection import _utils as det_utils
+
+from drcnn.models.torchvision_private import DetectionBoxCoder
 
 
-class BoxCoder(det_utils.BoxCoder):
+class BoxCoder(DetectionBoxCoder):
     """``torchvision.models.detection._utils.BoxCoder`` whose decode creates no tensors."""
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:

@@ -1,41 +1,42 @@
-"""Multi-scale RoIAlign that spreads torchvision's single-threaded CPU kernels over threads.
+"""Multi-scale RoIAlign: torchvision's FPN pooling with mmcv's ``aligned`` switch, on every device.
 
-torchvision's CPU ``roi_align`` kernels (forward and backward) run on one core whatever
-``torch.get_num_threads()`` says, so on a CPU the RoI heads' pooling leaves the other cores
-idle; with the official ``sampling_ratio: 0`` (adaptive sampling, work growing with box size)
-and three pooling rounds per image, Decoupled R-CNN spent 40% of its CPU inference time there.
-The kernels release the GIL, so :class:`ThreadedMultiScaleRoIAlign` cuts each FPN level's RoIs
-into contiguous chunks and runs the same torchvision kernels on them in threads
-(:func:`drcnn.models.threads.thread_map`). Every
-output value is computed by the same kernel from the same box, so the forward result is
-bit-identical to torchvision's; the input gradient is the sum of the chunks' gradients (equal up
-to float rounding where two chunks share an image). On the CPU with one thread or for little
-work it is exactly :class:`torchvision.ops.MultiScaleRoIAlign` (when not ``aligned``, see below).
-On CUDA (or under :func:`drcnn.models.threads.device_code_path`) it never uses threads, and pools
-the RoIs sorted by level in one block per level (:meth:`ThreadedMultiScaleRoIAlign._pool_levels`)
-so that the host waits for the device once per call, not once per level as in torchvision's.
+:class:`MultiScaleRoIAlign` pools each RoI on the FPN level of its size, with torchvision's
+level rule and scales (:func:`drcnn.models.torchvision_private.setup_scales`) and torchvision's
+``roi_align`` kernel, so its output equals :class:`torchvision.ops.MultiScaleRoIAlign`'s bit for
+bit. It sorts the RoIs by level and pools one block per level
+(:meth:`MultiScaleRoIAlign._pool_levels`), so the host waits for the device once per call, not
+once per level as torchvision's ``torch.where`` selection does.
 
 ``aligned=True`` samples half a pixel earlier (a box edge is a pixel edge, not a pixel centre),
 as mmcv's RoIAlign does by default and so the official mmdetection 2.4 code; torchvision's
-detection models use ``aligned=False``. torchvision's ``MultiScaleRoIAlign`` has no such
-switch, so with ``aligned=True`` every path pools each level with ``torchvision.ops.roi_align``.
+detection models use ``aligned=False``.
+
+How each level's block is run is separate (:func:`roi_align_on_threads`). torchvision's CPU
+``roi_align`` kernels (forward and backward) run on one core whatever ``torch.get_num_threads()``
+says, so on a CPU the RoI heads' pooling leaves the other cores idle; with the official
+``sampling_ratio: 0`` (adaptive sampling, work growing with box size) and three pooling rounds
+per image, Decoupled R-CNN spent 40% of its CPU inference time there. The kernels release the
+GIL, so on the CPU path (:func:`drcnn.models.threads.cpu_path`; ``cpu_threads=True``) a block big
+enough is cut into contiguous chunks that run the same kernels in threads
+(:func:`drcnn.models.threads.thread_map`). Every output value is computed by the same kernel from
+the same box, so the forward result is the same bit for bit; the input gradient is the sum of
+the chunks' gradients (equal up to float rounding where two chunks share an image). On a device
+(or under :func:`drcnn.models.threads.device_code_path`) threads are never used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torchvision.ops import MultiScaleRoIAlign, roi_align
-
-# torchvision's own set-up of the per-level scales and the box -> level mapper (the same
-# calls MultiScaleRoIAlign.forward makes), so the levels match torchvision's exactly.
-from torchvision.ops.poolers import _filter_input, _setup_scales
+from torchvision.ops import roi_align
 
 from drcnn.models.threads import cpu_path, thread_map
+from drcnn.models.torchvision_private import roi_align_backward, setup_scales
 
 # Work (RoIs x channels) below which a chunk is not worth a thread: small calls handed to a
 # thread compete for the cores with PyTorch's OpenMP threads, still spinning after the previous
@@ -115,7 +116,7 @@ class _ThreadedRoIAlign(torch.autograd.Function):
 
         def run(bound: tuple[int, int, int, int]) -> Tensor:
             start, end, first, last = bound
-            return torch.ops.torchvision._roi_align_backward(
+            return roi_align_backward(
                 grad_out[start:end].contiguous(),
                 chunk_rois(rois, bound),
                 scale,
@@ -134,20 +135,55 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None, None, None, None
 
 
-class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """:class:`torchvision.ops.MultiScaleRoIAlign` whose CPU work runs on all intra-op threads,
-    with mmcv's ``aligned`` switch."""
+def roi_align_on_threads(
+    features: Tensor,
+    rois: Tensor,
+    scale: float,
+    size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    threads: int,
+) -> Tensor:
+    """torchvision's ``roi_align`` of ``rois`` (sorted by image) on ``features``, cut into up to
+    ``threads`` chunks of at least :data:`MIN_WORK_PER_CHUNK` work run side by side (the same
+    values; one chunk: the plain kernel call)."""
+    chunks = max(1, min(threads, len(rois) * features.shape[1] // MIN_WORK_PER_CHUNK))
+    if chunks > 1:
+        return _ThreadedRoIAlign.apply(features, rois, scale, size, sampling_ratio, aligned, chunks)
+    return roi_align(features, rois, size, scale, sampling_ratio, aligned)
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """torchvision's :class:`~torchvision.ops.MultiScaleRoIAlign` (same levels, same values)
+    with mmcv's ``aligned`` switch, one host wait per call, and optional CPU threading.
+
+    ``cpu_threads``: on the CPU path, run big level blocks on all intra-op threads
+    (:func:`roi_align_on_threads`); never on a device.
+    """
+
+    # torchvision's defaults: a 224-px box is pooled on level 4 (P4)
+    canonical_scale = 224
+    canonical_level = 4
 
     def __init__(
         self,
-        featmap_names: list[str],
+        featmap_names: Sequence[str],
         output_size: int | tuple[int, int],
         sampling_ratio: int,
         *,
         aligned: bool = False,
+        cpu_threads: bool = True,
     ) -> None:
-        super().__init__(featmap_names, output_size, sampling_ratio)
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        size = (output_size, output_size) if isinstance(output_size, int) else output_size
+        self.output_size = tuple(size)
+        self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.cpu_threads = cpu_threads
+        # per-level scales and the box -> level mapper, set up from the first call's inputs
+        self.scales: list[float] | None = None
+        self.map_levels: Callable[[list[Tensor]], Tensor] | None = None
 
     def forward(
         self,
@@ -163,20 +199,10 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         ``roi_scale_factor``: levels mapped first, then ``roi_rescale``; the Double-Head
         regression branch).
         """
-        features = _filter_input(x, self.featmap_names)
-        on_cpu = cpu_path(features[0].device)
-        threads = torch.get_num_threads() if on_cpu else 1
-        total = sum(len(b) for b in boxes)
-        threaded = (
-            threads >= 2
-            and total * features[0].shape[1] >= 2 * MIN_WORK_PER_CHUNK
-            and len(features) >= 2
-            and not torch.jit.is_scripting()
-        )
-        if on_cpu and not threaded and not self.aligned and roi_scale_factor is None:
-            return super().forward(x, boxes, image_shapes)
+        # the maps of featmap_names in the dict's order, as torchvision's _filter_input
+        features = [v for k, v in x.items() if k in self.featmap_names]
         if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
+            self.scales, self.map_levels = setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
         levels = self.map_levels(boxes)
@@ -185,7 +211,12 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         rois = torch.cat(
             [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
         )
-        return self._pool_levels(features, rois, levels, threads if threaded else 1)
+        return self._pool_levels(features, rois, levels, self.threads(features[0].device))
+
+    def threads(self, device: torch.device) -> int:
+        """How many threads a level block may use on ``device``: the intra-op threads on the
+        CPU path when ``cpu_threads``, else 1."""
+        return torch.get_num_threads() if self.cpu_threads and cpu_path(device) else 1
 
     def _pool_levels(
         self, features: list[Tensor], rois: Tensor, levels: Tensor, threads: int
@@ -200,20 +231,15 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         order = torch.argsort(levels, stable=True)
         level_ids = torch.arange(len(features), device=levels.device)
         counts = (levels[None, :] == level_ids[:, None]).sum(dim=1).tolist()
-        size = tuple(self.output_size)
+        size = self.output_size
         # every RoI is in exactly one block, so every row is written below
         result = features[0].new_empty((len(rois), features[0].shape[1], *size))
         rows_by_level = order.split(counts)
         for feature, scale, rows in zip(features, self.scales, rows_by_level, strict=True):
             if len(rows) == 0:
                 continue
-            block = rois[rows]
-            chunks = max(1, min(threads, len(rows) * feature.shape[1] // MIN_WORK_PER_CHUNK))
-            if chunks > 1:
-                pooled = _ThreadedRoIAlign.apply(
-                    feature, block, scale, size, self.sampling_ratio, self.aligned, chunks
-                )
-            else:
-                pooled = roi_align(feature, block, size, scale, self.sampling_ratio, self.aligned)
+            pooled = roi_align_on_threads(
+                feature, rois[rows], scale, size, self.sampling_ratio, self.aligned, threads
+            )
             result.index_copy_(0, rows, pooled.to(result.dtype))
         return result

@@ -18,10 +18,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import box_iou
 
 from drcnn.config import SAMPLER_FIELDS, require_same_names
+from drcnn.models.torchvision_private import BalancedPositiveNegativeSampler, Matcher
 
 # One image's assignment labels -> the (sorted) indices of the RoIs it trains on.
 Sampler = Callable[[Tensor], Tensor]

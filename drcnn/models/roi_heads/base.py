@@ -15,18 +15,20 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
+from drcnn.config import RoIHeadConfig
 from drcnn.models.box_coder import BoxCoder
 from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import multiclass_nms
-from drcnn.models.roi_align import ThreadedMultiScaleRoIAlign
+from drcnn.models.roi_align import MultiScaleRoIAlign
 from drcnn.models.sampling import Sampler, Samples, sample_rois
 
 Detections = list[dict[str, Tensor]]
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+FEATMAP_NAMES = ("0", "1", "2", "3")  # the FPN levels RoIs are pooled from (P2-P5)
 
 
 class StageOutput(NamedTuple):
@@ -43,6 +45,11 @@ def box_coder(target_stds: Sequence[float]) -> BoxCoder:
     """drcnn's BoxCoder (torchvision's, sync-free) whose weights are the inverse delta stds
     (0.1, 0.2 -> 10, 5)."""
     return BoxCoder(tuple(1.0 / s for s in target_stds), bbox_xform_clip=BBOX_XFORM_CLIP)
+
+
+def roi_config(roi: RoIHeadConfig | DictConfig) -> RoIHeadConfig:
+    """The ``model.roi_head`` part as its typed dataclass (an OmegaConf node is converted)."""
+    return OmegaConf.to_object(roi) if OmegaConf.is_config(roi) else roi
 
 
 def split_proposals(proposals: Any) -> tuple[list[Tensor], list[Tensor]]:
@@ -74,12 +81,11 @@ class RoIHeadsBase(nn.Module):
     """
 
     def __init__(
-        self, cfg: Any, in_channels: int, featmap_names: Sequence[str], stages: nn.ModuleList
+        self, roi: RoIHeadConfig, featmap_names: Sequence[str], stages: nn.ModuleList
     ) -> None:
         super().__init__()
-        roi = cfg.model.roi_head
-        self.cfg = OmegaConf.to_object(roi) if OmegaConf.is_config(roi) else roi
-        self.box_roi_pool = ThreadedMultiScaleRoIAlign(
+        self.cfg = roi_config(roi)
+        self.box_roi_pool = MultiScaleRoIAlign(
             list(featmap_names), roi.roi_size, roi.sampling_ratio, aligned=roi.aligned
         )
         self.stages = stages
@@ -91,9 +97,9 @@ class RoIHeadsBase(nn.Module):
         self.final_score_pairs: list[Tensor] = []
 
     @staticmethod
-    def in_features(cfg: Any, in_channels: int) -> int:
+    def in_features(roi: RoIHeadConfig, in_channels: int) -> int:
         """Width of a flattened RoI feature."""
-        return in_channels * cfg.model.roi_head.roi_size**2
+        return in_channels * roi.roi_size**2
 
     # ---- torchvision interface ------------------------------------------------------------
     def forward(

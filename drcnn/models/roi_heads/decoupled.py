@@ -31,10 +31,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from drcnn.config import RoIHeadConfig
 from drcnn.errors import DrcnnError
 from drcnn.models.box_heads import BoxHead, DecoupledHead, RefineHead
 from drcnn.models.double_head import ConvRefineHead, DoubleHead
-from drcnn.models.roi_heads.base import RoIHeadsBase, StageOutput, split_proposals
+from drcnn.models.roi_heads.base import (
+    FEATMAP_NAMES,
+    RoIHeadsBase,
+    StageOutput,
+    split_proposals,
+)
 from drcnn.models.sampling import Samples, build_sampler
 
 # The refine stages' box-loss normaliser is this many times the padded regression sample count
@@ -61,27 +67,32 @@ class DecoupledRoIHeads(RoIHeadsBase):
     (``DoubleDecoupledBBoxHead``, ``DoubleRefineBBoxHead``).
     """
 
-    def __init__(self, cfg: Any, in_channels: int, featmap_names=("0", "1", "2", "3")) -> None:
-        roi = cfg.model.roi_head
-        stages = nn.ModuleList(self._box_heads(cfg, in_channels))
+    def __init__(
+        self,
+        roi: RoIHeadConfig,
+        in_channels: int,
+        featmap_names: Sequence[str] = FEATMAP_NAMES,
+    ) -> None:
+        """The head of ``roi`` (``model.roi_head``) on ``in_channels``-channel FPN maps
+        ``featmap_names``."""
+        stages = nn.ModuleList(self._box_heads(roi, in_channels))
         if roi.reg_sampler.type != "positive":
             raise DrcnnError(
                 "config model.roi_head.reg_sampler.type: the decoupled head regresses every RoI "
                 f"its regression sampler picks, so it needs positive, got {roi.reg_sampler.type}"
             )
-        super().__init__(cfg, in_channels, featmap_names, stages)
+        super().__init__(roi, featmap_names, stages)
         self.cls_sampler = build_sampler(roi.cls_sampler)
         self.reg_sampler = build_sampler(roi.reg_sampler)
 
     @classmethod
-    def _box_heads(cls, cfg: Any, in_channels: int) -> list[BoxHead]:
-        """Stage 0's head and the refine stages' heads of ``model.roi_head.box_head``."""
-        roi = cfg.model.roi_head
+    def _box_heads(cls, roi: RoIHeadConfig, in_channels: int) -> list[BoxHead]:
+        """Stage 0's head and the refine stages' heads of ``roi.box_head``."""
         if roi.box_head == "double":
             return [DoubleHead(in_channels, roi.roi_size, roi.fc_dim, roi.num_classes)] + [
                 ConvRefineHead(in_channels, roi.fc_dim) for _ in roi.stages[1:]
             ]
-        in_features = cls.in_features(cfg, in_channels)
+        in_features = cls.in_features(roi, in_channels)
         shared = roi.box_head == "shared"
         return [DecoupledHead(in_features, roi.fc_dim, roi.num_classes, shared_trunk=shared)] + [
             RefineHead(in_features, roi.fc_dim) for _ in roi.stages[1:]

@@ -19,12 +19,14 @@ resumes with the same schedule; under DDP rank 0's buffers are broadcast every s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from drcnn.config import BoxLossConfig
+from drcnn.config import BoxLossConfig, RoIHeadConfig
+from drcnn.models.roi_heads.base import FEATMAP_NAMES
 from drcnn.models.roi_heads.standard import StandardRoIHeads
 from drcnn.models.sampling import Samples, assign_candidates, take_samples
 
@@ -38,9 +40,15 @@ class DynamicRoIHeads(StandardRoIHeads):
     # buffers that are training statistics, not weights (mmdetection checkpoints lack them)
     running_state = ("iou_thresh", "beta", "iou_history", "beta_history", "recorded")
 
-    def __init__(self, cfg: Any, in_channels: int, featmap_names=("0", "1", "2", "3")) -> None:
-        super().__init__(cfg, in_channels, featmap_names)
-        roi = cfg.model.roi_head
+    def __init__(
+        self,
+        roi: RoIHeadConfig,
+        in_channels: int,
+        featmap_names: Sequence[str] = FEATMAP_NAMES,
+    ) -> None:
+        """The head of ``roi`` (``model.roi_head``, with its ``dynamic`` part) on
+        ``in_channels``-channel FPN maps ``featmap_names``."""
+        super().__init__(roi, in_channels, featmap_names)
         interval = roi.dynamic.update_interval
         self.register_buffer("iou_thresh", torch.tensor(float(roi.stages[0].iou_thresh)))
         self.register_buffer("beta", torch.tensor(float(roi.loss_bbox.beta)))

@@ -7,14 +7,16 @@ this stage's sampled RoIs moved by its (detached) predicted deltas.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from drcnn.config import RoIHeadConfig
 from drcnn.errors import DrcnnError
 from drcnn.models.box_heads import DecoupledHead, FastRCNNHead
-from drcnn.models.roi_heads.base import RoIHeadsBase, split_proposals
+from drcnn.models.roi_heads.base import FEATMAP_NAMES, RoIHeadsBase, split_proposals
 from drcnn.models.sampling import Samples, build_sampler
 
 
@@ -30,14 +32,20 @@ class StandardRoIHeads(RoIHeadsBase):
 
     max_stages = 1
 
-    def __init__(self, cfg: Any, in_channels: int, featmap_names=("0", "1", "2", "3")) -> None:
-        roi = cfg.model.roi_head
+    def __init__(
+        self,
+        roi: RoIHeadConfig,
+        in_channels: int,
+        featmap_names: Sequence[str] = FEATMAP_NAMES,
+    ) -> None:
+        """The head of ``roi`` (``model.roi_head``) on ``in_channels``-channel FPN maps
+        ``featmap_names``."""
         if len(roi.stages) > self.max_stages:
             raise DrcnnError(
                 f"config model.roi_head.stages: the {roi.type} head takes at most "
                 f"{self.max_stages} stage(s), got {len(roi.stages)}"
             )
-        in_features = self.in_features(cfg, in_channels)
+        in_features = self.in_features(roi, in_channels)
         # box_head unshared: the official Unshared2FCBBoxHead, DecoupledHead's layers
         head_class = DecoupledHead if roi.box_head == "unshared" else FastRCNNHead
         stages = nn.ModuleList(
@@ -46,7 +54,7 @@ class StandardRoIHeads(RoIHeadsBase):
             )
             for _ in roi.stages
         )
-        super().__init__(cfg, in_channels, featmap_names, stages)
+        super().__init__(roi, featmap_names, stages)
         self.sampler = build_sampler(roi.cls_sampler)
 
     def forward_train(
