@@ -4,17 +4,18 @@
 #   bash benchmarks/gpu_study.sh smoke [RESULTS]  # benchmarks/gpu_study_smoke.yaml: every step, a minute
 #   bash benchmarks/gpu_study.sh full [RESULTS]   # experiments/synthetic_study_gpu.yaml
 # RESULTS (default $OUT, else benchmarks/results/gpu_study) receives <mode>.log (the run's
-# output with each step's time), <mode>.json (wall time, exit status, device) and
-# <mode>_outputs.tar.gz (the run folder without checkpoints and per-object rows). JOBS (default 6) trainings, then
-# tests, run at once: one R-18 training at 256 px keeps an H200 far from busy. LIMIT (seconds,
-# default none) stops the run there and still packs what it wrote; running the script again
-# resumes the run (finished steps are skipped).
+# output with each step's time; its last lines are printed at the end), <mode>.json (wall
+# time, exit status, device) and <mode>_outputs.tar.gz (the run folder without checkpoints and
+# per-object rows). JOBS (default 9) trainings, then tests, run at once: one R-18 training at
+# 256 px keeps an H200 far from busy (its steps are host-bound). LIMIT (seconds, default none)
+# stops the run there and still packs what it wrote; running the script again resumes the run
+# (finished steps are skipped).
 # SPEC=other.yaml replaces the spec (a CPU trial of this script, say).
 # On the GPU machine, from the project root: source .gpu/env.sh && bash benchmarks/gpu_study.sh full
 set -uo pipefail
 mode=${1:-full}
 results=${2:-${OUT:-benchmarks/results/gpu_study}}
-jobs=${JOBS:-6}
+jobs=${JOBS:-9}
 case "$mode" in
   smoke) spec=${SPEC:-benchmarks/gpu_study_smoke.yaml} ;;
   full) spec=${SPEC:-experiments/synthetic_study_gpu.yaml} ;;
@@ -24,9 +25,12 @@ mkdir -p "$results"
 run_dir=${RUN_DIR:-/tmp/drcnn_gpu_study_$mode}
 start=$(date +%s.%N)
 limit=${LIMIT:-0}  # timeout's 0: no limit
-timeout -k 10 "$limit" python3 -m drcnn run "$spec" --out "$run_dir" --jobs "$jobs" 2>&1 |
-  tee "$results/$mode.log"
-status=${PIPESTATUS[0]}
+# into the log file, not through a pipe: the run's notebook kernels outlive a timeout for a
+# while and would hold a pipe (and this script) open past the limit
+timeout -k 10 "$limit" python3 -m drcnn run "$spec" --out "$run_dir" --jobs "$jobs" \
+  >"$results/$mode.log" 2>&1
+status=$?
+grep -v ': running (notebook saved' "$results/$mode.log" | tail -40
 wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
 printf '{"mode": "%s", "spec": "%s", "jobs": %s, "limit_s": %s, "exit_status": %s, "wall_s": %s, "device": "%s"}\n' \
