@@ -16,6 +16,8 @@ import os
 import stat
 import subprocess
 import sys
+import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -264,3 +266,51 @@ def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert set(status.values()) == {"skipped", "skipped (no --amp)"}
     assert len(status) == 8
+
+
+FAKE_RUN = """#!/usr/bin/env bash
+# A stand-in python3 for gpu_study.sh: `-m drcnn run SPEC --out DIR ...` writes a run folder,
+# leaves a child holding its output open (as notebook kernels do) and outlasts any limit;
+# `-c CODE` is the real interpreter.
+if [ "$1" = -c ]; then exec {python} "$@"; fi
+out=$6
+mkdir -p "$out/models/m" "$out/sensitivity" "$out/tables"
+echo w > "$out/models/m/latest.pth"; echo rows > "$out/sensitivity/sensitivity.csv"
+echo ap > "$out/tables/ap_table.csv"; echo "[1/2] train-m: done in 1.0 s"
+sleep 30 &
+sleep 60
+"""
+
+
+def test_gpu_study_stops_at_its_limit_and_packs_the_run_without_weights(tmp_path):
+    """LIMIT stops the run and the archive is written at once, although a child of the run
+    still holds its output (on the H200, notebook kernels kept a pipe, and the script, open)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(FAKE_RUN.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    results, run_dir = tmp_path / "results", tmp_path / "run"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "LIMIT": "2",
+        "RUN_DIR": str(run_dir),
+    }
+    start = time.monotonic()
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_study.sh", "full", str(results)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - start < 20
+    assert done.returncode == 124 and "train-m: done" in done.stdout
+    record = json.loads((results / "full.json").read_text())
+    assert (record["exit_status"], record["limit_s"], record["jobs"]) == (124, 2, 9)
+    with tarfile.open(results / "full_outputs.tar.gz") as archive:
+        names = {Path(n).as_posix().lstrip("./") for n in archive.getnames()}
+    assert "tables/ap_table.csv" in names
+    assert "models/m/latest.pth" not in names and "sensitivity/sensitivity.csv" not in names
