@@ -249,6 +249,7 @@ def test_gpu_check_goes_on_after_failures_and_skips_missing_amp(tmp_path):
         "benchmark_fp32": "failed",
         "benchmark_bf16": "skipped (no --amp)",
         "profile_train": "failed",
+        "demo": "skipped (cuda only)",
     }
     assert summary["results"] == {"inference": {"ms": 1}}
     assert "boom" in (tmp_path / "out" / "log.txt").read_text()
@@ -264,8 +265,8 @@ def test_gpu_check_runs_the_bf16_benchmark_when_drcnn_has_amp(tmp_path):
 def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
     summary = run_gpu_check(tmp_path, budget=20)
     status = {s["step"]: s["status"] for s in summary["steps"]}
-    assert set(status.values()) == {"skipped", "skipped (no --amp)"}
-    assert len(status) == 8
+    assert set(status.values()) == {"skipped", "skipped (no --amp)", "skipped (cuda only)"}
+    assert len(status) == 9
 
 
 FAKE_RUN = """#!/usr/bin/env bash
