@@ -285,7 +285,16 @@ def test_a_local_run_does_not_import_submitit(tmp_path, synthetic_root):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_ctrl_c_ends_the_run_at_once_while_its_jobs_go_on():
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt), as in a terminal: pytest-xdist's
+    workers ignore SIGINT, and the test of Ctrl-C must not depend on how it is run."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_ends_the_run_at_once_while_its_jobs_go_on(python_ctrl_c):
     """``drcnn run`` waits for its jobs on threads; Ctrl-C must end it at once, not after the
     jobs (days on a cluster). The next run waits for the jobs that went on."""
     release = threading.Event()
