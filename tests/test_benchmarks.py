@@ -195,10 +195,53 @@ def test_sync_tally_on_cpu_runs_and_reports_none():
 
 
 def test_profile_overrides_load(tmp_path):
-    cfg = load_config(profile_train.CONFIG, profile_train.overrides(tmp_path, 8, 256, 13, "bf16"))
+    cfg = load_config(
+        profile_train.CONFIG, profile_train.overrides(tmp_path, 8, 256, 13, "bf16", workers=1)
+    )
     assert (cfg.data.batch_size, cfg.train.max_iters, cfg.train.amp) == (8, 13, "bf16")
+    assert cfg.data.workers == 1
     assert cfg.train.optimizer == "adamw" and cfg.train.eval_interval == 0
     assert cfg.model.transform.min_size == [256] and cfg.data.root == str(tmp_path)
+
+
+def test_jittered_proposals_overlap_their_boxes():
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0], [100.0, 80.0, 200.0, 240.0]])
+    proposals = profile_train.jittered_proposals(boxes, 4000, gen)
+    best = torchvision.ops.box_iou(proposals, boxes).max(dim=1).values
+    assert proposals.shape == (4000, 4)
+    assert 0.75 < (best >= 0.5).float().mean() < 0.85  # the docstring's figures
+    assert 0.2 < (best >= 0.7).float().mean() < 0.3
+    assert profile_train.jittered_proposals(boxes[:0], 5, gen).shape == (0, 4)
+
+
+def test_trained_rpn_replaces_training_proposals_only():
+    """Inside the block a training RPN proposes jittered ground truth (both sets, clipped to
+    the image), its losses stay; in eval mode and after the block the real proposals."""
+    cfg = load_config(
+        ROOT / "configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml",
+        ["model.rpn.post_nms_top_n_train=50"],
+    )
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    images = model.transform([torch.rand(3, 256, 256)])[0]  # the config's size: not resized
+    features = model.backbone(images.tensors)
+    target = {"boxes": torch.tensor([[20.0, 30.0, 90.0, 100.0]]), "labels": torch.tensor([1])}
+    rpn = model.rpn.train()
+    with profile_train.trained_rpn(True, 50):
+        sets, losses = rpn(images, features, [target])
+        assert set(losses) == {"rpn.loss_cls", "rpn.loss_bbox"}
+        for proposals in (sets.cls[0], sets.reg[0]):
+            assert proposals.shape == (50, 4)
+            assert proposals.min() >= 0 and proposals.max() <= 256
+            iou = torchvision.ops.box_iou(proposals, target["boxes"])
+            assert (iou >= 0.5).float().mean() > 0.5
+        rpn.eval()
+        plain, _ = rpn(images, features)
+        assert torchvision.ops.box_iou(plain[0], target["boxes"]).max() < 0.5
+    rpn.train()
+    real, _ = rpn(images, features, [target])
+    assert torchvision.ops.box_iou(real.reg[0], target["boxes"]).mean() < 0.5
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -70,7 +70,7 @@ def test_forward_is_bit_identical_and_gradients_match(small_chunks, sampling_rat
     reference = TorchvisionMultiScaleRoIAlign(NAMES, 7, sampling_ratio)
     pooler = MultiScaleRoIAlign(NAMES, 7, sampling_ratio)
     expected, got = reference(x, rois, SHAPES), pooler(x, rois, SHAPES)
-    assert ("_ThreadedRoIAlignBackward" in graph_nodes(got)) == (threads > 1)
+    assert "_CpuRoIAlignBackward" in graph_nodes(got)
     assert torch.equal(got, expected)
     weights = torch.randn_like(expected)
     inputs = list(x.values())
@@ -99,7 +99,7 @@ def test_aligned_matches_per_level_roi_align(small_chunks, threads):
     torch.set_num_threads(threads)
     x, rois = features(grad=True), boxes()
     got = MultiScaleRoIAlign(NAMES, 7, 0, aligned=True)(x, rois, SHAPES)
-    assert ("_ThreadedRoIAlignBackward" in graph_nodes(got)) == (threads > 1)
+    assert "_CpuRoIAlignBackward" in graph_nodes(got)
     indexed = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(rois)])
     levels = mmdet_levels(rois)
     expected = torch.zeros_like(got)
@@ -155,27 +155,30 @@ def thread_spy(monkeypatch) -> list[int]:
     return calls
 
 
-def test_little_work_is_the_plain_kernel(two_threads, monkeypatch):
-    """Below the work threshold no level is cut into chunks: plain roi_align, no threads."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_little_work_is_not_cut_into_chunks(two_threads, monkeypatch, grad):
+    """Below the work threshold no level is cut into chunks (no threads); without a gradient
+    it is the plain roi_align, with one drcnn's function (for its sparse backward)."""
     calls = thread_spy(monkeypatch)
-    x = features(True)
+    x = features(grad)
     got = MultiScaleRoIAlign(NAMES, 7, 0)(x, [boxes()[0][:5]], SHAPES[:1])
     assert calls == []
-    assert "_ThreadedRoIAlignBackward" not in graph_nodes(got)
+    assert ("_CpuRoIAlignBackward" in graph_nodes(got)) == grad
     expected = TorchvisionMultiScaleRoIAlign(NAMES, 7, 0)(x, [boxes()[0][:5]], SHAPES[:1])
     assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-def test_threading_is_optional(small_chunks, monkeypatch, aligned):
-    """cpu_threads=False: the same values from plain kernel calls, on the CPU path too."""
+def test_cpu_kernels_are_optional(small_chunks, monkeypatch, aligned):
+    """cpu_kernels=False: the same values from torchvision's kernels, on the CPU path too."""
     calls = thread_spy(monkeypatch)
-    x, rois = features(grad=False), boxes()
+    x, rois = features(grad=True), boxes()
     threaded = MultiScaleRoIAlign(NAMES, 7, 0, aligned=aligned)(x, rois, SHAPES)
     assert calls and max(calls) == 2
     calls.clear()
-    plain = MultiScaleRoIAlign(NAMES, 7, 0, aligned=aligned, cpu_threads=False)(x, rois, SHAPES)
+    plain = MultiScaleRoIAlign(NAMES, 7, 0, aligned=aligned, cpu_kernels=False)(x, rois, SHAPES)
     assert calls == []
+    assert "_CpuRoIAlignBackward" not in graph_nodes(plain)
     assert torch.equal(plain, threaded)
 
 

@@ -167,8 +167,8 @@ def test_roi_align_device_path_has_no_threads_and_same_values(aligned, monkeypat
             on_device = pool(x, rois, SHAPES)
     finally:
         torch.set_num_threads(before)
-    assert "_ThreadedRoIAlignBackward" in graph_nodes(on_cpu)
-    assert "_ThreadedRoIAlignBackward" not in graph_nodes(on_device)
+    assert "_CpuRoIAlignBackward" in graph_nodes(on_cpu)
+    assert "_CpuRoIAlignBackward" not in graph_nodes(on_device)
     assert torch.equal(on_device, on_cpu)
     if not aligned:
         assert torch.equal(on_device, TorchvisionMultiScaleRoIAlign(NAMES, 7, 0)(x, rois, SHAPES))
@@ -275,7 +275,7 @@ def test_two_images_within_budget_per_image():
     assert audit.total <= 2 * BUDGET, audit.report()
 
 
-def pool_levels_by_where(self, features, rois, levels, threads):
+def pool_levels_by_where(self, features, rois, levels):
     """The pooling before: each level's rows chosen with torch.where, one roi_align per level."""
     result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
     for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):

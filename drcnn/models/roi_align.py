@@ -11,17 +11,22 @@ once per level as torchvision's ``torch.where`` selection does.
 as mmcv's RoIAlign does by default and so the official mmdetection 2.4 code; torchvision's
 detection models use ``aligned=False``.
 
-How each level's block is run is separate (:func:`roi_align_on_threads`). torchvision's CPU
-``roi_align`` kernels (forward and backward) run on one core whatever ``torch.get_num_threads()``
-says, so on a CPU the RoI heads' pooling leaves the other cores idle; with the official
-``sampling_ratio: 0`` (adaptive sampling, work growing with box size) and three pooling rounds
-per image, Decoupled R-CNN spent 40% of its CPU inference time there. The kernels release the
-GIL, so on the CPU path (:func:`drcnn.models.threads.cpu_path`; ``cpu_threads=True``) a block big
-enough is cut into contiguous chunks that run the same kernels in threads
-(:func:`drcnn.models.threads.thread_map`). Every output value is computed by the same kernel from
-the same box, so the forward result is the same bit for bit; the input gradient is the sum of
-the chunks' gradients (equal up to float rounding where two chunks share an image). On a device
-(or under :func:`drcnn.models.threads.device_code_path`) threads are never used.
+How each level's block is run is separate (:func:`cpu_roi_align` on the CPU path, torchvision's
+``roi_align`` elsewhere). torchvision's CPU ``roi_align`` kernels (forward and backward) run on
+one core whatever ``torch.get_num_threads()`` says, so on a CPU the RoI heads' pooling leaves the
+other cores idle; with the official ``sampling_ratio: 0`` (adaptive sampling, work growing with
+box size) and three pooling rounds per image, Decoupled R-CNN spent 40% of its CPU inference
+time there. On the CPU path (:func:`drcnn.models.threads.cpu_path`; ``cpu_kernels=True``):
+
+- the forward kernel releases the GIL, so a block big enough is cut into contiguous chunks that
+  run it in threads (:func:`drcnn.models.threads.thread_map`). Every output value is computed by
+  the same kernel from the same box, so the result is the same bit for bit;
+- the input gradient is one sparse matrix product over the whole block
+  (:func:`drcnn.models.roi_align_grad.roi_align_input_grad`, equal up to float rounding), several
+  times faster than the backward kernel, which recomputes every sample's weights per channel.
+
+On a device (or under :func:`drcnn.models.threads.device_code_path`) torchvision's kernels run
+as they are.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align
 
+from drcnn.models.roi_align_grad import roi_align_input_grad
 from drcnn.models.threads import cpu_path, thread_map
-from drcnn.models.torchvision_private import roi_align_backward, setup_scales
+from drcnn.models.torchvision_private import setup_scales
 
 # Work (RoIs x channels) below which a chunk is not worth a thread: small calls handed to a
 # thread compete for the cores with PyTorch's OpenMP threads, still spinning after the previous
@@ -76,8 +82,9 @@ def chunk_rois(rois: Tensor, bound: tuple[int, int, int, int]) -> Tensor:
     return part
 
 
-class _ThreadedRoIAlign(torch.autograd.Function):
-    """torchvision ``roi_align`` (forward and backward) on row chunks of ``rois`` in threads."""
+class _CpuRoIAlign(torch.autograd.Function):
+    """torchvision ``roi_align`` forward (on row chunks of ``rois`` in threads when ``chunks >
+    1``), input gradient by :func:`~drcnn.models.roi_align_grad.roi_align_input_grad`."""
 
     @staticmethod
     def forward(
@@ -90,52 +97,37 @@ class _ThreadedRoIAlign(torch.autograd.Function):
         aligned: bool,
         chunks: int,
     ) -> Tensor:
-        bounds = chunk_bounds(rois, chunks)
         # torchvision's autocast rule for roi_align: compute in fp32, return the input's dtype
         feats = features.float()
+        if chunks > 1:
 
-        def run(bound: tuple[int, int, int, int]) -> Tensor:
-            _, _, first, last = bound
-            return torch.ops.torchvision.roi_align(
-                feats[first:last], chunk_rois(rois, bound), scale, *size, sampling_ratio, aligned
+            def run(bound: tuple[int, int, int, int]) -> Tensor:
+                _, _, first, last = bound
+                part = chunk_rois(rois, bound)
+                return torch.ops.torchvision.roi_align(
+                    feats[first:last], part, scale, *size, sampling_ratio, aligned
+                )
+
+            out = torch.cat(thread_map(run, chunk_bounds(rois, chunks)))
+        else:
+            out = torch.ops.torchvision.roi_align(
+                feats, rois.float(), scale, *size, sampling_ratio, aligned
             )
-
-        out = torch.cat(thread_map(run, bounds))
         ctx.save_for_backward(rois)
         ctx.shape, ctx.dtype = features.shape, features.dtype
-        ctx.args = (scale, size, sampling_ratio, aligned, bounds)
+        ctx.args = (scale, sampling_ratio, aligned)
         return out.to(features.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (rois,) = ctx.saved_tensors
-        scale, size, sampling_ratio, aligned, bounds = ctx.args
-        _, channels, height, width = ctx.shape
-        grad_out = grad_out.float()
-
-        def run(bound: tuple[int, int, int, int]) -> Tensor:
-            start, end, first, last = bound
-            return roi_align_backward(
-                grad_out[start:end].contiguous(),
-                chunk_rois(rois, bound),
-                scale,
-                *size,
-                last - first,
-                channels,
-                height,
-                width,
-                sampling_ratio,
-                aligned,
-            )
-
-        grad = grad_out.new_zeros(ctx.shape)
-        for (_, _, first, last), part in zip(bounds, thread_map(run, bounds), strict=True):
-            grad[first:last] += part
+        scale, sampling_ratio, aligned = ctx.args
+        grad = roi_align_input_grad(grad_out, rois, scale, sampling_ratio, aligned, ctx.shape)
         return grad.to(ctx.dtype), None, None, None, None, None, None
 
 
-def roi_align_on_threads(
+def cpu_roi_align(
     features: Tensor,
     rois: Tensor,
     scale: float,
@@ -144,21 +136,22 @@ def roi_align_on_threads(
     aligned: bool,
     threads: int,
 ) -> Tensor:
-    """torchvision's ``roi_align`` of ``rois`` (sorted by image) on ``features``, cut into up to
-    ``threads`` chunks of at least :data:`MIN_WORK_PER_CHUNK` work run side by side (the same
-    values; one chunk: the plain kernel call)."""
+    """torchvision's ``roi_align`` of ``rois`` (sorted by image) on ``features`` with drcnn's CPU
+    kernels: cut into up to ``threads`` chunks of at least :data:`MIN_WORK_PER_CHUNK` work run
+    side by side (the same values), the input gradient as one sparse product. A small block
+    without gradient is one plain kernel call."""
     chunks = max(1, min(threads, len(rois) * features.shape[1] // MIN_WORK_PER_CHUNK))
-    if chunks > 1:
-        return _ThreadedRoIAlign.apply(features, rois, scale, size, sampling_ratio, aligned, chunks)
+    if chunks > 1 or (torch.is_grad_enabled() and features.requires_grad):
+        return _CpuRoIAlign.apply(features, rois, scale, size, sampling_ratio, aligned, chunks)
     return roi_align(features, rois, size, scale, sampling_ratio, aligned)
 
 
 class MultiScaleRoIAlign(nn.Module):
     """torchvision's :class:`~torchvision.ops.MultiScaleRoIAlign` (same levels, same values)
-    with mmcv's ``aligned`` switch, one host wait per call, and optional CPU threading.
+    with mmcv's ``aligned`` switch, one host wait per call, and drcnn's CPU kernels.
 
-    ``cpu_threads``: on the CPU path, run big level blocks on all intra-op threads
-    (:func:`roi_align_on_threads`); never on a device.
+    ``cpu_kernels``: on the CPU path, pool with :func:`cpu_roi_align` (threaded forward of big
+    blocks, sparse-product input gradient); never on a device. False: torchvision's kernels.
     """
 
     # torchvision's defaults: a 224-px box is pooled on level 4 (P4)
@@ -172,7 +165,7 @@ class MultiScaleRoIAlign(nn.Module):
         sampling_ratio: int,
         *,
         aligned: bool = False,
-        cpu_threads: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         super().__init__()
         self.featmap_names = list(featmap_names)
@@ -180,7 +173,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.output_size = tuple(size)
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
-        self.cpu_threads = cpu_threads
+        self.cpu_kernels = cpu_kernels
         # per-level scales and the box -> level mapper, set up from the first call's inputs
         self.scales: list[float] | None = None
         self.map_levels: Callable[[list[Tensor]], Tensor] | None = None
@@ -211,16 +204,9 @@ class MultiScaleRoIAlign(nn.Module):
         rois = torch.cat(
             [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
         )
-        return self._pool_levels(features, rois, levels, self.threads(features[0].device))
+        return self._pool_levels(features, rois, levels)
 
-    def threads(self, device: torch.device) -> int:
-        """How many threads a level block may use on ``device``: the intra-op threads on the
-        CPU path when ``cpu_threads``, else 1."""
-        return torch.get_num_threads() if self.cpu_threads and cpu_path(device) else 1
-
-    def _pool_levels(
-        self, features: list[Tensor], rois: Tensor, levels: Tensor, threads: int
-    ) -> Tensor:
+    def _pool_levels(self, features: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
         """Each RoI pooled on the map of its level, rows in the order of ``rois``.
 
         The RoIs are sorted by level (stably: by image within a level, as the threaded chunks
@@ -235,11 +221,15 @@ class MultiScaleRoIAlign(nn.Module):
         # every RoI is in exactly one block, so every row is written below
         result = features[0].new_empty((len(rois), features[0].shape[1], *size))
         rows_by_level = order.split(counts)
+        on_cpu = self.cpu_kernels and cpu_path(features[0].device)
         for feature, scale, rows in zip(features, self.scales, rows_by_level, strict=True):
             if len(rows) == 0:
                 continue
-            pooled = roi_align_on_threads(
-                feature, rois[rows], scale, size, self.sampling_ratio, self.aligned, threads
-            )
+            block, ratio = rois[rows], self.sampling_ratio
+            if on_cpu:
+                threads = torch.get_num_threads()
+                pooled = cpu_roi_align(feature, block, scale, size, ratio, self.aligned, threads)
+            else:
+                pooled = roi_align(feature, block, size, scale, ratio, self.aligned)
             result.index_copy_(0, rows, pooled.to(result.dtype))
         return result

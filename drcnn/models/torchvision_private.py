@@ -2,9 +2,8 @@
 
 drcnn reuses a few torchvision internals rather than copy them, so that its results equal
 torchvision's bit for bit: the multi-scale pooler's scale and level set-up, the detection box
-coder, the IoU matcher and the balanced sampler, and the RoIAlign backward kernel (for the
-threaded CPU pooling). torchvision may rename or drop private names in any release. They are
-resolved here when drcnn's models are imported: a missing one raises
+coder, the IoU matcher and the balanced sampler. torchvision may rename or drop private names
+in any release. They are resolved here when drcnn's models are imported: a missing one raises
 :class:`TorchvisionPrivateNameError`, naming the installed torchvision and the missing name, and
 a torchvision outside :data:`TESTED_TORCHVISION` gives a warning once.
 """
@@ -16,7 +15,6 @@ import re
 import warnings
 from typing import Any
 
-import torch
 import torchvision
 
 # first and last torchvision minor versions drcnn has been tested with (pyproject:
@@ -80,14 +78,6 @@ def private_name(module: str, name: str) -> Any:
         raise missing_name_error(f"{module}.{name}") from exc
 
 
-def private_op(name: str) -> Any:
-    """torchvision's private operator ``torch.ops.torchvision.<name>``."""
-    try:
-        return getattr(torch.ops.torchvision, name)
-    except (AttributeError, RuntimeError) as exc:
-        raise missing_name_error(f"torch.ops.torchvision.{name}") from exc
-
-
 warn_if_untested()
 # MultiScaleRoIAlign's per-level scales and box -> level mapper (drcnn.models.roi_align)
 setup_scales = private_name("torchvision.ops.poolers", "_setup_scales")
@@ -98,5 +88,3 @@ Matcher = private_name("torchvision.models.detection._utils", "Matcher")
 BalancedPositiveNegativeSampler = private_name(
     "torchvision.models.detection._utils", "BalancedPositiveNegativeSampler"
 )
-# the RoIAlign backward kernel, run on chunks of RoIs by the threaded CPU pooling
-roi_align_backward = private_op("_roi_align_backward")
