@@ -1,16 +1,16 @@
 """Where a training iteration's time goes: torch.profiler over a few iterations of ``train()``.
 
 Trains the synthetic ResNet-18 Decoupled R-CNN config (``configs/synthetic/
-decoupled_rcnn_r18_fpn_synthetic.yaml``: 256 px, batch 8) with the GPU study's settings
-(``experiments/synthetic_study_gpu.yaml``: AdamW, gradient clipping, fp32, 4 loader workers) on
-a small synthetic dataset generated into a temporary folder, through ``drcnn.engine.train.train``
+decoupled_rcnn_r18_fpn_synthetic.yaml``: 256 px, batch 8; another with ``--config``) with the
+GPU study's settings (``experiments/synthetic_study_gpu.yaml``: AdamW, gradient clipping,
+fp32; 4 loader workers unless ``--workers``) on a small synthetic dataset generated into a temporary folder, through ``drcnn.engine.train.train``
 itself, so data loading, the step, the scheduler and logging are all in. A from-scratch RPN
 proposes almost nothing near the objects in the first iterations, so the RoI heads see few
 positives; late in training the regression sampler fills up (``reg_sampler.num`` per image) and a
 Decoupled step gets slower (issue #13 item 7). ``--trained-rpn`` stands in for that state: the
 RPN's proposals are replaced by jittered ground-truth boxes (:func:`jittered_proposals`), so the
-heads run at the late-training load from the first iteration. The profiler advances
-once per iteration (the benchmark wraps ``drcnn.engine.train.train_step``): ``--warmup``
+heads run at the late-training load from the first iteration. The profiler advances once per
+iteration (the benchmark wraps ``drcnn.engine.train.train_step``): ``--warmup``
 iterations are run and discarded (cuDNN's choices, worker start), the next ``--steps`` are
 profiled. Writes, as text: the run's own seconds per iteration and data-loading seconds (from
 its ``metrics.jsonl``), the profiled wall time per iteration, and the top ops by self CUDA time
@@ -135,7 +135,7 @@ def profiled_training(
     data = work / "data"
     generate_synthetic_coco(data, iterations * args.batch, args.batch, seed=0, size=args.size)
     cfg = load_config(
-        CONFIG, overrides(data, args.batch, args.size, iterations, args.amp, args.workers)
+        args.config, overrides(data, args.batch, args.size, iterations, args.amp, args.workers)
     )
     device = torch.device(args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -176,7 +176,7 @@ def report(prof: torch.profiler.profile, figures: dict[str, float], args) -> str
     """The text summary: the run's figures, then the op tables."""
     averages = prof.key_averages()
     lines = [
-        f"device {args.device}, {CONFIG.relative_to(ROOT)}, batch {args.batch}, {args.size} px, "
+        f"device {args.device}, {args.config}, batch {args.batch}, {args.size} px, "
         f"amp {args.amp}, {torch.get_num_threads()} threads, {args.workers} loader workers"
         + (", trained-RPN stand-in" if args.trained_rpn else "")
         + f"; profiled iterations {args.warmup + 1}..{args.warmup + args.steps}",
@@ -201,6 +201,9 @@ def report(prof: torch.profiler.profile, figures: dict[str, float], args) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--config", type=Path, default=CONFIG, help="a synthetic config (default: Decoupled R-18)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256, help="short side (px)")
     parser.add_argument("--steps", type=int, default=10, help="profiled iterations")
@@ -225,6 +228,7 @@ def main() -> None:
     summary = {
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "config": str(args.config),
         "batch": args.batch,
         "size": args.size,
         "amp": args.amp,
