@@ -2,19 +2,20 @@
 
 Trains the synthetic ResNet-18 Decoupled R-CNN config (``configs/synthetic/
 decoupled_rcnn_r18_fpn_synthetic.yaml``: 256 px, batch 8; another with ``--config``) with the
-GPU study's settings (``experiments/synthetic_study_gpu.yaml``: AdamW, gradient clipping,
-fp32; 4 loader workers unless ``--workers``) on a small synthetic dataset generated into a temporary folder, through ``drcnn.engine.train.train``
-itself, so data loading, the step, the scheduler and logging are all in. A from-scratch RPN
-proposes almost nothing near the objects in the first iterations, so the RoI heads see few
-positives; late in training the regression sampler fills up (``reg_sampler.num`` per image) and a
-Decoupled step gets slower (issue #13 item 7). ``--trained-rpn`` stands in for that state: the
-RPN's proposals are replaced by jittered ground-truth boxes (:func:`jittered_proposals`), so the
-heads run at the late-training load from the first iteration. The profiler advances once per
-iteration (the benchmark wraps ``drcnn.engine.train.train_step``): ``--warmup``
-iterations are run and discarded (cuDNN's choices, worker start), the next ``--steps`` are
-profiled. Writes, as text: the run's own seconds per iteration and data-loading seconds (from
-its ``metrics.jsonl``), the profiled wall time per iteration, and the top ops by self CUDA time
-(on CUDA) and by self CPU time; and the per-iteration figures as JSON beside it.
+GPU study's settings (``experiments/synthetic_study_gpu.yaml``: AdamW, gradient clipping, fp32;
+4 loader workers unless ``--workers``) on a small synthetic dataset generated into a temporary
+folder, through ``drcnn.engine.train.train`` itself, so data loading, the step, the scheduler
+and logging are all in. A from-scratch RPN proposes almost nothing near the objects in the
+first iterations, so the RoI heads see few positives; late in training the regression sampler
+fills up (``reg_sampler.num`` per image) and a Decoupled step gets slower (issue #13 item 7).
+``--trained-rpn`` stands in for that state: the RPN's proposals are replaced by jittered
+ground-truth boxes (:func:`jittered_proposals`), so the heads run at the late-training load
+from the first iteration. The profiler advances once per iteration (the benchmark wraps
+``drcnn.engine.train.train_step``): ``--warmup`` iterations are run and discarded (cuDNN's
+choices, worker start), the next ``--steps`` are profiled. Writes, as text: the run's own
+seconds per iteration and data-loading seconds (from its ``metrics.jsonl``), the profiled wall
+time per iteration, and the top ops by self CUDA time (on CUDA) and by self CPU time; and the
+per-iteration figures as JSON beside it.
 
     python benchmarks/profile_train.py --device cuda                          # 10 iterations
     python benchmarks/profile_train.py --device cpu --batch 2 --size 128 --steps 2 --warmup 1
