@@ -52,7 +52,6 @@ def private_torchvision_uses(source: str) -> list[str]:
 def test_names_are_torchvisions_own():
     assert tvp.setup_scales is poolers._setup_scales
     assert tvp.DetectionBoxCoder is det_utils.BoxCoder
-    assert tvp.Matcher is det_utils.Matcher
     assert tvp.BalancedPositiveNegativeSampler is det_utils.BalancedPositiveNegativeSampler
 
 

@@ -46,9 +46,10 @@ class DetectorTransform(GeneralizedRCNNTransform):
     torchvision draws the training short side from ``min_size`` per image and tests at
     ``min_size[-1]``; here ``min_size`` reads as the training choices in training mode and as
     ``(test_min_size,)`` in eval mode, so multi-scale training can test at any scale.
-    torchvision's ``normalize`` and ``postprocess`` build tensors from Python numbers on the
-    images' device (on CUDA, four blocking copies per image); here the mean and std are built
-    on the host and copied without blocking, and boxes are rescaled by Python numbers.
+    torchvision's ``normalize``, ``resize`` (of training targets) and ``postprocess`` build
+    tensors from Python numbers on the images' device (on CUDA, four blocking copies per image
+    in inference, two more per training image); here the mean and std are built on the host and
+    copied without blocking, and boxes are rescaled by Python numbers.
     """
 
     def __init__(self, min_size: Sequence[int], test_min_size: int, **kwargs: Any) -> None:
@@ -72,6 +73,18 @@ class DetectorTransform(GeneralizedRCNNTransform):
             for values in (self.image_mean, self.image_std)
         )
         return (image - mean[:, None, None]) / std[:, None, None]
+
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """torchvision's resize (the same short side drawn in training), with the target's boxes
+        rescaled by Python numbers (:func:`resize_boxes`; drcnn targets hold boxes and
+        labels only)."""
+        height, width = image.shape[-2:]
+        image, _ = super().resize(image, None)
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
+        return image, target
 
     def postprocess(
         self,

@@ -156,16 +156,16 @@ def mmdet_anchor_labels(
     """
     iou = torch.where(usable[None, :], iou, torch.full_like(iou, -1.0))
     best_iou, matched = iou.max(dim=0)
+    # masked_fill, not mask assignment: the same values without waiting for the device
     labels = torch.full_like(best_iou, -1.0)
-    labels[(best_iou >= 0) & (best_iou < bg_iou_thresh)] = 0.0
-    labels[best_iou >= fg_iou_thresh] = 1.0
+    labels = labels.masked_fill((best_iou >= 0) & (best_iou < bg_iou_thresh), 0.0)
+    labels = labels.masked_fill(best_iou >= fg_iou_thresh, 1.0)
     gt_best = iou.max(dim=1, keepdim=True).values
     low_quality = (iou == gt_best) & (gt_best >= min_pos_iou)
     taken = low_quality.any(dim=0)
     last_gt = iou.shape[0] - 1 - low_quality.flip(0).to(torch.uint8).argmax(dim=0)
     matched = torch.where(taken, last_gt, matched)
-    labels[taken] = 1.0
-    return labels, matched
+    return labels.masked_fill(taken, 1.0), matched
 
 
 def usable_candidates(

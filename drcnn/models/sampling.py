@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from drcnn.config import SAMPLER_FIELDS, require_same_names
-from drcnn.models.torchvision_private import BalancedPositiveNegativeSampler, Matcher
+from drcnn.models.torchvision_private import BalancedPositiveNegativeSampler
 
 # One image's assignment labels -> the (sorted) indices of the RoIs it trains on.
 Sampler = Callable[[Tensor], Tensor]
@@ -50,7 +50,9 @@ def assign_max_iou(
 ) -> Assignment:
     """Label each proposal with its best-overlapping gt: positive if IoU >= t, else background.
 
-    No ignore band and no low-quality matches (torchvision ``Matcher(t, t, False)``). An image
+    No ignore band and no low-quality matches: torchvision's ``Matcher(t, t, False)`` followed
+    by ``clamp(min=0)``, so a background proposal's ``matched_idxs`` is 0, with selections
+    instead of mask assignments (the same values without waiting for the device). An image
     without gt (or without proposals) gives all background.
     """
     num = proposals.shape[0]
@@ -58,11 +60,11 @@ def assign_max_iou(
         zeros = torch.zeros(num, dtype=torch.int64, device=proposals.device)
         return Assignment(zeros, zeros.clone(), proposals.new_zeros(num))
     iou = box_iou(gt_boxes.to(proposals.dtype), proposals)
-    matches = Matcher(iou_thresh, iou_thresh, allow_low_quality_matches=False)(iou)
-    matched_idxs = matches.clamp(min=0)
-    labels = gt_labels[matched_idxs].to(torch.int64)
-    labels[matches < 0] = 0
-    return Assignment(matched_idxs, labels, iou.max(dim=0).values)
+    max_iou, best = iou.max(dim=0)
+    positive = max_iou >= iou_thresh
+    matched_idxs = torch.where(positive, best, 0)
+    labels = torch.where(positive, gt_labels[best].to(torch.int64), 0)
+    return Assignment(matched_idxs, labels, max_iou)
 
 
 def random_sample(labels: Tensor, num: int, pos_fraction: float) -> Tensor:

@@ -196,18 +196,21 @@ class DecoupledRoIHeads(RoIHeadsBase):
         boxes = [
             torch.cat([c.boxes, r.boxes]) for c, r in zip(cls_samples, reg_samples, strict=True)
         ]
-        is_cls = torch.cat(
-            [
-                torch.arange(len(b), device=b.device) < len(c.boxes)
-                for b, c in zip(boxes, cls_samples, strict=True)
-            ]
-        )
+        # row numbers from the Python sizes: a boolean mask would make the host wait
+        device = boxes[0].device
+        cls_rows, reg_rows, first = [], [], 0
+        for c, r in zip(cls_samples, reg_samples, strict=True):
+            middle = first + len(c.boxes)
+            cls_rows.append(torch.arange(first, middle, device=device))
+            reg_rows.append(torch.arange(middle, middle + len(r.boxes), device=device))
+            first = middle + len(r.boxes)
+        cls_idx, reg_idx = torch.cat(cls_rows), torch.cat(reg_rows)
         x = self._pool(features, boxes, image_shapes)
         head = self.stages[0]
         if head.reg_roi_scale is None:
-            return head.forward_cls(x[is_cls]), head.forward_reg(x[~is_cls])
+            return head.forward_cls(x[cls_idx]), head.forward_reg(x[reg_idx])
         x_reg = self._pool(features, boxes, image_shapes, head.reg_roi_scale)
-        return head.forward_cls(x[is_cls]), head.forward_reg(x_reg)[~is_cls]
+        return head.forward_cls(x[cls_idx]), head.forward_reg(x_reg)[reg_idx]
 
     def _stage_box_loss(
         self, stage: int, picked: Tensor, samples: list[Samples], normaliser: float
