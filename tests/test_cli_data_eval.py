@@ -43,6 +43,11 @@ def test_data_synth_writes_a_dataset(tmp_path: Path, capsys) -> None:
     assert "train" in capsys.readouterr().out
     val = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
     assert len(val["images"]) == 2 and len(list((tmp_path / "train").glob("*.png"))) == 3
+    err = _one_line_error(capsys, [*argv, "--seed", "5"])  # the folder now holds a dataset
+    assert f"{tmp_path} already holds a dataset" in err and "--force" in err
+    assert main([*argv, "--seed", "5", "--size", "64", "--workers", "1", "--force"]) == 0
+    val = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    assert val["info"]["seed"] == 5
 
 
 def test_data_check_reads_every_image(synthetic_root: Path, capsys) -> None:

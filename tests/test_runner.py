@@ -442,3 +442,16 @@ def test_device_auto_is_resolved_for_each_run_and_recorded_as_auto(
     assert set(devices.values()) == {"cuda" if cuda else "cpu"}
     record = json.loads((tmp_path / "out" / "steps" / "train-faster.json").read_text())
     assert record["parameters"]["device"] == "auto"
+
+
+def test_a_dataset_generated_otherwise_stops_the_run(tmp_path, synthetic_root, capsys):
+    """``dataset.generate`` is checked against an existing folder before anything runs; a spec
+    without it uses the folder as it is (every other test here)."""
+    spec = write_spec(tmp_path / "spec.yaml", synthetic_root, ["train"])
+    data = yaml.safe_load(spec.read_text())
+    data["dataset"]["generate"] = {"num_train": 16, "num_val": 8, "size": 128, "seed": 1}
+    spec.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"synthetic dataset {synthetic_root}: generated with seed=0, but seed=1" in err
+    assert not (tmp_path / "out" / "models").exists()

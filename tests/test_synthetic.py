@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from drcnn.data.synthetic import (
     render_scene,
     visible_parts,
 )
+from drcnn.errors import DrcnnError
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -143,7 +145,50 @@ def test_scenes_have_several_objects_and_some_overlap() -> None:
 
 def test_ensure_generates_only_when_missing(tmp_path: Path, synthetic_root: Path) -> None:
     before = _tree(synthetic_root)
-    ensure_synthetic_dataset(synthetic_root, 3, 2, seed=9, size=64)
+    ensure_synthetic_dataset(synthetic_root, 16, 8, seed=0, size=128)  # the fixture's settings
     assert _tree(synthetic_root) == before
     root = ensure_synthetic_dataset(tmp_path / "new", 3, 2, seed=9, size=64)
     assert len(json.loads((root / "annotations" / "instances_val.json").read_text())["images"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("asked", "named"),
+    [
+        ({"num_train": 17}, "generated with num_train=16, but num_train=17 was asked for"),
+        (
+            {"num_val": 4, "seed": 3},
+            "generated with num_val=8, seed=0, but num_val=4, seed=3 was asked for",
+        ),
+        ({"size": 256}, "generated with size=128, but size=256 was asked for"),
+    ],
+)
+def test_ensure_refuses_a_dataset_generated_otherwise(
+    synthetic_root: Path, asked: dict, named: str
+) -> None:
+    """An existing folder of other settings is an error naming them, and is left untouched."""
+    before = _tree(synthetic_root)
+    settings = {"num_train": 16, "num_val": 8, "seed": 0, "size": 128, **asked}
+    with pytest.raises(DrcnnError, match=re.escape(f"synthetic dataset {synthetic_root}: {named}")):
+        ensure_synthetic_dataset(synthetic_root, **settings)
+    assert _tree(synthetic_root) == before
+
+
+def test_ensure_names_annotation_files_it_did_not_write(tmp_path: Path) -> None:
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text('{"images": []}')
+    with pytest.raises(
+        DrcnnError, match=r"instances_train\.json is not an annotation file of drcnn"
+    ):
+        ensure_synthetic_dataset(tmp_path, 3, 2)
+
+
+def test_generating_over_a_dataset_needs_overwrite(tmp_path: Path) -> None:
+    generate_synthetic_coco(tmp_path, 3, 2, seed=1, size=64, workers=1)
+    before = _tree(tmp_path)
+    with pytest.raises(DrcnnError, match=re.escape(f"{tmp_path} already holds a dataset")):
+        generate_synthetic_coco(tmp_path, 3, 2, seed=2, size=64, workers=1)
+    assert _tree(tmp_path) == before
+    generate_synthetic_coco(tmp_path, 3, 2, seed=2, size=64, workers=1, overwrite=True)
+    val = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    assert val["info"]["seed"] == 2 and _tree(tmp_path) != before

@@ -7,7 +7,9 @@ steps add the mean and 95% interval over seeds and the differences between model
 seed (:mod:`drcnn.analysis.seeds`; ``ap_table.contrasts`` names extra differences). The runner
 
 1. writes the resolved spec to ``OUT/spec.yaml`` and, for a synthetic dataset, generates it if
-   missing (``drcnn.data.synthetic.ensure_synthetic_dataset``);
+   missing (``drcnn.data.synthetic.ensure_synthetic_dataset``); with ``dataset.generate`` an
+   existing one must have been generated with those settings, without it any existing one is
+   used as it is;
 2. plans the steps: ``train-<model>`` and ``test-<model>`` (``notebooks/train.ipynb``),
    ``sensitivity`` (``translation_sensitivity.ipynb``), ``ap_table`` (``ap_table.ipynb``) and
    ``report`` (:func:`drcnn.analysis.report.write_report`);
@@ -45,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,8 @@ KERNEL = "python3"
 
 @dataclass
 class SyntheticSpec:
-    """How to generate the synthetic dataset when it is missing (ensure_synthetic_dataset)."""
+    """How to generate the synthetic dataset when it is missing, and what an existing one must
+    have been generated with (ensure_synthetic_dataset)."""
 
     num_train: int = 1000
     num_val: int = 200
@@ -89,7 +92,8 @@ class SyntheticSpec:
 class DatasetSpec:
     type: str = "synthetic"  # synthetic (generated when missing) or coco
     root: str = "data/synthetic"  # relative to the working directory; becomes data.root
-    generate: SyntheticSpec = field(default_factory=SyntheticSpec)  # synthetic only
+    # synthetic only; None: an existing dataset is used as it is, a missing one gets the defaults
+    generate: SyntheticSpec | None = None
     overrides: list[str] = field(default_factory=list)  # data.* overrides for every model
 
 
@@ -586,10 +590,14 @@ def _run_locked(
     """The body of :func:`run_experiment`, run while holding the folder's lock."""
     atomic_write_text(out / "spec.yaml", OmegaConf.to_yaml(spec))
     if spec.dataset.type == "synthetic" and {"train", "test", "sensitivity"} & set(spec.steps):
-        from drcnn.data.synthetic import ensure_synthetic_dataset
+        from drcnn.data.synthetic import ensure_synthetic_dataset, synthetic_dataset_exists
 
         echo(f"[dataset] synthetic data in {spec.dataset.root}")
-        ensure_synthetic_dataset(spec.dataset.root, **OmegaConf.to_container(spec.dataset.generate))
+        generate = spec.dataset.generate
+        if generate is not None:
+            ensure_synthetic_dataset(spec.dataset.root, **OmegaConf.to_container(generate))
+        elif not synthetic_dataset_exists(spec.dataset.root):
+            ensure_synthetic_dataset(spec.dataset.root, **asdict(SyntheticSpec()))
     steps = plan(spec, out)
     status: dict[str, str] = {}
     superseded = Superseded(out)

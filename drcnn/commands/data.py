@@ -18,6 +18,9 @@ def add_parser(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=0, help="same seed -> identical files")
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    synth.add_argument(
+        "--force", action="store_true", help="replace a dataset that --out already holds"
+    )
     synth.set_defaults(func=run_synth)
 
     check = actions.add_parser(
@@ -33,7 +36,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from drcnn.data.synthetic import describe, generate_synthetic_coco
 
     stats = generate_synthetic_coco(
-        args.out, args.num_train, args.num_val, args.seed, args.size, args.workers
+        args.out, args.num_train, args.num_val, args.seed, args.size, args.workers, args.force
     )
     print(describe(stats))
     print(f"wrote {args.out}")

@@ -18,6 +18,7 @@ files are identical whatever the number of worker processes.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -332,6 +333,11 @@ def _check_args(num_train: int, num_val: int, size: int, workers: int | None) ->
         raise DrcnnError(f"synthetic data: --workers must be >= 1, got {workers}")
 
 
+def annotation_file(root: Path, split: str) -> Path:
+    """Where a split's COCO annotation file lives under a dataset root."""
+    return root / "annotations" / f"instances_{split}.json"
+
+
 def generate_synthetic_coco(
     out: str | Path,
     num_train: int,
@@ -339,15 +345,27 @@ def generate_synthetic_coco(
     seed: int = 0,
     size: int = 256,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write ``out/{train,val}/*.png`` and ``out/annotations/instances_{train,val}.json``.
 
     ``workers=None`` uses every CPU. The annotation files are written last (atomically), so
-    their presence means the split is complete. Returns statistics per split plus the
-    generation speed.
+    their presence means the split is complete. A folder that already holds an annotation file
+    is a dataset somebody may be using: it is refused unless ``overwrite``, which removes the
+    old annotation files first, so that an interrupted regeneration reads as incomplete rather
+    than as the old dataset. Returns statistics per split plus the generation speed.
     """
     _check_args(num_train, num_val, size, workers)
     out = Path(out)
+    existing = [annotation_file(out, split) for split in SPLITS]
+    existing = [path for path in existing if path.exists()]
+    if existing and not overwrite:
+        raise DrcnnError(
+            f"synthetic data: {out} already holds a dataset ({existing[0]}); choose another "
+            "--out, or pass --force to replace it"
+        )
+    for path in existing:
+        path.unlink()
     workers = workers or os.cpu_count() or 1
     stats: dict = {"seed": seed, "size": size, "workers": workers}
     start = time.perf_counter()
@@ -355,7 +373,7 @@ def generate_synthetic_coco(
         (out / split).mkdir(parents=True, exist_ok=True)
         jobs = [(out, split, index, seed, size) for index in range(count)]
         coco = _coco_file(split, list(_run_jobs(jobs, min(workers, max(count, 1)))), seed)
-        atomic_write_json(out / "annotations" / f"instances_{split}.json", coco, indent=None)
+        atomic_write_json(annotation_file(out, split), coco, indent=None)
         stats[split] = {
             "images": count,
             "annotations": len(coco["annotations"]),
@@ -368,6 +386,32 @@ def generate_synthetic_coco(
     return stats
 
 
+def synthetic_dataset_exists(root: str | Path) -> bool:
+    """Whether both splits' annotation files exist under ``root`` (written last, so complete)."""
+    return all(annotation_file(Path(root), split).is_file() for split in SPLITS)
+
+
+def generated_settings(root: Path) -> dict[str, int]:
+    """``num_train``, ``num_val``, ``seed`` and ``size`` of the dataset generated under ``root``,
+    read back from its annotation files (image counts, ``info.seed``, the images' width)."""
+    settings: dict[str, int] = {}
+    for split in SPLITS:
+        path = annotation_file(root, split)
+        try:
+            coco = json.loads(path.read_text())
+            seed, images = coco["info"]["seed"], coco["images"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DrcnnError(
+                f"synthetic dataset {root}: {path} is not an annotation file of drcnn's "
+                f"generator (info.seed and images expected): {exc}"
+            ) from exc
+        settings[f"num_{split}"] = len(images)
+        settings["seed"] = seed
+        if images:
+            settings["size"] = images[0]["width"]
+    return settings
+
+
 def ensure_synthetic_dataset(
     root: str | Path,
     num_train: int,
@@ -376,11 +420,26 @@ def ensure_synthetic_dataset(
     size: int = 256,
     workers: int | None = None,
 ) -> Path:
-    """Generate the dataset under ``root`` unless both annotation files already exist."""
+    """Generate the dataset under ``root`` unless both annotation files already exist; an
+    existing one must have been generated with these settings.
+
+    A folder reused silently would train and test on other data than the spec says (another
+    size, seed or number of images) and report its numbers as the spec's.
+    """
     root = Path(root)
-    done = all((root / "annotations" / f"instances_{s}.json").is_file() for s in SPLITS)
-    if not done:
-        generate_synthetic_coco(root, num_train, num_val, seed, size, workers)
+    if not synthetic_dataset_exists(root):
+        generate_synthetic_coco(root, num_train, num_val, seed, size, workers, overwrite=True)
+        return root
+    wanted = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size}
+    found = generated_settings(root)
+    differ = [key for key, value in wanted.items() if found.get(key, value) != value]
+    if differ:
+        have = ", ".join(f"{key}={found[key]}" for key in differ)
+        asked = ", ".join(f"{key}={wanted[key]}" for key in differ)
+        raise DrcnnError(
+            f"synthetic dataset {root}: generated with {have}, but {asked} was asked for; "
+            "use another root, or delete this one to regenerate it"
+        )
     return root
 
 
