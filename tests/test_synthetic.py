@@ -173,6 +173,17 @@ def test_ensure_refuses_a_dataset_generated_otherwise(
     assert _tree(synthetic_root) == before
 
 
+def test_ensure_refuses_a_dataset_of_an_older_generator(tmp_path: Path) -> None:
+    generate_synthetic_coco(tmp_path, 2, 1, seed=0, size=64, workers=1)
+    path = tmp_path / "annotations" / "instances_val.json"
+    coco = json.loads(path.read_text())
+    coco["info"]["version"] = "0"
+    path.write_text(json.dumps(coco))
+    expected = "generated with generator_version=0, but generator_version=1 was asked for"
+    with pytest.raises(DrcnnError, match=expected):
+        ensure_synthetic_dataset(tmp_path, 2, 1, seed=0, size=64)
+
+
 def test_ensure_names_annotation_files_it_did_not_write(tmp_path: Path) -> None:
     (tmp_path / "annotations").mkdir()
     for split in ("train", "val"):

@@ -65,6 +65,9 @@ MAX_EXTENT_FRACTION = 0.75  # largest object extent as a fraction of the image s
 MAX_ASPECT = 2.5  # stretch: width / height in [1 / MAX_ASPECT, MAX_ASPECT]
 MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_PIXELS = 16
+# Written to each annotation file's info.version; change it with anything that changes the
+# generated files, so that an existing dataset of the old generator is not taken for a new one.
+GENERATOR_VERSION = "1"
 PLACEMENT_TRIES = 4  # attempts to place each object before giving up on it
 PNG_COMPRESS_LEVEL = 1  # fast; the images are noisy anyway
 
@@ -291,7 +294,11 @@ def _coco_file(split: str, results: list[tuple[dict, list[dict]]], seed: int) ->
     for entry, anns in results:
         images.append(entry)
         annotations.extend({"id": len(annotations) + 1, **ann} for ann in anns)
-    info = {"description": f"drcnn synthetic shapes ({split})", "seed": seed, "version": "1"}
+    info = {
+        "description": f"drcnn synthetic shapes ({split})",
+        "seed": seed,
+        "version": GENERATOR_VERSION,
+    }
     return {
         "info": info,
         "licenses": [],
@@ -391,22 +398,23 @@ def synthetic_dataset_exists(root: str | Path) -> bool:
     return all(annotation_file(Path(root), split).is_file() for split in SPLITS)
 
 
-def generated_settings(root: Path) -> dict[str, int]:
-    """``num_train``, ``num_val``, ``seed`` and ``size`` of the dataset generated under ``root``,
-    read back from its annotation files (image counts, ``info.seed``, the images' width)."""
-    settings: dict[str, int] = {}
+def generated_settings(root: Path) -> dict[str, int | str]:
+    """``num_train``, ``num_val``, ``seed``, ``size`` and ``generator_version`` of the dataset
+    generated under ``root``, read back from its annotation files (image counts, ``info``, the
+    images' width)."""
+    settings: dict[str, int | str] = {}
     for split in SPLITS:
         path = annotation_file(root, split)
         try:
             coco = json.loads(path.read_text())
-            seed, images = coco["info"]["seed"], coco["images"]
+            info, images = coco["info"], coco["images"]
+            settings["seed"], settings["generator_version"] = info["seed"], info["version"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DrcnnError(
                 f"synthetic dataset {root}: {path} is not an annotation file of drcnn's "
-                f"generator (info.seed and images expected): {exc}"
+                f"generator (info.seed, info.version and images expected): {exc}"
             ) from exc
         settings[f"num_{split}"] = len(images)
-        settings["seed"] = seed
         if images:
             settings["size"] = images[0]["width"]
     return settings
@@ -421,7 +429,7 @@ def ensure_synthetic_dataset(
     workers: int | None = None,
 ) -> Path:
     """Generate the dataset under ``root`` unless both annotation files already exist; an
-    existing one must have been generated with these settings.
+    existing one must have been generated with these settings, by this generator version.
 
     A folder reused silently would train and test on other data than the spec says (another
     size, seed or number of images) and report its numbers as the spec's.
@@ -430,7 +438,13 @@ def ensure_synthetic_dataset(
     if not synthetic_dataset_exists(root):
         generate_synthetic_coco(root, num_train, num_val, seed, size, workers, overwrite=True)
         return root
-    wanted = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size}
+    wanted = {
+        "num_train": num_train,
+        "num_val": num_val,
+        "seed": seed,
+        "size": size,
+        "generator_version": GENERATOR_VERSION,
+    }
     found = generated_settings(root)
     differ = [key for key, value in wanted.items() if found.get(key, value) != value]
     if differ:
