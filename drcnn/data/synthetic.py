@@ -364,8 +364,7 @@ def generate_synthetic_coco(
     """
     _check_args(num_train, num_val, size, workers)
     out = Path(out)
-    existing = [annotation_file(out, split) for split in SPLITS]
-    existing = [path for path in existing if path.exists()]
+    existing = [path for split in SPLITS if (path := annotation_file(out, split)).exists()]
     if existing and not overwrite:
         raise DrcnnError(
             f"synthetic data: {out} already holds a dataset ({existing[0]}); choose another "
