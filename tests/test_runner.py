@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from drcnn import cli, load_config
-from drcnn.analysis import runner
+from drcnn.analysis import report, runner
 from drcnn.config import to_dict
 from drcnn.engine.checkpoint import load_checkpoint, save_checkpoint
 from drcnn.errors import DrcnnError
@@ -366,26 +366,28 @@ def test_a_spec_starts_from_its_base(tmp_path, synthetic_root):
 
 
 class TimedExecutor(FakeExecutor):
-    """A FakeExecutor whose steps take a moment and note when they ran and with how many
-    OpenMP threads their kernel would start."""
+    """A FakeExecutor whose steps take a moment (``seconds`` by step id, else 0.2 s) and note
+    when they ran and with how many OpenMP threads their kernel would start."""
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
         super().__init__()
+        self.seconds = seconds or {}
         self.spans: dict[str, tuple[float, float, str | None]] = {}
 
     def __call__(self, notebook: str, executed: Path, parameters: dict, cwd: Path) -> None:
         start = time.perf_counter()
-        time.sleep(0.3)
+        time.sleep(self.seconds.get(executed.stem, 0.2))
         super().__call__(notebook, executed, parameters, cwd)
         threads = os.environ.get("OMP_NUM_THREADS")
         self.spans[executed.stem] = (start, time.perf_counter(), threads)
 
 
-def test_jobs_run_the_trainings_then_the_tests_at_once(
+def test_jobs_start_each_step_as_soon_as_what_it_needs_has_ended(
     tmp_path, synthetic_root, monkeypatch, capsys
 ):
-    """--jobs 2: the two trainings overlap, each kernel gets half the CPU threads, the tests
-    start only after every training ended, and the outcome equals a sequential run's."""
+    """--jobs 2: the two trainings overlap, each kernel gets half the CPU threads, a model's
+    test starts once its own training ended (while the slower model still trains), the report
+    comes last, and the outcome equals a sequential run's."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     spec = {
@@ -396,16 +398,25 @@ def test_jobs_run_the_trainings_then_the_tests_at_once(
         "steps": ["train", "test", "report"],
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    timed = TimedExecutor()
+    timed = TimedExecutor({"train-a": 0.2, "train-b": 1.5})
     monkeypatch.setattr(runner, "execute_notebook", timed)
+    report_start = []
+    write_report = report.write_report
+    monkeypatch.setattr(
+        report,
+        "write_report",
+        lambda out: report_start.append(time.perf_counter()) or write_report(out),
+    )
     status = runner.run_experiment(tmp_path / "spec.yaml", tmp_path / "out", echo=print, jobs=2)
     assert status == {"train-a": "done", "train-b": "done", "test-a": "done", "test-b": "done",
                       "report": "done"}  # fmt: skip
     (a0, a1, a_threads), (b0, b1, _) = timed.spans["train-a"], timed.spans["train-b"]
     assert max(a0, b0) < min(a1, b1)  # the trainings overlapped
     assert a_threads == "2"  # 4 cores / 2 jobs
-    assert min(timed.spans[t][0] for t in ("test-a", "test-b")) >= max(a1, b1)
-    assert "OMP_NUM_THREADS" not in os.environ  # restored after the waves
+    test_a, test_b = timed.spans["test-a"], timed.spans["test-b"]
+    assert a1 <= test_a[0] < b1  # test-a ran beside the slower training
+    assert test_b[0] >= b1 and report_start[0] >= max(test_a[1], test_b[1])
+    assert "OMP_NUM_THREADS" not in os.environ  # restored after the run
     lines = capsys.readouterr().out.splitlines()  # whole lines, though printed from threads
     assert all(re.fullmatch(r"\[\d/5\] [^\[]+|\[dataset\] .+|results in .+", x) for x in lines)
     sequential = TimedExecutor()
@@ -414,6 +425,23 @@ def test_jobs_run_the_trainings_then_the_tests_at_once(
     assert again == status
     (a0, a1, threads), (b0, b1, _) = sequential.spans["train-a"], sequential.spans["train-b"]
     assert a1 <= b0 and threads is None  # one after the other, threads left alone
+
+
+def test_jobs_never_start_a_step_before_a_failed_need_ended(tmp_path, synthetic_root, monkeypatch):
+    """A training that fails blocks its test, also when the steps run at once."""
+    spec = write_spec(tmp_path / "spec.yaml", synthetic_root, ["train", "test", "report"])
+    timed = TimedExecutor({"train-faster": 0.5})
+
+    def failing(notebook: str, executed: Path, parameters: dict, cwd: Path) -> None:
+        timed(notebook, executed, parameters, cwd)
+        if executed.stem == "train-faster":
+            raise RuntimeError("diverged")
+
+    monkeypatch.setattr(runner, "execute_notebook", failing)
+    status = runner.run_experiment(spec, tmp_path / "out", echo=print, jobs=2)
+    assert status["train-faster"] == "failed" and status["train-broken"] == "failed"
+    assert status["test-faster"] == "blocked" and "test-faster" not in timed.spans
+    assert status["report"] == "done"
 
 
 def test_jobs_below_one_is_a_one_line_error(tmp_path, synthetic_root, capsys):

@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,6 +160,7 @@ class Step:
     inputs: list[Path] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)
     needs_any: bool = False  # run when at least one (not all) of ``needs`` succeeded
+    after: list[str] = field(default_factory=list)  # steps that must end first, however they end
 
 
 def _read_spec(path: Path, chain: tuple[Path, ...] = ()) -> Any:
@@ -379,7 +380,9 @@ def plan(spec: Any, out: Path) -> list[Step]:
     if "ap_table" in spec.steps:
         steps.append(_ap_table_step(spec, out))
     if "report" in spec.steps:
-        steps.append(Step("report", "report", None, {"exp_dir": str(out)}, [out / "report.html"]))
+        report = Step("report", "report", None, {"exp_dir": str(out)}, [out / "report.html"])
+        report.after = [step.id for step in steps]  # it reports on whatever they left
+        steps.append(report)
     return steps
 
 
@@ -522,8 +525,9 @@ def run_experiment(
     """Run (or resume) an experiment; returns ``{step id: done | skipped | failed | blocked}``.
 
     ``out`` defaults to ``experiments/runs/<spec name>``. Output layout: docs/design.md. Another
-    run already using ``out`` is a ``DrcnnError``. ``jobs`` > 1 runs that many training (then
-    test) steps at once, each with an equal share of the CPU threads (:func:`_run_wave`).
+    run already using ``out`` is a ``DrcnnError``. ``jobs`` > 1 runs that many steps at once,
+    each with an equal share of the CPU threads, each as soon as what it needs has ended
+    (:func:`_run_when_ready`).
     ``launcher``: settings over the spec's ``launcher:`` section (``drcnn run --launcher ...``);
     with ``type: submitit`` the training, test and sensitivity steps run as cluster jobs
     (:mod:`drcnn.analysis.launchers`).
@@ -572,16 +576,35 @@ def thread_share(jobs: int) -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _run_wave(
-    steps: list[tuple[int, Step]], run_one: Callable[[int, Step], str], jobs: int
-) -> dict[str, str]:
-    """Run independent steps (the training steps, or the test steps, of all runs), ``jobs`` at
-    a time on threads that each wait for their step's notebook kernel; ``{step id: status}``."""
-    if jobs == 1 or len(steps) < 2:
-        return {step.id: run_one(index, step) for index, step in steps}
+def _run_when_ready(
+    steps: list[tuple[int, Step]],
+    run_one: Callable[[int, Step], str],
+    jobs: int,
+    status: dict[str, str],
+) -> None:
+    """Run the steps, ``jobs`` at a time, each as soon as the steps it needs (and those it comes
+    ``after``) have ended, however they ended (:func:`_ready` then decides whether it can run),
+    in plan order among those ready; every outcome goes into ``status`` as its step ends. With
+    ``--jobs 2`` a model's test starts while another model is still training, instead of
+    waiting for all trainings; steps wait for their kernels on threads."""
+    if jobs == 1:  # plan order already puts every step after what it needs
+        for index, step in steps:
+            status[step.id] = run_one(index, step)
+        return
+    planned = {step.id for _, step in steps}
+    waiting, running = list(steps), {}  # running: future -> step id
     with thread_share(jobs), ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {step.id: pool.submit(run_one, index, step) for index, step in steps}
-        return {name: future.result() for name, future in futures.items()}
+        while waiting or running:
+            for pair in list(waiting):
+                ended = [n in status for n in [*pair[1].needs, *pair[1].after] if n in planned]
+                if len(running) < jobs and all(ended):
+                    waiting.remove(pair)
+                    running[pool.submit(run_one, *pair)] = pair[1].id
+            if not running:  # plan() never makes steps wait on each other
+                raise RuntimeError(f"steps waiting on each other: {[s.id for _, s in waiting]}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                status[running.pop(future)] = future.result()
 
 
 def _run_locked(
@@ -615,12 +638,15 @@ def _run_locked(
         return _execute(step, out, force, status, prefix, say, superseded, launcher)
 
     numbered = list(enumerate(steps, 1))
-    for kind in STEP_KINDS:  # plan() orders the steps by kind; runs of one kind are independent
-        wave = [(i, s) for i, s in numbered if s.kind == kind]
-        if launcher is not None and kind in launchers.SUBMITTED_KINDS:
-            status.update(launchers.run_at_once(wave, run_one))
-            continue
-        status.update(_run_wave(wave, run_one, jobs if kind in ("train", "test") else 1))
+    if launcher is None:
+        _run_when_ready(numbered, run_one, jobs, status)
+    else:  # one kind at a time, every job of a kind submitted at once
+        for kind in STEP_KINDS:
+            wave = [(i, s) for i, s in numbered if s.kind == kind]
+            if kind in launchers.SUBMITTED_KINDS:
+                status.update(launchers.run_at_once(wave, run_one))
+            else:
+                _run_when_ready(wave, run_one, 1, status)
     failed = [s for s, v in status.items() if v in ("failed", "blocked")]
     if failed:
         echo(f"{len(failed)} step(s) did not complete: {', '.join(failed)}")

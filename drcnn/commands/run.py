@@ -28,9 +28,10 @@ def add_parser(subparsers) -> None:
         "--jobs",
         type=int,
         default=1,
-        help="run this many trainings (then tests) at once, each with an equal share of the "
-        "CPU threads (default 1); on a small CPU, single-thread jobs use the cores better; on "
-        "CUDA the jobs share the GPU",
+        help="run this many steps at once, each as soon as the steps it needs have ended (a "
+        "model's test while another trains), each with an equal share of the CPU threads "
+        "(default 1); on a small CPU, single-thread jobs use the cores better; on CUDA the "
+        "jobs share the GPU",
     )
     parser.add_argument(
         "--status",
