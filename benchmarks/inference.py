@@ -16,7 +16,8 @@ number of (box, class) pairs above the score threshold, which the final NMS sort
 depended on the init: one H200 saw Faster R-CNN go from 15.5 to 24.5 ms between thresholds and
 Decoupled R-CNN not move. Here every classification layer's output (each ``cls_score``, all
 stages alike) is replaced by a forward hook with one seeded table of logits whose softmax is
-known exactly (:func:`class_probabilities`): of the 1000 RoIs x 80 classes = 80,000 pairs,
+known exactly (``drcnn.engine.fixed_load``, which ``drcnn benchmark`` uses for random weights
+too): of the 1000 RoIs x 80 classes = 80,000 pairs,
 ``CANDIDATES`` = 3,000 (3.75 %) score above 0.001 and ``CONFIDENT`` = 300 of them above 0.05,
 every other foreground pair 1e-5 and the background the rest. Why these numbers: a trained COCO
 detector keeps "a few thousand" pairs per image above 0.001 (issue 13) spread over many RoIs and
@@ -64,7 +65,9 @@ from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights, faster
 
 import drcnn.models.postprocess
 from drcnn.config import load_config
+from drcnn.engine import fixed_load
 from drcnn.engine.benchmark import use_anchor_proposals
+from drcnn.engine.fixed_load import TABLE_ROIS, FixedLogits, pair_counts
 from drcnn.io import atomic_write_json
 from drcnn.models.detector import build_detector
 
@@ -94,18 +97,10 @@ SHARED_PREFIXES = ("backbone.", "rpn.")
 SCORE_THRESHOLDS = (0.001, 0.05)
 PROPOSAL_REGIMES = ("anchors", "random")
 
-# The classification load (see the top): of TABLE_ROIS x COCO_CLASSES (RoI, class) pairs,
-# CANDIDATES score above 0.001 and CONFIDENT of them above 0.05.
-TABLE_ROIS = 1000
 COCO_CLASSES = 80
-CANDIDATES = 3000
-CONFIDENT = 300
-# Score ranges, with a margin to each threshold so float rounding of the softmax never moves
-# a pair across one: the uncertain pairs log-uniform in (0.0011, 0.045), the confident ones in
-# (0.055, 0.5) (one per RoI at most), all other foreground pairs at FLOOR.
-LOW_RANGE = (0.0011, 0.045)
-HIGH_RANGE = (0.055, 0.5)
-FLOOR = 1e-5
+# The classification load (see the top; drcnn.engine.fixed_load): of TABLE_ROIS x COCO_CLASSES
+# (RoI, class) pairs, CANDIDATES score above 0.001 and CONFIDENT of them above 0.05.
+CANDIDATES, CONFIDENT = pair_counts(COCO_CLASSES)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -154,38 +149,6 @@ def build_models(size: tuple[int, int]) -> dict[str, nn.Module]:
     return models
 
 
-def _log_uniform(count: int, bounds: tuple[float, float], generator: torch.Generator) -> Tensor:
-    low, high = torch.tensor(bounds, dtype=torch.float64).log()
-    return (low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)).exp()
-
-
-def class_probabilities(foreground_columns: list[int], num_columns: int, seed: int = 0) -> Tensor:
-    """``(TABLE_ROIS, num_columns)`` softmax scores, one row per RoI, column 0 the background.
-
-    The same seeded draw for any column layout: ``CONFIDENT`` distinct RoIs get one class each
-    in ``HIGH_RANGE``, ``CANDIDATES - CONFIDENT`` further (RoI, class) pairs drawn uniformly
-    get ``LOW_RANGE``; every other column ``FLOOR``; the background takes the rest of each
-    row's unit sum. ``foreground_columns`` maps the table's 80 classes to the model's columns.
-    """
-    if len(foreground_columns) != COCO_CLASSES:
-        raise ValueError(f"expected {COCO_CLASSES} foreground columns, got {foreground_columns}")
-    generator = torch.Generator().manual_seed(seed)
-    scores = torch.full((TABLE_ROIS, COCO_CLASSES), FLOOR, dtype=torch.float64)
-    confident_rois = torch.randperm(TABLE_ROIS, generator=generator)[:CONFIDENT]
-    confident_classes = torch.randint(COCO_CLASSES, (CONFIDENT,), generator=generator)
-    scores[confident_rois, confident_classes] = _log_uniform(CONFIDENT, HIGH_RANGE, generator)
-    free = (scores == FLOOR).flatten().nonzero()[:, 0]
-    chosen = free[torch.randperm(len(free), generator=generator)[: CANDIDATES - CONFIDENT]]
-    scores.view(-1)[chosen] = _log_uniform(len(chosen), LOW_RANGE, generator)
-    table = torch.full((TABLE_ROIS, num_columns), FLOOR, dtype=torch.float64)
-    table[:, foreground_columns] = scores
-    table[:, 0] = 0.0
-    table[:, 0] = 1.0 - table.sum(dim=1)
-    if table[:, 0].min() <= 0.05:
-        raise RuntimeError("class_probabilities: a row's foreground scores sum to over 0.95")
-    return table
-
-
 def foreground_columns(model: nn.Module) -> list[int]:
     """The model's logit columns of COCO's 80 classes: 1..80 for drcnn (its RoI heads carry
     their ``cfg``); torchvision's 91-column head (COCO's category ids, background 0) leaves out
@@ -196,43 +159,9 @@ def foreground_columns(model: nn.Module) -> list[int]:
     return [i for i, name in enumerate(names) if i > 0 and name != "N/A"]
 
 
-def classification_layers(model: nn.Module) -> list[nn.Linear]:
-    """Every RoI-head layer that outputs class logits (one per classifying stage)."""
-    layers = [m for n, m in model.named_modules() if n.split(".")[-1] == "cls_score"]
-    if not layers:
-        raise RuntimeError("no cls_score layer found: the classification load cannot be set")
-    return layers
-
-
-class FixedLogits:
-    """Forward hook giving a classification layer the log of a fixed score table (row ``i``
-    for the ``i``-th RoI), so softmax reproduces the table; records how many RoIs it saw."""
-
-    def __init__(self, probabilities: Tensor) -> None:
-        self.logits = probabilities.log().float()
-        self.rois = 0
-
-    def to(self, device: torch.device) -> FixedLogits:
-        self.logits = self.logits.to(device)
-        return self
-
-    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        count = output.shape[0]
-        self.rois = count
-        rows = self.logits[:count]
-        if count > len(self.logits):  # more RoIs than the table: repeat it
-            rows = self.logits[torch.arange(count, device=output.device) % len(self.logits)]
-        return rows.to(output.dtype)
-
-
 def fix_classification(model: nn.Module, device: torch.device) -> FixedLogits:
-    """Install one :class:`FixedLogits` on every ``cls_score`` layer of ``model``."""
-    layers = classification_layers(model)
-    hook = FixedLogits(class_probabilities(foreground_columns(model), layers[0].out_features))
-    hook.to(device)
-    for layer in layers:
-        layer.register_forward_hook(hook)
-    return hook
+    """The fixed classification load on ``model``, in its own column layout."""
+    return fixed_load.fix_classification(model, device, foreground_columns(model))
 
 
 def set_score_thresh(model: nn.Module, threshold: float) -> None:

@@ -1,12 +1,13 @@
 """The benchmark scripts' own logic (benchmarks/*.py, benchmarks/gpu_check.sh), on tiny models.
 
 The timings themselves are not tested (they are what the scripts measure); what is: the fixed
-classification load of ``inference.py`` (its exact counts, in drcnn's and torchvision's column
-layouts, through the real postprocessing of both), the count of boxes entering the final NMS,
-the sync-warning tally of ``sync_count.py``, the training overrides of ``profile_train.py``, and
-``gpu_check.sh``'s bookkeeping (a failing step does not stop it, ``--amp`` missing is a skip,
-a spent budget skips, ``summary.json`` always written). The CPU mode of ``gpu_check.sh`` end to
-end takes minutes (six R-50 models): it is run by hand, not here.
+classification load of ``inference.py`` (``drcnn.engine.fixed_load``: its exact counts, in
+drcnn's and torchvision's column layouts, through the real postprocessing of both), the count
+of boxes entering the final NMS, the sync-warning tally of ``sync_count.py``, the training
+overrides of ``profile_train.py``, and ``gpu_check.sh``'s bookkeeping (a failing step does not
+stop it, ``--amp`` missing is a skip, a spent budget skips, ``summary.json`` always written).
+The CPU mode of ``gpu_check.sh`` end to end takes minutes (six R-50 models): it is run by hand,
+not here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from drcnn.config import load_config
+from drcnn.engine import fixed_load
 from drcnn.engine.benchmark import use_anchor_proposals
 from drcnn.models.detector import build_detector
 
@@ -48,21 +50,27 @@ def expected_pairs(table: torch.Tensor, threshold: float) -> int:
     return int((table[:, 1:] > threshold).sum())
 
 
-@pytest.mark.parametrize("layout", ["drcnn", "torchvision"])
-def test_class_probabilities_have_the_stated_counts(layout):
-    width = 81 if layout == "drcnn" else 91
-    columns = [i for i in range(1, width) if i not in TORCHVISION_UNUSED_IDS or width == 81]
-    table = inference.class_probabilities(columns, width)
-    assert table.shape == (inference.TABLE_ROIS, width)
+@pytest.mark.parametrize(
+    "layout, classes, counts",
+    [("drcnn", 80, (3000, 300)), ("torchvision", 80, (3000, 300)), ("drcnn", 4, (150, 15))],
+)
+def test_class_probabilities_have_the_stated_counts(layout, classes, counts):
+    """3.75 % of the (RoI, class) pairs above 0.001, a tenth of those above 0.05: COCO's
+    numbers in both column layouts, and a small dataset's."""
+    width = classes + 1 if layout == "drcnn" else 91
+    columns = [i for i in range(1, width) if layout == "drcnn" or i not in TORCHVISION_UNUSED_IDS]
+    table = fixed_load.class_probabilities(columns, width)
+    assert table.shape == (fixed_load.TABLE_ROIS, width)
     torch.testing.assert_close(table.sum(dim=1), torch.ones(len(table), dtype=torch.float64))
-    assert expected_pairs(table, 0.001) == inference.CANDIDATES == 3000
-    assert expected_pairs(table, 0.05) == inference.CONFIDENT == 300
+    assert (expected_pairs(table, 0.001), expected_pairs(table, 0.05)) == counts
+    assert fixed_load.pair_counts(classes) == counts
     assert (table[:, 0] > 0.05).all()
     if layout == "torchvision":
-        assert (table[:, TORCHVISION_UNUSED_IDS] == inference.FLOOR).all()
+        assert (table[:, TORCHVISION_UNUSED_IDS] == fixed_load.FLOOR).all()
     # the softmax of the hook's logits gives the table back, float32 rounding aside
-    logits = inference.FixedLogits(table).logits
+    logits = fixed_load.FixedLogits(table).logits
     torch.testing.assert_close(logits.softmax(dim=1).double(), table, rtol=1e-5, atol=1e-7)
+    assert (inference.CANDIDATES, inference.CONFIDENT) == (3000, 300)
 
 
 def test_torchvision_columns_skip_coco_unused_ids():
@@ -114,8 +122,8 @@ def test_fixed_load_reaches_the_final_nms(build):
     use_anchor_proposals(model)
     hook = inference.fix_classification(model, torch.device("cpu"))
     image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0))
-    table = inference.class_probabilities(
-        inference.foreground_columns(model), inference.classification_layers(model)[0].out_features
+    table = fixed_load.class_probabilities(
+        inference.foreground_columns(model), fixed_load.classification_layers(model)[0].out_features
     )
     original = torchvision.ops.boxes.nms
     for threshold in (0.001, 0.05):

@@ -19,7 +19,9 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 from drcnn.cli import main
 from drcnn.config import load_config, to_dict
 from drcnn.engine import amp as amp_module
+from drcnn.engine import benchmark as benchmark_module
 from drcnn.engine import evaluate as evaluate_module
+from drcnn.engine import fixed_load
 from drcnn.engine.benchmark import use_anchor_proposals
 from drcnn.engine.checkpoint import load_model, save_checkpoint
 from drcnn.engine.infer import drawing_names
@@ -172,6 +174,32 @@ def test_benchmark_writes_fps(tmp_path):
     assert result["fps"] == pytest.approx(1000 / result["median_ms"])
     assert result["peak_memory_mb"] > 0
     assert result["proposals"].startswith("anchors")
+    classes = load_config(FASTER).model.roi_head.num_classes
+    candidates, confident = fixed_load.pair_counts(classes)
+    assert result["class_scores"] == (
+        f"fixed table (random weights): {candidates} of 1000 RoIs x {classes} classes above "
+        f"score 0.001, {confident} above 0.05"
+    )
+
+
+def test_benchmark_of_random_weights_scores_with_the_fixed_table(monkeypatch, tmp_path):
+    """The timed model's classification outputs are the fixed table, not the random init's: every
+    detection's score is an entry of its class's column of the table."""
+    timed = []
+    monkeypatch.setattr(
+        benchmark_module, "time_passes", lambda model, *a: timed.append(model) or [1.0]
+    )
+    cfg = load_config(FASTER, ["model.backbone.pretrained=null"])
+    benchmark_module.benchmark(cfg, device="cpu", size=(96, 128), out=tmp_path / "b.json")
+    (model,) = timed
+    table = fixed_load.class_probabilities(
+        list(range(1, cfg.model.roi_head.num_classes + 1)), cfg.model.roi_head.num_classes + 1
+    )
+    with torch.no_grad():
+        detections = model([torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))])[0]
+    assert len(detections["scores"]) > 0
+    column = table[:, detections["labels"]].float()
+    assert ((column - detections["scores"]).abs() < 1e-6).any(dim=0).all()
 
 
 @pytest.mark.parametrize("command", ["test", "infer", "benchmark"])
