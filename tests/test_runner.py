@@ -483,3 +483,30 @@ def test_a_dataset_generated_otherwise_stops_the_run(tmp_path, synthetic_root, c
     err = capsys.readouterr().err
     assert f"synthetic dataset {synthetic_root}: generated with seed=0, but seed=1" in err
     assert not (tmp_path / "out" / "models").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the IPC kernel manager is POSIX-only")
+def test_kernels_are_shut_down_without_an_interrupt_but_can_still_be_interrupted():
+    """jupyter_client interrupts a kernel before shutting it down; a finished notebook's kernel
+    needs no interrupt, and one landing mid-message prints an ERROR into the run's output."""
+    import asyncio
+    import signal
+
+    manager = runner.ipc_kernel_manager()(kernel_name=runner.KERNEL)
+    sent: list[int] = []
+
+    async def run() -> None:
+        await manager.start_kernel()
+        signal_kernel = manager._async_signal_kernel
+
+        async def recorded(signum: int) -> None:
+            sent.append(signum)
+            await signal_kernel(signum)
+
+        manager._async_signal_kernel = recorded
+        await manager.interrupt_kernel()  # outside a shutdown: sent as before
+        assert sent == [signal.SIGINT]
+        await manager.shutdown_kernel()
+
+    asyncio.run(run())
+    assert sent == [signal.SIGINT] and not manager.has_kernel

@@ -412,6 +412,10 @@ def ipc_kernel_manager() -> type | None:
 
     The default (TCP on localhost, unencrypted) opens ports and makes ipykernel print a warning
     into every run; Unix sockets need neither. None (papermill's default) off POSIX systems.
+    Shutting a kernel down sends no interrupt first (jupyter_client does, to stop a running
+    cell): papermill shuts kernels down after the last cell, and an interrupt that lands while
+    the kernel still handles a message makes ipykernel print "ERROR | KeyboardInterrupt caught
+    in kernel" into the run's output (seen with steps running side by side).
     """
     if os.name != "posix":
         return None
@@ -423,6 +427,10 @@ def ipc_kernel_manager() -> type | None:
             self._sockets = tempfile.TemporaryDirectory(prefix="drcnn-kernel-")
             self.transport = "ipc"
             self.ip = os.path.join(self._sockets.name, "kernel")
+
+        async def _async_interrupt_kernel(self) -> None:
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
 
     return IPCKernelManager
 
