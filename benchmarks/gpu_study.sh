@@ -37,6 +37,6 @@ printf '{"mode": "%s", "spec": "%s", "jobs": %s, "limit_s": %s, "exit_status": %
   "$mode" "$spec" "$jobs" "$limit" "$status" "$wall" "$device" | tee "$results/$mode.json"
 # without checkpoints and the per-object sensitivity rows (hundreds of MB; the summaries stay)
 tar czf "$results/${mode}_outputs.tar.gz" --exclude='*.pth' --exclude='./sensitivity/sensitivity.csv' \
-  --exclude='./sensitivity/sensitivity.parquet' \
+  --exclude='./sensitivity/sensitivity.parquet' --exclude='./sensitivity/parts/*.parquet' \
   -C "$run_dir" . 2>/dev/null || echo "could not pack $run_dir"
 exit "$status"

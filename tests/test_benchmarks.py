@@ -326,8 +326,10 @@ FAKE_RUN = """#!/usr/bin/env bash
 # `-c CODE` is the real interpreter.
 if [ "$1" = -c ]; then exec {python} "$@"; fi
 out=$6
-mkdir -p "$out/models/m" "$out/sensitivity" "$out/tables"
+mkdir -p "$out/models/m" "$out/sensitivity/parts/m" "$out/tables"
 echo w > "$out/models/m/latest.pth"; echo rows > "$out/sensitivity/sensitivity.csv"
+echo rows > "$out/sensitivity/parts/m/sensitivity.parquet"
+echo {{}} > "$out/sensitivity/parts/m/part.json"
 echo ap > "$out/tables/ap_table.csv"; echo "[1/2] train-m: done in 1.0 s"
 setsid sleep 30 &  # its own session, as jupyter starts kernels: out of timeout's reach
 sleep 60
@@ -366,3 +368,5 @@ def test_gpu_study_stops_at_its_limit_and_packs_the_run_without_weights(tmp_path
         names = {Path(n).as_posix().lstrip("./") for n in archive.getnames()}
     assert "tables/ap_table.csv" in names
     assert "models/m/latest.pth" not in names and "sensitivity/sensitivity.csv" not in names
+    assert "sensitivity/parts/m/part.json" in names  # a part keeps its record, not its rows
+    assert "sensitivity/parts/m/sensitivity.parquet" not in names

@@ -7,6 +7,7 @@ One tiny training (a few iterations on the 128-px ``synthetic_root`` fixture) th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections import Counter
@@ -17,12 +18,15 @@ import pandas as pd
 import pytest
 
 from drcnn import cli
+from drcnn.analysis import study
 from drcnn.analysis.runner import KERNEL, NOTEBOOK_DIR, execute_notebook
+from drcnn.analysis.sensitivity import ShiftGrid, load_study, run_sensitivity
+from drcnn.errors import DrcnnError
 
 CONFIG = (
     Path(__file__).resolve().parents[1] / "configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml"
 )
-NOTEBOOKS = ["train", "translation_sensitivity", "ap_table", "inference_demo"]
+NOTEBOOKS = ["train", "translation_sensitivity", "sensitivity_part", "ap_table", "inference_demo"]
 
 
 def tiny_overrides(root: Path) -> list[str]:
@@ -146,6 +150,56 @@ def test_sensitivity_notebook_writes_table_summary_and_figures(
     assert {"iou_s0", "iou_s1", "iou_s2", "final_iou"} <= set(table.columns)
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["branch"]) == {"classification", "regression"}
+
+
+def test_study_from_per_model_parts_equals_the_study_in_one_pass(
+    experiment: Path, synthetic_root: Path, tmp_path: Path
+):
+    """``drcnn run`` analyses each model apart as its training ends (sensitivity_part.ipynb);
+    the study read from those parts has the rows one pass over all models gives, and a part
+    computed from another checkpoint, with other settings or left unfinished is refused."""
+    checkpoint = experiment / "models" / "decoupled" / "latest.pth"
+    shutil.copy2(checkpoint, tmp_path / "copy.pth")  # a second model: the same weights
+    checkpoints = {"dec": str(checkpoint), "copy": str(tmp_path / "copy.pth")}
+    data = [f"data.root={synthetic_root}"]
+    grid = ShiftGrid.from_range(-0.2, 0.2, 3)
+    parts = tmp_path / "parts"
+    settings = {"data_overrides": data, "low": -0.2, "high": 0.2, "steps": 3, "max_images": 3}
+    parameters = {"name": "dec", "checkpoint": checkpoints["dec"], "part_dir": str(parts / "dec")}
+    parameters.update(settings, proposal_images=2)
+    execute_notebook("sensitivity_part.ipynb", tmp_path / "part.ipynb", parameters, tmp_path)
+    assert all((parts / "dec" / name).is_file() for name in study.PART_FILES)
+    study.study_part("copy", checkpoints["copy"], parts / "copy", None, data, grid, 3, 2)
+
+    table, summary, _ = study.translation_study(
+        checkpoints, tmp_path / "study", grid, None, data, 3, parts_dir=parts
+    )
+    # the reference: every model over each image in one pass, as the study ran before parts
+    models, dataset = load_study(checkpoints, None, data)
+    reference = run_sensitivity(models, dataset, grid, dataset.class_names, max_images=3)
+    reference = pd.concat([reference[reference["model"] == name] for name in checkpoints])
+    pd.testing.assert_frame_equal(table, reference.reset_index(drop=True))
+    one_pass = study.translation_study(checkpoints, tmp_path / "one", grid, None, data, 3)
+    pd.testing.assert_frame_equal(summary, one_pass[1])
+    with_parts = study.proposal_study(checkpoints, tmp_path / "study", None, data, 2, "cpu", parts)
+    pd.testing.assert_frame_equal(
+        with_parts[1], study.proposal_study(checkpoints, tmp_path / "one", None, data, 2)[1]
+    )
+    assert set(with_parts[0]["model"]) == {"dec", "copy"}
+
+    def refused(**changes) -> str:
+        arguments = {"grid": grid, "data_overrides": data, "max_images": 3, **changes}
+        with pytest.raises(DrcnnError) as error:
+            study.translation_study(checkpoints, tmp_path / "x", parts_dir=parts, **arguments)
+        return str(error.value)
+
+    assert "max_images is 3, this study expects 2" in refused(max_images=2)
+    assert "grid is" in refused(grid=ShiftGrid.from_range(-0.3, 0.3, 3))
+    stat = (tmp_path / "copy.pth").stat()
+    os.utime(tmp_path / "copy.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert f"sensitivity part {parts / 'copy'}: checkpoint_stamp is" in refused()
+    (parts / "dec" / study.PART_RECORD).unlink()
+    assert "missing or incomplete" in refused()
 
 
 def test_ap_table_notebook(experiment: Path):

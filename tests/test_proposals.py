@@ -19,9 +19,9 @@ from drcnn.analysis.proposals import (
     IOU_LEVELS,
     histograms,
     nms_settings,
-    proposal_iou_study,
     proposal_ious,
     summarize,
+    write_proposal_study,
 )
 from drcnn.analysis.sensitivity import BRANCH_CLS, BRANCH_REG
 from drcnn.config import load_config
@@ -214,8 +214,8 @@ def test_summary_and_histograms_agree_with_direct_counts(tmp_path):
     model = detector("decoupled", *BIG_SAMPLES)  # every gt box is sampled
     stub_candidates(model, known_candidates(40, 0.2))
     dataset = one_image_dataset(1) + one_image_dataset(2)
-    summary, hist, figure = proposal_iou_study({"dec": model}, dataset, tmp_path)
     table = proposal_ious({"dec": model}, dataset, progress=False)
+    summary, hist, figure = write_proposal_study(table, tmp_path)
     for name in ("proposal_iou.csv", "proposal_iou.md", "proposal_iou_hist.csv"):
         assert (tmp_path / name).is_file(), name
     assert figure == tmp_path / "proposal_iou.png" and figure.stat().st_size > 0

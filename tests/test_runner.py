@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from drcnn import cli, load_config
-from drcnn.analysis import report, runner
+from drcnn.analysis import report, runner, study
 from drcnn.config import to_dict
 from drcnn.engine.checkpoint import load_checkpoint, save_checkpoint
 from drcnn.errors import DrcnnError
@@ -112,6 +112,11 @@ class FakeExecutor:
             work.mkdir(parents=True, exist_ok=True)
             name = "latest.pth" if parameters["run_train"] else "metrics.json"
             (work / name).write_text("x")
+        elif notebook == "sensitivity_part.ipynb":
+            part = Path(parameters["part_dir"])
+            part.mkdir(parents=True, exist_ok=True)
+            for name in study.PART_FILES:
+                (part / name).write_text("x")
         elif notebook == "translation_sensitivity.ipynb":
             out = Path(parameters["out_dir"])
             out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +142,8 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
         "train-broken": "failed",
         "test-faster": "done",
         "test-broken": "blocked",
+        "sensitivity-faster": "done",
+        "sensitivity-broken": "blocked",
         "sensitivity": "done",
         "ap_table": "done",
         "report": "done",
@@ -144,9 +151,15 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
     # the AP table step is done only once the error analysis is written too
     ap_step = next(s for s in runner.plan(runner.load_spec(spec), out) if s.id == "ap_table")
     assert [p.name for p in ap_step.outputs] == list(AP_TABLE_OUTPUTS)
-    study = dict(fake.calls)["sensitivity"]
-    assert list(study["checkpoints"]) == ["faster"]  # only the model that trained
-    assert study["proposal_images"] == runner.SensitivitySpec().proposal_images  # passed on
+    summary = dict(fake.calls)["sensitivity"]
+    assert list(summary["checkpoints"]) == ["faster"]  # only the model that trained
+    assert summary["proposal_images"] == runner.SensitivitySpec().proposal_images  # passed on
+    # the study reads the part that sensitivity-faster computed with the same settings
+    part = dict(fake.calls)["sensitivity-faster"]
+    assert Path(part["part_dir"]) == Path(summary["parts_dir"]) / "faster"
+    assert part["checkpoint"] == summary["checkpoints"]["faster"]
+    shared = ["data_overrides", "low", "high", "steps", "scales", "max_images", "device"]
+    assert all(part[key] == summary[key] for key in [*shared, "proposal_images"])
     # overrides: dataset root, spec-wide, then the model's own (the model's win)
     train = dict(fake.calls)["train-broken"]
     assert train["overrides"][0] == f"data.root={synthetic_root.resolve()}"
@@ -169,7 +182,13 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
     stat = checkpoint.stat()
     os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     runner.run_experiment(spec, out, echo=lambda line: None)
-    assert fake.steps() == ["train-broken", "test-faster", "sensitivity", "ap_table"]
+    assert fake.steps() == [
+        "train-broken",
+        "test-faster",
+        "sensitivity-faster",
+        "sensitivity",
+        "ap_table",
+    ]
 
     # --force redoes everything
     fake.calls.clear()
@@ -178,6 +197,7 @@ def test_plan_dependencies_partial_study_and_resume(tmp_path, synthetic_root, mo
         "train-faster",
         "train-broken",
         "test-faster",
+        "sensitivity-faster",
         "sensitivity",
         "ap_table",
     ]
@@ -284,6 +304,8 @@ def test_seeds_train_every_model_once_per_seed(tmp_path, synthetic_root, monkeyp
     assert list(status) == [
         *(f"train-{r}" for r in runs),
         *(f"test-{r}" for r in runs),
+        "sensitivity-dec-seed0",
+        "sensitivity-dec-seed3",
         "sensitivity",
         "ap_table",
     ]
@@ -425,6 +447,30 @@ def test_jobs_start_each_step_as_soon_as_what_it_needs_has_ended(
     assert again == status
     (a0, a1, threads), (b0, b1, _) = sequential.spans["train-a"], sequential.spans["train-b"]
     assert a1 <= b0 and threads is None  # one after the other, threads left alone
+
+
+def test_jobs_analyse_a_model_for_the_study_as_soon_as_its_training_ended(
+    tmp_path, synthetic_root, monkeypatch
+):
+    """The sensitivity study's share of a model runs beside the slower model's training; the
+    study over the parts starts once both parts have ended."""
+    spec = {
+        "name": "tiny",
+        "dataset": {"type": "synthetic", "root": str(synthetic_root)},
+        "overrides": TINY,
+        "models": [{"name": n, "config": FASTER} for n in ("a", "b")],
+        "steps": ["train", "sensitivity"],
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    timed = TimedExecutor({"train-a": 0.2, "train-b": 1.5})
+    monkeypatch.setattr(runner, "execute_notebook", timed)
+    status = runner.run_experiment(tmp_path / "spec.yaml", tmp_path / "out", echo=print, jobs=2)
+    assert list(status.values()) == ["done"] * 5
+    spans = timed.spans
+    assert spans["train-a"][1] <= spans["sensitivity-a"][0] < spans["train-b"][1]
+    assert spans["sensitivity-b"][0] >= spans["train-b"][1]
+    assert spans["sensitivity"][0] >= max(spans["sensitivity-a"][1], spans["sensitivity-b"][1])
+    assert list(dict(timed.calls)["sensitivity"]["checkpoints"]) == ["a", "b"]
 
 
 def test_jobs_never_start_a_step_before_a_failed_need_ended(tmp_path, synthetic_root, monkeypatch):

@@ -46,7 +46,8 @@ if TYPE_CHECKING:  # runner imports this module
 
 LAUNCHER_TYPES = ("local", "submitit")
 CLUSTERS = ("slurm", "local")  # submitit's executors drcnn uses
-SUBMITTED_KINDS = ("train", "test", "sensitivity")  # the steps that need the accelerators
+# the steps that need the accelerators (the sensitivity summary's explorer loads the models)
+SUBMITTED_KINDS = ("train", "test", "sensitivity", "sensitivity_summary")
 JOBS_DIR = "jobs"
 # SLURM states (sacct) of a job that has not ended (submitit's InfoWatcher.is_done list)
 QUEUED_STATES = ("PENDING", "REQUEUED", "READY", "UNKNOWN")

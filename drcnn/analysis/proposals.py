@@ -222,22 +222,15 @@ def summarize(
     return pd.DataFrame(rows)
 
 
-def proposal_iou_study(
-    models: Mapping[str, torch.nn.Module],
-    dataset: Sequence,
-    out_dir: str | Path,
-    max_images: int | None = 100,
-    settings: Sequence[Setting] | None = None,
-    device: torch.device | str = "cpu",
+def write_proposal_study(
+    table: pd.DataFrame, out_dir: str | Path
 ) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """Run :func:`proposal_ious` on the training split; write ``proposal_iou.{csv,md,html}``
-    (summary), ``proposal_iou_hist.csv`` (histograms) and ``proposal_iou.png`` into ``out_dir``;
-    return ``(summary, histograms, figure path)``."""
+    """From the long table (:func:`proposal_ious`, of any number of models): write
+    ``proposal_iou.{csv,md,html}`` (summary), ``proposal_iou_hist.csv`` (histograms) and
+    ``proposal_iou.png`` into ``out_dir``; return ``(summary, histograms, figure path)``."""
     from drcnn.analysis import plots, tables
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = proposal_ious(models, dataset, settings, max_images, device=device)
     summary, hist = summarize(table), histograms(table)
     tables.write_table(summary, out_dir / "proposal_iou", digits=3)
     atomic_write_text(out_dir / "proposal_iou_hist.csv", hist.to_csv(index=False))

@@ -11,7 +11,9 @@ seed (:mod:`drcnn.analysis.seeds`; ``ap_table.contrasts`` names extra difference
    existing one must have been generated with those settings, without it any existing one is
    used as it is;
 2. plans the steps: ``train-<model>`` and ``test-<model>`` (``notebooks/train.ipynb``),
-   ``sensitivity`` (``translation_sensitivity.ipynb``), ``ap_table`` (``ap_table.ipynb``) and
+   ``sensitivity-<model>`` (``sensitivity_part.ipynb``: the model's share of the study) and
+   ``sensitivity`` (``translation_sensitivity.ipynb``: the study over those shares),
+   ``ap_table`` (``ap_table.ipynb``) and
    ``report`` (:func:`drcnn.analysis.report.write_report`);
 3. executes each notebook with papermill (kernel ``python3``, i.e. this interpreter), keeping
    the executed copy in ``OUT/notebooks/<step>.ipynb``, and prints a line when each step starts
@@ -55,7 +57,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from drcnn.analysis import launchers, provenance
+from drcnn.analysis import launchers, provenance, study
 from drcnn.analysis.launchers import LauncherSpec
 from drcnn.analysis.seeds import seed_run
 from drcnn.config import reject_interpolations
@@ -64,7 +66,10 @@ from drcnn.errors import DrcnnError
 from drcnn.io import FolderLock, atomic_write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
-STEP_KINDS = ("train", "test", "sensitivity", "ap_table", "report")
+STEP_KINDS = ("train", "test", "sensitivity", "ap_table", "report")  # a spec's steps
+# the spec's sensitivity step is two kinds of steps: one per model ("sensitivity"), then this
+SUMMARY_KIND = "sensitivity_summary"
+STEP_ORDER = ("train", "test", "sensitivity", SUMMARY_KIND, "ap_table", "report")
 DATASET_TYPES = ("synthetic", "coco")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a plain folder name (fullmatch)
 # what a second run on the same OUT is told (drcnn.io.FolderLock fills in folder and holder)
@@ -316,21 +321,43 @@ def _model_steps(spec: Any, out: Path, kind: str) -> list[Step]:
     return steps
 
 
-def _sensitivity_step(spec: Any, out: Path) -> Step:
-    """The study over the final checkpoints of the chosen models' runs."""
+def _sensitivity_steps(spec: Any, out: Path) -> list[Step]:
+    """``sensitivity-<run>`` for each of the chosen models' runs: its share of the study
+    (``sensitivity_part.ipynb``, :func:`drcnn.analysis.study.study_part`), started as soon as
+    its training has ended; then ``sensitivity``, the study over those parts
+    (``translation_sensitivity.ipynb``: summary, figures, seeds, explorer, proposal IoU)."""
     names = [run.name for run in model_runs(spec, spec.sensitivity.models)]
     checkpoints = {n: str(out / "models" / n / "latest.pth") for n in names}
-    params = {
-        "checkpoints": checkpoints,
-        "out_dir": str(out / "sensitivity"),
+    parts_dir = out / "sensitivity" / "parts"
+    settings = {
+        "data_overrides": data_overrides(spec),
         "low": spec.sensitivity.low,
         "high": spec.sensitivity.high,
         "steps": spec.sensitivity.steps,
         "scales": list(spec.sensitivity.scales),
         "max_images": spec.sensitivity.max_images,
         "proposal_images": spec.sensitivity.proposal_images,
-        "data_overrides": data_overrides(spec),
         "device": spec.device,
+    }
+    steps = []
+    for name, checkpoint in checkpoints.items():
+        params = {"name": name, "checkpoint": checkpoint, "part_dir": str(parts_dir / name)}
+        steps.append(
+            Step(
+                f"sensitivity-{name}",
+                "sensitivity",
+                "sensitivity_part.ipynb",
+                {**params, **settings},
+                [parts_dir / name / file for file in study.PART_FILES],
+                [Path(checkpoint)],
+                [f"train-{name}"] if "train" in spec.steps else [],
+            )
+        )
+    params = {
+        "checkpoints": checkpoints,
+        "out_dir": str(out / "sensitivity"),
+        "parts_dir": str(parts_dir),
+        **settings,
         "interactive": False,  # papermill has no frontend: the explorer draws a static example
         "baseline": spec.ap_table.baseline,
         "contrasts": _contrasts(spec),
@@ -339,10 +366,12 @@ def _sensitivity_step(spec: Any, out: Path) -> Step:
         out / "sensitivity" / name
         for name in ("sensitivity.parquet", "summary.csv", "proposal_iou.csv")
     ]
-    inputs = [Path(p) for p in checkpoints.values()]
-    needs = [f"train-{n}" for n in names] if "train" in spec.steps else []
+    records = [parts_dir / name / study.PART_RECORD for name in names]
+    inputs = [*(Path(p) for p in checkpoints.values()), *records]
+    needs = [step.id for step in steps]
     notebook = "translation_sensitivity.ipynb"
-    return Step("sensitivity", "sensitivity", notebook, params, outputs, inputs, needs, True)
+    summary = Step("sensitivity", SUMMARY_KIND, notebook, params, outputs, inputs, needs, True)
+    return [*steps, summary]
 
 
 def _contrasts(spec: Any) -> list[dict[str, Any]]:
@@ -376,7 +405,7 @@ def plan(spec: Any, out: Path) -> list[Step]:
         if kind in spec.steps:
             steps += _model_steps(spec, out, kind)
     if "sensitivity" in spec.steps:
-        steps.append(_sensitivity_step(spec, out))
+        steps += _sensitivity_steps(spec, out)
     if "ap_table" in spec.steps:
         steps.append(_ap_table_step(spec, out))
     if "report" in spec.steps:
@@ -488,7 +517,7 @@ def _ready(step: Step, status: dict[str, str]) -> tuple[bool, dict[str, Any]]:
         return True, step.parameters
     if not (step.needs_any and ok):
         return False, step.parameters
-    if step.kind == "sensitivity":
+    if step.kind == SUMMARY_KIND:  # the study over the parts that were computed
         keep = {n.split("-", 1)[1] for n in ok}
         checkpoints = {k: v for k, v in step.parameters["checkpoints"].items() if k in keep}
         return True, {**step.parameters, "checkpoints": checkpoints}
@@ -649,7 +678,7 @@ def _run_locked(
     if launcher is None:
         _run_when_ready(numbered, run_one, jobs, status)
     else:  # one kind at a time, every job of a kind submitted at once
-        for kind in STEP_KINDS:
+        for kind in STEP_ORDER:
             wave = [(i, s) for i, s in numbered if s.kind == kind]
             if kind in launchers.SUBMITTED_KINDS:
                 status.update(launchers.run_at_once(wave, run_one))
