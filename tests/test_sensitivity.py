@@ -28,6 +28,7 @@ from drcnn.analysis.sensitivity import (
     regression_fit,
     response_summary,
     run_sensitivity,
+    save_table,
     shift_boxes,
     shifted_proposals,
     summarize,
@@ -481,3 +482,30 @@ def test_shift_heatmaps_pool_seed_runs_and_label_every_other_shift(tmp_path, mon
     expected = flat.pivot_table(index="dy", columns="dx", values="true_prob") * 1.5
     np.testing.assert_allclose(np.asarray(pooled).ravel(), expected.to_numpy().ravel())
     plt.close("all")
+
+
+def test_saved_table_reads_back_exactly_from_parquet_and_at_float32_from_csv(tmp_path):
+    """The Parquet file is the table; the CSV has every column, its types, and each float as
+    the float32 nearest to it (NaN as an empty field), strings with commas quoted."""
+    rng = np.random.default_rng(0)
+    floats = rng.normal(size=50) * 10.0 ** rng.integers(-9, 6, size=50)
+    floats[[3, 17]] = np.nan
+    table = pd.DataFrame(
+        {
+            "model": ["faster, seed 0"] * 25 + ["dec"] * 25,
+            "image_id": np.arange(50, dtype=np.int64) * 1000003,
+            "correct": rng.random(50) > 0.5,
+            "input_iou": floats,
+            "dx": np.round(np.linspace(-0.5, 0.5, 50), 6),
+        }
+    )
+    parquet, csv = save_table(table, tmp_path / "sensitivity")
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), table, check_dtype=False)
+    back = pd.read_csv(csv)
+    assert list(back.columns) == list(table.columns)
+    assert back["model"].tolist() == table["model"].tolist()
+    assert back["image_id"].tolist() == table["image_id"].tolist()
+    assert back["correct"].dtype == bool and back["correct"].tolist() == table["correct"].tolist()
+    for column in ("input_iou", "dx"):
+        expected = table[column].to_numpy().astype(np.float32)
+        np.testing.assert_array_equal(back[column].to_numpy().astype(np.float32), expected)

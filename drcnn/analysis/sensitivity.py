@@ -85,7 +85,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image
 from tqdm import tqdm
 
 from drcnn.errors import DrcnnError
-from drcnn.io import atomic_write, atomic_write_text
+from drcnn.io import atomic_write
 
 DELTA_NAMES = ("dx", "dy", "dw", "dh")
 BRANCH_CLS = "classification"
@@ -317,11 +317,25 @@ def load_study(
 
 
 def save_table(table: pd.DataFrame, stem: str | Path) -> list[Path]:
-    """Write the study's table as ``stem.parquet`` and ``stem.csv``; return the paths."""
+    """Write the study's table as ``stem.parquet`` (exact) and ``stem.csv``; return the paths.
+
+    The CSV has the float columns at float32 precision (the shortest text that reads back as
+    the same float32: 6 to 9 significant digits; the model outputs behind them are float32),
+    written by Arrow's CSV writer. pandas' formatting writer spent 15 s of the study step's 26 s
+    on the 110,000 rows of ``make demo``'s two models, and the study's table grows with every
+    model and seed."""
+    import pyarrow
+    from pyarrow import csv
+
     stem = Path(stem)
     paths = [stem.with_suffix(".parquet"), stem.with_suffix(".csv")]
     atomic_write(paths[0], lambda handle: table.to_parquet(handle, index=False))
-    atomic_write_text(paths[1], table.to_csv(index=False, float_format="%.6g"))
+    floats = table.select_dtypes("float64").columns
+    text = pyarrow.Table.from_pandas(
+        table.astype(dict.fromkeys(floats, "float32")), preserve_index=False
+    )
+    options = csv.WriteOptions(quoting_style="needed")
+    atomic_write(paths[1], lambda handle: csv.write_csv(text, handle, options))
     return paths
 
 
