@@ -14,6 +14,7 @@ from torchvision.ops.boxes import _batched_nms_coordinate_trick
 from drcnn.config import load_config
 from drcnn.models import postprocess
 from drcnn.models.postprocess import final_nms_candidates, multiclass_nms, soft_nms
+from drcnn.models.sync_audit import SyncAudit
 from drcnn.models.threads import device_code_path
 
 
@@ -69,6 +70,29 @@ def test_soft_nms_equals_python_reference(method):
     )
     early, early_scores = soft_nms(boxes, scores, 0.3, 0.5, 0.05, method, max_num=7)
     assert early.tolist() == ref_keep[:7] and torch.equal(early_scores, new_scores[:7])
+
+
+@pytest.mark.parametrize("max_num", [None, 5, 200])
+@pytest.mark.parametrize("method", ["linear", "gaussian"])
+def test_soft_nms_on_the_device_path_keeps_the_same_boxes_with_few_waits(method, max_num):
+    """A device asks whether any box is left once per call when the picks are bounded (else
+    every SOFT_NMS_DEVICE_CHECK picks), runs on past the last box unchecked and drops those
+    picks: the same result as the host's loop, which asks before every pick. min_score 0.3
+    leaves fewer boxes than 200 picks, so picks past the last box happen."""
+    boxes = clustered_boxes(120, seed=5)
+    scores = torch.rand(120, generator=torch.Generator().manual_seed(6))
+    idxs = torch.randint(0, 3, (120,), generator=torch.Generator().manual_seed(7))
+    args = (boxes, scores, 0.3, 0.5, 0.3, method)
+    keep, kept = soft_nms(*args, idxs=idxs, max_num=max_num)
+    assert 5 <= len(keep) < 120
+    with SyncAudit() as audit:  # along the device code path
+        device_keep, device_kept = soft_nms(*args, idxs=idxs, max_num=max_num)
+    assert torch.equal(device_keep, keep) and torch.equal(device_kept, kept)
+    # before the first pick; unbounded, also every SOFT_NMS_DEVICE_CHECK picks up to the first
+    # check that finds none left
+    every = postprocess.SOFT_NMS_DEVICE_CHECK
+    checks = 1 if max_num is not None else -(-len(keep) // every) + 1
+    assert audit.total <= checks + 1, audit.report()  # + the count of valid picks at the end
 
 
 def test_soft_nms_by_class_never_crosses_classes():

@@ -268,6 +268,24 @@ def test_synchronising_calls_per_image_within_budget(name):
     assert audit.total <= BUDGET, audit.report()
 
 
+def test_soft_nms_inference_within_budget():
+    """The multi-scale X101 Decoupled configs end in linear soft-NMS (min score 0.001): counted
+    on the R-50 config with that test setting (the backbone changes nothing after the
+    features). Soft-NMS waited once per kept box before: 100 here."""
+    model = small_model(
+        "decoupled_r50",
+        "model.roi_head.test.nms=soft_nms_linear",
+        "model.roi_head.test.soft_nms_min_score=0.001",
+    )
+    image = [torch.rand(3, 180, 240, generator=torch.Generator().manual_seed(6))]
+    with torch.no_grad():
+        model(image)
+        with SyncAudit() as audit:
+            detections = model(image)
+    assert len(detections[0]["boxes"]) == 100  # max_per_image: the loop ran its 100 picks
+    assert audit.total <= BUDGET, audit.report()
+
+
 @pytest.mark.parametrize("name", TRAIN_BUDGET)
 def test_training_step_within_budget_per_image(name):
     """One training step (forward, losses, backward) on four images, counted along the device

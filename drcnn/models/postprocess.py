@@ -19,6 +19,8 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms
 from drcnn.models.threads import cpu_path
 
 SOFT_NMS_METHODS = {"soft_nms_linear": "linear", "soft_nms_gaussian": "gaussian"}
+# on a device, soft-NMS without a bound on its picks asks whether any box is left this often
+SOFT_NMS_DEVICE_CHECK = 32
 
 # At most about this many (box, class) pairs enter the final NMS (see final_nms_candidates). A
 # trained COCO detector keeps a few thousand pairs above the official score threshold 0.001;
@@ -88,25 +90,42 @@ def soft_nms(
     dropped. ``idxs`` (class ids) confines suppression to boxes of the same class. Returns the
     kept indices in decreasing final score and those scores. Scores only decrease, so the k-th
     pick is the k-th best final score and ``max_num`` can stop the loop early exactly.
+
+    Whether any box is left is a question the host must wait for on a device. On the CPU path
+    the loop asks before every pick. On a device it asks only every
+    :data:`SOFT_NMS_DEVICE_CHECK` picks, and not at all when ``max_num`` bounds the loop (the
+    final detections: at most ``max_per_image`` picks); a pick made when nothing was left is
+    recorded as such and dropped at the end, with one wait. The picks index with one-element
+    tensors, which a device does not read on the host. It was about four waits per kept box.
     """
     scores = scores.clone()
     alive = scores >= min_score
     limit = boxes.shape[0] if max_num is None else min(max_num, boxes.shape[0])
+    check = 1 if cpu_path(boxes.device) else limit if max_num is not None else SOFT_NMS_DEVICE_CHECK
     keep: list[Tensor] = []
     kept_scores: list[Tensor] = []
-    while len(keep) < limit and bool(alive.any()):
-        best = torch.where(alive, scores, float("-inf")).argmax()
+    valid: list[Tensor] = []  # whether a box was left at each pick (unchecked picks)
+    while len(keep) < limit:
+        if len(keep) % check == 0 and not bool(alive.any()):
+            break
+        # a one-element index: indexing with a 0-dim tensor reads its value on the host
+        best = torch.where(alive, scores, float("-inf")).argmax().view(1)
+        valid.append(alive[best])  # False once nothing is left, and for every later pick
         keep.append(best)
         kept_scores.append(scores[best])
         alive[best] = False
-        iou = box_iou(boxes[best, None], boxes)[0]
+        iou = box_iou(boxes[best], boxes)[0]
         if idxs is not None:
             iou = iou * (idxs == idxs[best])
         scores = scores * _decay(iou, iou_threshold, sigma, method)
         alive &= scores >= min_score
     if not keep:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores[:0]
-    return torch.stack(keep), torch.stack(kept_scores)
+    keep_t, kept_t = torch.cat(keep), torch.cat(kept_scores)
+    if check == 1:  # every pick was checked first
+        return keep_t, kept_t
+    count = int(torch.cat(valid).sum())  # valid picks come first
+    return keep_t[:count], kept_t[:count]
 
 
 def multiclass_nms(
