@@ -289,18 +289,14 @@ def run_sensitivity(
     return table
 
 
-def load_study(
+def load_models(
     checkpoints: Mapping[str, str | Path],
     configs: Mapping[str, str | Path] | None = None,
-    data_overrides: Sequence[str] = (),
     device: torch.device | str = "cpu",
-    split: str = "val",
 ) -> tuple[dict[str, torch.nn.Module], Any]:
     """The named models (checkpoints; a config per name is optional, default the stored one)
-    and the ``split`` (validation; ``train`` for the proposal IoUs) of the first model's config
-    plus ``data_overrides``."""
+    and the first model's config; all must have the same number of classes."""
     from drcnn.config import load_config
-    from drcnn.data.loader import build_dataset
     from drcnn.engine.checkpoint import load_model
 
     if not checkpoints:
@@ -313,7 +309,28 @@ def load_study(
         if cfg.model.roi_head.num_classes != first.model.roi_head.num_classes:
             raise DrcnnError(f"sensitivity checkpoints: {name} has another number of classes")
         models[name] = model
-    return models, build_dataset(load_config(None, data_overrides, base=first), split)
+    return models, first
+
+
+def study_split(cfg: Any, data_overrides: Sequence[str] = (), split: str = "val") -> Any:
+    """The ``split`` (validation; ``train`` for the proposal IoUs) of ``cfg``'s dataset plus
+    ``data_overrides``."""
+    from drcnn.config import load_config
+    from drcnn.data.loader import build_dataset
+
+    return build_dataset(load_config(None, data_overrides, base=cfg), split)
+
+
+def load_study(
+    checkpoints: Mapping[str, str | Path],
+    configs: Mapping[str, str | Path] | None = None,
+    data_overrides: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+    split: str = "val",
+) -> tuple[dict[str, torch.nn.Module], Any]:
+    """:func:`load_models` and the ``split`` of the first model's config (:func:`study_split`)."""
+    models, first = load_models(checkpoints, configs, device)
+    return models, study_split(first, data_overrides, split)
 
 
 def save_table(table: pd.DataFrame, stem: str | Path) -> list[Path]:

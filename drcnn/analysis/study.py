@@ -64,40 +64,45 @@ def grid_settings(grid: ShiftGrid | None, max_images: int | None) -> dict[str, A
     }
 
 
+def _load(
+    name: str, checkpoint: str | Path, config: str | Path | None, device: str
+) -> tuple[dict[str, Any], Any]:
+    """``({name: model}, its config)``."""
+    from drcnn.analysis import sensitivity
+
+    return sensitivity.load_models({name: checkpoint}, {name: config} if config else None, device)
+
+
 def _model_rows(
-    name: str,
-    checkpoint: str | Path,
-    config: str | Path | None,
+    loaded: tuple[dict[str, Any], Any],
     data_overrides: Sequence[str],
     grid: ShiftGrid | None,
     max_images: int | None,
     device: str,
 ) -> pd.DataFrame:
-    """One model's rows of the study's table, on the validation split."""
+    """A model's rows of the study's table (``loaded``: :func:`_load`), on the validation
+    split."""
     from drcnn.analysis import sensitivity
 
-    models, dataset = sensitivity.load_study(
-        {name: checkpoint}, {name: config} if config else None, data_overrides, device
-    )
+    models, cfg = loaded
+    dataset = sensitivity.study_split(cfg, data_overrides, "val")
     return sensitivity.run_sensitivity(
         models, dataset, grid, dataset.class_names, device, max_images
     )
 
 
 def _model_proposals(
-    name: str,
-    checkpoint: str | Path,
-    config: str | Path | None,
+    loaded: tuple[dict[str, Any], Any],
     data_overrides: Sequence[str],
     proposal_images: int | None,
     device: str,
 ) -> pd.DataFrame:
-    """One model's rows of the proposal-IoU long table, on the training split."""
+    """A model's rows of the proposal-IoU long table (``loaded``: :func:`_load`), on the
+    training split."""
     from drcnn.analysis import proposals, sensitivity
 
-    models, train_split = sensitivity.load_study(
-        {name: checkpoint}, {name: config} if config else None, data_overrides, device, "train"
-    )
+    models, cfg = loaded
+    train_split = sensitivity.study_split(cfg, data_overrides, "train")
     return proposals.proposal_ious(models, train_split, None, proposal_images, device=device)
 
 
@@ -125,8 +130,9 @@ def study_part(
         **grid_settings(grid, max_images),
         "proposal_images": proposal_images,
     }
-    table = _model_rows(name, checkpoint, config, data_overrides, grid, max_images, device)
-    found = _model_proposals(name, checkpoint, config, data_overrides, proposal_images, device)
+    loaded = _load(name, checkpoint, config, device)  # once for both tables
+    table = _model_rows(loaded, data_overrides, grid, max_images, device)
+    found = _model_proposals(loaded, data_overrides, proposal_images, device)
     for rows, file in ((table, PART_TABLE), (found, PART_PROPOSALS)):
         atomic_write(
             part_dir / file, lambda handle, rows=rows: rows.to_parquet(handle, index=False)
@@ -212,7 +218,7 @@ def translation_study(
         PART_TABLE,
         grid_settings(grid, max_images),
         lambda name, checkpoint, config: _model_rows(
-            name, checkpoint, config, data_overrides, grid, max_images, device
+            _load(name, checkpoint, config, device), data_overrides, grid, max_images, device
         ),
     )
     sensitivity.save_table(table, out_dir / "sensitivity")
@@ -253,7 +259,7 @@ def proposal_study(
         PART_PROPOSALS,
         {"proposal_images": proposal_images},
         lambda name, checkpoint, config: _model_proposals(
-            name, checkpoint, config, data_overrides, proposal_images, device
+            _load(name, checkpoint, config, device), data_overrides, proposal_images, device
         ),
     )
     return proposals.write_proposal_study(table, out_dir)
