@@ -28,6 +28,7 @@ from drcnn.models.backbone import (
     fold_norms,
     read_pretrained,
 )
+from drcnn.models.detector import eval_mode
 
 
 def small_cfg(*overrides: str):
@@ -549,15 +550,19 @@ def test_inference_folds_batchnorm_into_the_convolutions(norm):
     assert all(torch.equal(after[k], v) for k, v in state.items())
 
 
+def trainable_backbone_in_eval_mode() -> tuple[ResNetFPN, torch.Tensor]:
+    """A seeded R-18 backbone, nothing frozen, non-trivial norms, in eval mode; and an input."""
+    torch.manual_seed(0)
+    backbone = build_backbone(small_cfg("model.backbone.frozen_stages=0"))
+    randomize_norms(backbone)
+    return backbone.eval(), torch.rand(1, 3, 64, 64)
+
+
 def test_folded_trunk_follows_weight_changes_and_leaves_training_alone():
     """A weight changed in place, a loaded state dict or a training step: the next inference
     uses the new weights. Gradients (eval mode with autograd on, or training) still reach the
     BatchNorm weights, which the folded copy would not let through."""
-    torch.manual_seed(0)
-    backbone = build_backbone(small_cfg("model.backbone.frozen_stages=0"))
-    randomize_norms(backbone)
-    backbone.eval()
-    x = torch.rand(1, 3, 64, 64)
+    backbone, x = trainable_backbone_in_eval_mode()
     with torch.no_grad():
         backbone(x)
         backbone.body.layer2[0].bn1.running_mean.add_(1.0)  # in place, as copy_ and optimisers
@@ -577,6 +582,31 @@ def test_folded_trunk_follows_weight_changes_and_leaves_training_alone():
     backbone.eval()
     with torch.no_grad():
         assert_features_close(backbone(x), unfolded_features(backbone, x))
+
+
+def test_folded_trunk_is_made_once_across_eval_switches(monkeypatch):
+    """Analysis code wraps every image in ``eval_mode`` (``eval()`` then ``train(False)``): the
+    trunk is folded once, not per call. A submodule put in training mode by hand changes which
+    norms fold, so the next inference folds again and matches the unfolded trunk."""
+    import drcnn.models.backbone as backbone_module
+
+    folds = []
+
+    def counting_fold(body):
+        folds.append(1)
+        return fold_norms(body)
+
+    monkeypatch.setattr(backbone_module, "fold_norms", counting_fold)
+    backbone, x = trainable_backbone_in_eval_mode()
+    with torch.no_grad():
+        for _ in range(3):
+            with eval_mode(backbone):
+                backbone(x)
+        assert len(folds) == 1
+        backbone.body.layer2[0].bn1.train()  # normalises with batch statistics now
+        got = backbone(x)
+        assert len(folds) == 2
+        assert_features_close(got, unfolded_features(backbone, x))
 
 
 def test_frozen_bn_computes_as_torchvision_also_at_inference():

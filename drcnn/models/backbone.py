@@ -133,26 +133,34 @@ class ResNetFPN(BackboneWithFPN):
         """The trunk with every fixed-affine BatchNorm folded into its convolution
         (:func:`fold_norms`), made on first use and again after any weight of the trunk changed:
         in place (an optimiser step, ``copy_``: the tensors' version counters), by
-        ``load_state_dict``, ``to()`` or a mode switch (both of which drop it). Weights created
-        under ``torch.inference_mode`` have no version counter: such a trunk runs unfolded."""
+        ``load_state_dict``, ``to()`` or training mode (all of which drop it), or after a
+        submodule's mode changed (which norms fold). Kept across ``eval()`` calls: analysis code
+        switches to eval mode around every image (``eval_mode``), and a copy per call cost the
+        sensitivity study 6 s per model in ``make demo``. Weights created under
+        ``torch.inference_mode`` have no version counter: such a trunk runs unfolded."""
         tensors = [*self.body.parameters(), *self.body.buffers()]
         if any(t.is_inference() for t in tensors):
             return self.body
-        versions = tuple(t._version for t in tensors)
-        if self.folded.get("versions") != versions:
+        key = (
+            tuple(t._version for t in tensors),
+            tuple(module.training for module in self.body.modules()),
+        )
+        if self.folded.get("key") != key:
             self.folded.clear()  # the stale copy goes before the new one is made
             # normal tensors even when called under inference_mode: usable in any later mode
             with torch.inference_mode(False), torch.no_grad():
                 body = fold_norms(self.body).to(memory_format=self.memory_format)
-            self.folded.update(versions=versions, body=body)
+            self.folded.update(key=key, body=body)
         return self.folded["body"]
 
     def train(self, mode: bool = True) -> ResNetFPN:
-        """Switch modes, but leave the frozen stages in eval mode."""
+        """Switch modes, but leave the frozen stages in eval mode. Training mode drops the
+        folded trunk (its weights are about to change; the copy would only hold memory)."""
         super().train(mode)
         for name in self.frozen_names:
             self.body[name].eval()
-        self.folded.clear()  # made again, in the new mode, at the next inference
+        if mode:
+            self.folded.clear()
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> ResNetFPN:
