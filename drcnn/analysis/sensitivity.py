@@ -326,11 +326,11 @@ def load_study(
     configs: Mapping[str, str | Path] | None = None,
     data_overrides: Sequence[str] = (),
     device: torch.device | str = "cpu",
-    split: str = "val",
 ) -> tuple[dict[str, torch.nn.Module], Any]:
-    """:func:`load_models` and the ``split`` of the first model's config (:func:`study_split`)."""
+    """:func:`load_models` and the validation split of the first model's config
+    (:func:`study_split`)."""
     models, first = load_models(checkpoints, configs, device)
-    return models, study_split(first, data_overrides, split)
+    return models, study_split(first, data_overrides, "val")
 
 
 def save_table(table: pd.DataFrame, stem: str | Path) -> list[Path]:
