@@ -18,7 +18,9 @@
 #     bash benchmarks/gpu_check.sh [--device cpu] [OUT]
 # OUT: the argument, else $OUT, else benchmarks/results/gpu. `--device cpu` (or
 # GPU_CHECK_DEVICE=cpu) runs every step with tiny sizes on the CPU, to test the script (a few
-# minutes). PYTHON (default python3) is the interpreter; GPU_CHECK_BUDGET the overall seconds.
+# minutes). PYTHON (default python3) is the interpreter; GPU_CHECK_BUDGET the overall seconds;
+# GPU_CHECK_STEPS (space-separated step names, default all) the steps to run, when a lease has
+# time for only some of them: the others are recorded as "skipped (not selected)".
 set -u -o pipefail
 
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
@@ -28,6 +30,7 @@ if [ "${1:-}" = "--device" ]; then
 fi
 case "$DEVICE" in cpu | cuda) ;; *) echo "--device: expected cpu or cuda, got $DEVICE" >&2; exit 2 ;; esac
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
+SELECTED=${GPU_CHECK_STEPS:-}
 PY=${PYTHON:-python3}
 CONFIG=configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml
 LOG_KEEP=20000 # bytes of each step's output kept in log.txt (head and tail)
@@ -60,16 +63,30 @@ START=$(date +%s)
 
 note() { echo "$*" | tee -a "$LOG"; }
 
+# skip NAME STATUS WHY: record a step that does not run
+skip() {
+  note "== $1: skipped, $3"
+  printf '%s\t%s\t\t0\t0\n' "$1" "$2" >>"$STEPS"
+}
+
+# selected NAME: whether GPU_CHECK_STEPS (empty: every step) names the step; if not, it is
+# recorded as skipped
+selected() {
+  [ -z "$SELECTED" ] || [[ " $SELECTED " == *" $1 "* ]] && return 0
+  skip "$1" "skipped (not selected)" "not in GPU_CHECK_STEPS"
+  return 1
+}
+
 # step NAME LIMIT_S COMMAND...: run it under `timeout`, within what is left of the budget;
 # record its status (ok / failed / timeout / skipped) in steps.tsv and its output in log.txt.
 step() {
   local name=$1 limit=$(($2 * SCALE)) left begin rc status output
   shift 2
+  selected "$name" || return
   left=$((BUDGET - ($(date +%s) - START) - 15)) # 15 s kept for the summary
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -lt 10 ]; then
-    note "== $name: skipped, the ${BUDGET} s budget is spent"
-    printf '%s\tskipped\t\t0\t0\n' "$name" >>"$STEPS"
+    skip "$name" skipped "the ${BUDGET} s budget is spent"
     return
   fi
   note "== $name (limit ${limit} s): $*"
@@ -105,12 +122,14 @@ done
 BENCHMARK=("$PY" -m drcnn benchmark "$CONFIG" --device "$DEVICE" "${BENCH[@]}"
   --set model.backbone.pretrained=null)
 step benchmark_fp32 60 "${BENCHMARK[@]}" --out "$OUT_DIR/benchmark_fp32.json"
-HELP=$(timeout 20 "$PY" -m drcnn benchmark --help 2>&1)
-if grep -q -- --amp <<<"$HELP"; then
-  step benchmark_bf16 60 "${BENCHMARK[@]}" --amp bf16 --out "$OUT_DIR/benchmark_bf16.json"
-else
-  note "== benchmark_bf16: skipped, 'drcnn benchmark --help' shows no --amp: $(tail -1 <<<"$HELP")"
-  printf 'benchmark_bf16\tskipped (no --amp)\t\t0\t0\n' >>"$STEPS"
+if selected benchmark_bf16; then
+  HELP=$(timeout 20 "$PY" -m drcnn benchmark --help 2>&1)
+  if grep -q -- --amp <<<"$HELP"; then
+    step benchmark_bf16 60 "${BENCHMARK[@]}" --amp bf16 --out "$OUT_DIR/benchmark_bf16.json"
+  else
+    skip benchmark_bf16 "skipped (no --amp)" \
+      "'drcnn benchmark --help' shows no --amp: $(tail -1 <<<"$HELP")"
+  fi
 fi
 step profile_train 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${PROFILE[@]}" \
   --out "$OUT_DIR/profile_train.txt"
@@ -119,9 +138,8 @@ step profile_train 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${P
 if [ "$DEVICE" = cuda ]; then
   step demo 150 "$PY" -m drcnn run experiments/synthetic_quick.yaml \
     --out "${DEMO_DIR:-/tmp/gpu_check_demo}" --jobs 2
-else
-  note "== demo: skipped, the CPU main job takes far longer than this check (make demo)"
-  printf 'demo\tskipped (cuda only)\t\t0\t0\n' >>"$STEPS"
+elif selected demo; then
+  skip demo "skipped (cuda only)" "the CPU main job takes far longer than this check (make demo)"
 fi
 
 # summary.json: the steps' status and every JSON result of the folder, in one file

@@ -5,11 +5,12 @@
 #   bash benchmarks/gpu_study.sh full [RESULTS]   # experiments/synthetic_study_gpu.yaml
 # RESULTS (default $OUT, else benchmarks/results/gpu_study) receives <mode>.log (the run's
 # output with each step's time; its last lines are printed at the end), <mode>.json (wall
-# time, exit status, device) and <mode>_outputs.tar.gz (the run folder without checkpoints and
-# per-object rows). JOBS (default 9) trainings, then tests, run at once: one R-18 training at
-# 256 px keeps an H200 far from busy (its steps are host-bound). LIMIT (seconds, default none)
-# stops the run there and still packs what it wrote; running the script again resumes the run
-# (finished steps are skipped).
+# time, exit status, device) and <mode>_outputs.tar.gz (the run folder without checkpoints,
+# per-object rows and raw detections: a file back from a lent GPU is at most 16 MiB).
+# JOBS (default 9) trainings, then tests, run at once: one R-18 training at 256 px keeps an
+# H200 far from busy (its steps are host-bound). LIMIT (seconds, default none) stops the run
+# there and still packs what it wrote; running the script again resumes the run (finished
+# steps are skipped).
 # SPEC=other.yaml replaces the spec (a CPU trial of this script, say).
 # On the GPU machine, from the project root: source .gpu/env.sh && bash benchmarks/gpu_study.sh full
 set -uo pipefail
@@ -35,8 +36,10 @@ wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
 printf '{"mode": "%s", "spec": "%s", "jobs": %s, "limit_s": %s, "exit_status": %s, "wall_s": %s, "device": "%s"}\n' \
   "$mode" "$spec" "$jobs" "$limit" "$status" "$wall" "$device" | tee "$results/$mode.json"
-# without checkpoints and the per-object sensitivity rows (hundreds of MB; the summaries stay)
-tar czf "$results/${mode}_outputs.tar.gz" --exclude='*.pth' --exclude='./sensitivity/sensitivity.csv' \
+# without checkpoints, the per-object sensitivity rows (hundreds of MB) and the raw detections
+# (1-3 MB per run); the metrics, tables, notebooks and summaries stay
+tar czf "$results/${mode}_outputs.tar.gz" --exclude='*.pth' --exclude='*.bbox.json' \
+  --exclude='./sensitivity/sensitivity.csv' \
   --exclude='./sensitivity/sensitivity.parquet' --exclude='./sensitivity/parts/*.parquet' \
   -C "$run_dir" . 2>/dev/null || echo "could not pack $run_dir"
 exit "$status"

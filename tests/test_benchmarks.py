@@ -265,9 +265,10 @@ esac
 """
 
 
-def run_gpu_check(tmp_path: Path, budget: int, help_text: str = "") -> dict:
+def run_gpu_check(tmp_path: Path, budget: int, help_text: str = "", steps: str = "") -> dict:
     """Run gpu_check.sh in its CPU mode with the fake interpreter (whose ``drcnn benchmark
-    --help`` ends with ``help_text``); returns its summary.json."""
+    --help`` ends with ``help_text``), running only ``steps`` when given (GPU_CHECK_STEPS);
+    returns its summary.json."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
@@ -277,6 +278,7 @@ def run_gpu_check(tmp_path: Path, budget: int, help_text: str = "") -> dict:
         "PYTHON": str(fake),
         "GPU_CHECK_BUDGET": str(budget),
         "FAKE_HELP": help_text,
+        "GPU_CHECK_STEPS": steps,
     }
     subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--device", "cpu", str(out)],
@@ -320,6 +322,17 @@ def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
     assert len(status) == 9
 
 
+def test_gpu_check_runs_only_the_selected_steps(tmp_path):
+    summary = run_gpu_check(tmp_path, budget=1000, steps="inference train_step_bf16")
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    ran = {"inference": "ok", "train_step_bf16": "failed"}
+    assert {k: v for k, v in status.items() if k in ran} == ran
+    assert len(status) == 9
+    assert {v for k, v in status.items() if k not in ran} == {"skipped (not selected)"}
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "--amp bf16" in log and "--amp none" not in log  # train_step_fp32 did not run
+
+
 FAKE_RUN = """#!/usr/bin/env bash
 # A stand-in python3 for gpu_study.sh: `-m drcnn run SPEC --out DIR ...` writes a run folder,
 # leaves a child holding its output open (as notebook kernels do) and outlasts any limit;
@@ -327,7 +340,8 @@ FAKE_RUN = """#!/usr/bin/env bash
 if [ "$1" = -c ]; then exec {python} "$@"; fi
 out=$6
 mkdir -p "$out/models/m" "$out/sensitivity/parts/m" "$out/tables"
-echo w > "$out/models/m/latest.pth"; echo rows > "$out/sensitivity/sensitivity.csv"
+echo w > "$out/models/m/latest.pth"; echo dets > "$out/models/m/results.bbox.json"
+echo rows > "$out/sensitivity/sensitivity.csv"
 echo rows > "$out/sensitivity/parts/m/sensitivity.parquet"
 echo {{}} > "$out/sensitivity/parts/m/part.json"
 echo ap > "$out/tables/ap_table.csv"; echo "[1/2] train-m: done in 1.0 s"
@@ -368,5 +382,6 @@ def test_gpu_study_stops_at_its_limit_and_packs_the_run_without_weights(tmp_path
         names = {Path(n).as_posix().lstrip("./") for n in archive.getnames()}
     assert "tables/ap_table.csv" in names
     assert "models/m/latest.pth" not in names and "sensitivity/sensitivity.csv" not in names
+    assert "models/m/results.bbox.json" not in names
     assert "sensitivity/parts/m/part.json" in names  # a part keeps its record, not its rows
     assert "sensitivity/parts/m/sensitivity.parquet" not in names
