@@ -300,6 +300,30 @@ def test_report_answers_first_and_compact_tables_over_seeds(seeded: Path):
     assert "COCO error analysis" in md and "12.5" in md and "77.7" not in md
 
 
+def test_provenance_lists_every_seed_run(seeded: Path):
+    """With ``seeds`` in the spec, the provenance table has a row per seed run, with that run's
+    checkpoint and records (the runs live under ``models/<model>-seed<k>``)."""
+    spec = yaml.safe_load((seeded / "spec.yaml").read_text())
+    (seeded / "spec.yaml").write_text(yaml.safe_dump({**spec, "seeds": [0, 1, 10]}))
+    checkpoint = seeded / "models" / "faster-seed1" / "latest.pth"
+    checkpoint.write_bytes(b"weights")
+    record = {"status": "done", "finished": "2026-01-02T00:00:00+00:00", "git_commit": "f00d"}
+    provenance.write_record(
+        seeded, "train-faster-seed1", {"step_id": "train-faster-seed1", **record}
+    )
+    md = write_report(seeded)[0].read_text()
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line
+        for line in md[md.index("## Provenance") :].splitlines()
+        if line.startswith("| ")
+    }
+    runs = [f"{m}-seed{k}" for m in ("faster", "decoupled") for k in (0, 1, 10)]
+    assert set(runs) <= set(rows)
+    assert provenance.file_digest(checkpoint) in rows["faster-seed1"]
+    assert "done 2026-01-02T00:00:00+00:00 @ f00d" in rows["faster-seed1"]
+    assert "(missing)" in rows["faster-seed0"] and "not run" in rows["decoupled-seed10"]
+
+
 def test_interval_cells():
     from drcnn.analysis.report import interval_cell
 
@@ -335,7 +359,7 @@ def test_report_md_escapes_what_comes_from_the_experiment(experiment: Path):
     assert r"\[link\](javascript:alert(1)) a\|b \`code\` &amp;amp;" in md
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
     # every row of the provenance table keeps its cells: the | in an override is escaped
-    header = next(line for line in md.splitlines() if line.startswith("| model | config"))
+    header = next(line for line in md.splitlines() if line.startswith("| run | config"))
     row = next(line for line in md.splitlines() if line.startswith("| faster |"))
     cells = header.count(" | ")
     assert row.replace(r"\|", "").count(" | ") == cells

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from drcnn.analysis import provenance
-from drcnn.analysis.seeds import model_of
+from drcnn.analysis.seeds import model_of, seed_run
 from drcnn.analysis.sensitivity import KEY_COLUMNS
 from drcnn.analysis.tables import select_columns, to_html, to_markdown
 from drcnn.io import atomic_write_text
@@ -385,31 +385,34 @@ def _record_cell(record: dict | None) -> str:
 
 
 def provenance_section(exp_dir: Path) -> Section:
-    """Per model: config, overrides, checkpoint, and when / with which code it was trained and
-    tested; per step: status, date, commit, executed notebook."""
+    """Per run (a model, or each of its seed runs when the spec has ``seeds``): config,
+    overrides, checkpoint, and when / with which code it was trained and tested; per step:
+    status, date, commit, executed notebook."""
     section = Section("Provenance")
     spec_path = exp_dir / "spec.yaml"
-    spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
+    spec = (yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else None) or {}
+    seeds = spec.get("seeds") or []
     rows = []
-    for model in (spec or {}).get("models", []):
-        name = model["name"]
-        checkpoint, digest = _checkpoint_cell(exp_dir / "models" / name / "latest.pth")
-        trained = provenance.read_record(exp_dir, f"train-{name}")
-        # the overrides the model really trained with (spec-wide ones included)
-        overrides = (
-            (trained or {}).get("parameters", {}).get("overrides", model.get("overrides", []))
-        )
-        rows.append(
-            {
-                "model": name,
-                "config": model.get("config"),
-                "overrides": " ".join(overrides),
-                "checkpoint": checkpoint,
-                "sha256": digest,
-                "trained": _record_cell(trained),
-                "tested": _record_cell(provenance.read_record(exp_dir, f"test-{name}")),
-            }
-        )
+    for model in spec.get("models", []):
+        runs = [seed_run(model["name"], seed) for seed in seeds] or [model["name"]]
+        for name in runs:
+            checkpoint, digest = _checkpoint_cell(exp_dir / "models" / name / "latest.pth")
+            trained = provenance.read_record(exp_dir, f"train-{name}")
+            # the overrides the run really trained with (spec-wide ones and its seed included)
+            overrides = (
+                (trained or {}).get("parameters", {}).get("overrides", model.get("overrides", []))
+            )
+            rows.append(
+                {
+                    "run": name,
+                    "config": model.get("config"),
+                    "overrides": " ".join(overrides),
+                    "checkpoint": checkpoint,
+                    "sha256": digest,
+                    "trained": _record_cell(trained),
+                    "tested": _record_cell(provenance.read_record(exp_dir, f"test-{name}")),
+                }
+            )
     if rows:
         section.blocks.append(("table", pd.DataFrame(rows), 1))
     records = provenance.read_records(exp_dir)
