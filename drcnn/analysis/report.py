@@ -235,17 +235,52 @@ def _verdict(row: Any) -> str:
     return "exceeds the noise" if row.exceeds_noise else "within the noise"
 
 
+def _ap_headline(rows: pd.DataFrame) -> tuple:
+    """Q1 in one sentence (a text block): which AP differences exceed the noise, which don't."""
+    measured = [r for r in rows.itertuples() if r.seeds >= 2 and math.isfinite(r.lo)]
+    exceeds = [r for r in measured if r.exceeds_noise]
+    within = [r for r in measured if not r.exceeds_noise]
+    parts, values = [], [len(rows)]
+    if exceeds:
+        parts.append("beyond the noise: " + "; ".join(["{} ({} [{}, {}])"] * len(exceeds)))
+        for r in exceeds:
+            values += [r.contrast, f"{r.mean:+.1f}", f"{r.lo:+.1f}", f"{r.hi:+.1f}"]
+    else:
+        parts.append("none beyond the noise")
+    if within:
+        parts.append("within it: " + ", ".join(["{}"] * len(within)))
+        values += [r.contrast for r in within]
+    return _text("In short, of {} AP differences: " + "; ".join(parts) + ".", *values)
+
+
+def _ratio_headline(first_reg: pd.DataFrame) -> tuple:
+    """Q2 in one sentence (a text block): in how many models the regressor/classifier ratio's
+    interval lies above 1 and in how many below 1."""
+    return _text(
+        "In short: the first regression stage responds more strongly than the classifier "
+        "beyond the noise in {} of {} models, less strongly in {}; the ratios run from {} to {}.",
+        int((first_reg["ratio_lo"] > 1).sum()),
+        len(first_reg),
+        int((first_reg["ratio_hi"] < 1).sum()),
+        f"{first_reg['ratio'].min():.2f}",
+        f"{first_reg['ratio'].max():.2f}",
+    )
+
+
 def answers_section(exp_dir: Path) -> Section:
-    """The experiment's answers in one sentence each, with their 95% intervals over seeds:
-    every AP difference of ``tables/ap_contrasts.csv`` (each model against the baseline, the
-    spec's contrasts), and each model's regressor-to-classifier sensitivity ratio."""
+    """The experiment's answers, each question first in one sentence, then one sentence per
+    figure with its 95% interval over seeds: every AP difference of
+    ``tables/ap_contrasts.csv`` (each model against the baseline, the spec's contrasts), and
+    each model's regressor-to-classifier sensitivity ratio."""
     section = Section("Answers (95% intervals over seeds, differences paired by seed)")
     contrasts = _read_csv(exp_dir / "tables" / "ap_contrasts.csv")
     if contrasts is None:
         section.blocks.append(_missing("no AP differences (tables/ap_contrasts.csv)"))
     else:
         section.blocks.append(_text(QUESTION_AP))
-        for row in contrasts[contrasts["column"] == "AP"].itertuples():
+        ap_rows = contrasts[contrasts["column"] == "AP"]
+        section.blocks.append(_ap_headline(ap_rows))
+        for row in ap_rows.itertuples():
             section.blocks.append(
                 _text(
                     "AP difference {}: {} points [{}, {}] over {} seeds, {}.",
@@ -269,6 +304,7 @@ def answers_section(exp_dir: Path) -> Section:
         return section
     section.blocks.append(_text(QUESTION_SENSITIVITY))
     first_reg = summary[(summary["branch"] == "regression") & (summary["stage"] == 0)]
+    section.blocks.append(_ratio_headline(first_reg))
     for row in first_reg.itertuples():
         section.blocks.append(
             _text(
