@@ -292,6 +292,33 @@ def test_allowed_border_zero_ignores_anchors_crossing_the_image():
     assert (kept[0][crossing] == 0).sum() > 0  # allowed_border -1 keeps them
 
 
+def test_images_of_one_size_share_their_usable_anchors(monkeypatch):
+    """The usable-anchor mask (about 40 small ops, kernel launches on a GPU) is made once per
+    image size in a batch, and every image's labels are those it gets alone."""
+    maps = grid_features((128, 128))
+    sizes = [(112, 120), (64, 128), (112, 120), (112, 120)]
+    images = ImageList(torch.zeros(len(sizes), 3, 128, 128), sizes)
+    g = torch.Generator().manual_seed(3)
+    targets = []
+    for count in (2, 1, 0, 3):
+        xy = torch.rand(count, 2, generator=g) * 60
+        targets.append(
+            {"boxes": torch.cat([xy, xy + 10 + torch.rand(count, 2, generator=g) * 40], 1)}
+        )
+    rpn = mmdet_rpn(0)
+    calls = []
+    made = DecoupledRPN.usable_anchors
+    monkeypatch.setattr(
+        DecoupledRPN, "usable_anchors", lambda self, *a: calls.append(a[1]) or made(self, *a)
+    )
+    _, labels, matched = labels_of(rpn, images, maps, targets)
+    assert calls == [(112, 120), (64, 128)]
+    for size, target, lab, mat in zip(sizes, targets, labels, matched, strict=True):
+        one = ImageList(torch.zeros(1, 3, 128, 128), [size])
+        _, alone, alone_matched = labels_of(rpn, one, maps, [target])
+        assert torch.equal(lab, alone[0]) and torch.equal(mat, alone_matched[0])
+
+
 def test_empty_image_labels_only_usable_anchors_negative():
     maps = grid_features((128, 128))
     images = ImageList(torch.zeros(1, 3, 128, 128), [(64, 128)])

@@ -16,6 +16,11 @@ wait on CUDA) and a tensor built on the host and moved with ``non_blocking=True`
 drcnn takes CPU-only code on the CPU (threaded RoIAlign and NMS, torchvision's per-class NMS
 loop); the audit runs the device code path instead (:func:`drcnn.models.threads.device_code_path`),
 so what it counts is what a CUDA run executes.
+
+It also counts the aten ops that launch a kernel on CUDA (``launches``: every op but views,
+which only make new tensor metadata, and bare allocations): a training step of the small
+synthetic models is bound by the host's kernel launches, not by the GPU, so their number is the
+figure a CPU test can hold down for a GPU run.
 """
 
 from __future__ import annotations
@@ -118,18 +123,41 @@ def dispatch_sync_name(func: Any, args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+# allocations without a kernel (an op returning an alias without writing it is a view)
+NO_KERNEL = {
+    _ATEN.empty.memory_format,
+    _ATEN.empty_strided.default,
+    _ATEN.empty_like.default,
+    _ATEN.new_empty.default,
+    _ATEN.new_empty_strided.default,
+}
+
+
+def launches_kernel(func: Any) -> bool:
+    """Whether an aten op runs a kernel on CUDA: not a view (an op whose outputs alias its
+    input without writing it: ``view``, ``select``, ``expand``, ``detach``...), not a bare
+    allocation, not ``.item()`` (a copy to the host, counted as a synchronisation)."""
+    if func in NO_KERNEL or func is _ATEN._local_scalar_dense.default:
+        return False
+    returns = func._schema.returns
+    return not any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
 class _DispatchCounter(TorchDispatchMode):
-    """aten ops that synchronise (:func:`dispatch_sync_name`)."""
+    """aten ops that synchronise (:func:`dispatch_sync_name`), and kernel launches."""
 
     def __init__(self, record: Callable[[str], None]) -> None:
         super().__init__()
         self.record = record
+        self.launches = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = dispatch_sync_name(func, args, kwargs)
         if name is not None:
             self.record(name)
+        if launches_kernel(func):
+            self.launches += 1
         return func(*args, **kwargs)
 
 
@@ -171,7 +199,8 @@ class _FunctionCounter(TorchFunctionMode):
 
 class SyncAudit:
     """Context manager counting synchronising calls: ``counts`` (by op), ``lines`` (by source
-    line), ``total``; :meth:`report` is a readable table.
+    line), ``total``; :meth:`report` is a readable table. ``launches``: the aten ops of the
+    block that launch a kernel on CUDA (:func:`launches_kernel`).
 
     ``device_path=True`` (default) runs drcnn's device code path on the CPU for the block.
     """
@@ -180,6 +209,7 @@ class SyncAudit:
         self.device_path = device_path
         self.events: list[tuple[str, str]] = []
         self._stack: ExitStack | None = None
+        self._dispatch: _DispatchCounter | None = None
 
     def _record(self, name: str) -> None:
         self.events.append((name, caller_line()))
@@ -189,7 +219,7 @@ class SyncAudit:
         if self.device_path:
             self._stack.enter_context(device_code_path())
         self._stack.enter_context(_FunctionCounter(self._record))
-        self._stack.enter_context(_DispatchCounter(self._record))
+        self._dispatch = self._stack.enter_context(_DispatchCounter(self._record))
         return self
 
     def __exit__(
@@ -204,6 +234,11 @@ class SyncAudit:
     @property
     def total(self) -> int:
         return len(self.events)
+
+    @property
+    def launches(self) -> int:
+        """Kernel-launching aten ops counted so far."""
+        return self._dispatch.launches if self._dispatch is not None else 0
 
     @property
     def counts(self) -> Counter[str]:
