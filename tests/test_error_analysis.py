@@ -268,6 +268,41 @@ def test_experiment_errors_average_seed_runs_and_feed_the_plot(tmp_path: Path):
         assert image.format == "PNG" and image.width > 100
 
 
+def test_run_errors_are_kept_until_the_detections_change(tmp_path: Path, monkeypatch):
+    """A run's tables are written to errors.json when first computed (the test step of drcnn
+    run does it) and read back while the detections and annotations are unchanged."""
+    ann_file, results_file = _case(tmp_path)
+    exp = tmp_path / "exp"
+    _run(exp, "a", json.loads(results_file.read_text()), ann_file)
+    work = exp / "models" / "a"
+    breakdown, per_class = error_analysis.run_errors(work)
+    assert (work / "errors.json").is_file()
+    pd.testing.assert_frame_equal(breakdown, _expected(SETTINGS, slice(None)), atol=1e-9)
+    computed = []
+    real = error_analysis.error_breakdown
+    monkeypatch.setattr(
+        error_analysis, "error_breakdown", lambda *a: computed.append(1) or real(*a)
+    )
+    again, again_per_class = error_analysis.run_errors(work)
+    assert computed == []  # read back, not recomputed
+    pd.testing.assert_frame_equal(again, breakdown)
+    pd.testing.assert_frame_equal(again_per_class, per_class)
+    # new detections (every object found exactly): computed again, 100 everywhere
+    annotations = json.loads(ann_file.read_text())["annotations"]
+    exact = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1}
+        for a in annotations
+    ]
+    (work / "results.bbox.json").write_text(json.dumps(exact))
+    fresh, _ = error_analysis.run_errors(work)
+    assert computed == [1]
+    np.testing.assert_allclose(fresh[SETTINGS], 100.0)
+    # a torn cache file is recomputed, not an error
+    (work / "errors.json").write_text("{")
+    pd.testing.assert_frame_equal(error_analysis.run_errors(work)[0], fresh)
+    assert computed == [1, 1]
+
+
 def test_experiment_errors_refuse_missing_inputs(tmp_path: Path):
     ann_file, results_file = _case(tmp_path)
     exp = tmp_path / "exp"

@@ -44,11 +44,13 @@ import yaml
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from drcnn.analysis.provenance import file_digest
 from drcnn.analysis.seeds import model_of
 from drcnn.analysis.tables import model_dirs
 from drcnn.data.coco import load_coco
 from drcnn.engine.coco_eval import IOU_THRESHOLDS, check_references, load_results
 from drcnn.errors import DrcnnError
+from drcnn.io import atomic_write_json, read_json
 
 # the settings in order, each with what it forgives on top of the one before (figure legends)
 SETTING_LABELS = {
@@ -65,6 +67,8 @@ PER_CLASS_COLUMNS = ["AP", "AP50", "AP75"]
 ALL = "all"  # the row of the mean over classes
 LOOSE_IOU = 0.1  # the IoU of the Loc, Sim and Oth settings
 RESULTS_FILE = "results.bbox.json"  # beside metrics.json in a model work dir
+# beside it: the run's two tables and what they were computed from (see run_errors)
+ERRORS_FILE = "errors.json"
 
 
 class ErrorTables(NamedTuple):
@@ -248,10 +252,10 @@ def per_class_ap(
     return _class_table(coco, values, has_objects, PER_CLASS_COLUMNS)
 
 
-def val_split(work_dir: Path) -> tuple[COCO, list[int] | None]:
-    """The val ground truth a model work dir was tested on (``data.root`` / ``data.val_ann`` of
-    its ``config.yaml``; relative paths from the working directory, as the data loader reads
-    them) and the evaluated image ids: the first ``data.max_val_images`` (None: all)."""
+def _val_source(work_dir: Path) -> tuple[Path, int | None]:
+    """The val annotation file a model work dir was tested on (``data.root`` / ``data.val_ann``
+    of its ``config.yaml``; relative paths from the working directory, as the data loader reads
+    them) and ``data.max_val_images`` (None: all images)."""
     config_path = work_dir / "config.yaml"
     try:
         config = yaml.safe_load(config_path.read_text())
@@ -263,20 +267,55 @@ def val_split(work_dir: Path) -> tuple[COCO, list[int] | None]:
         isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("root", "val_ann"))
     ):
         raise DrcnnError(f"{config_path}: expected data.root and data.val_ann (paths)")
-    coco = load_coco(Path(data["root"]) / data["val_ann"])
-    limit = data.get("max_val_images")
+    return Path(data["root"]) / data["val_ann"], data.get("max_val_images")
+
+
+def val_split(work_dir: Path) -> tuple[COCO, list[int] | None]:
+    """The val ground truth a model work dir was tested on (:func:`_val_source`) and the
+    evaluated image ids: the first ``data.max_val_images`` (None: all)."""
+    ann_file, limit = _val_source(work_dir)
+    coco = load_coco(ann_file)
     return coco, None if limit is None else sorted(coco.imgs)[:limit]
+
+
+def _frame(table: pd.DataFrame) -> dict:
+    return {"columns": table.columns.tolist(), "data": table.to_numpy().tolist()}
+
+
+def run_errors(work_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(breakdown, per-class AP)`` of one tested run, from ``results.bbox.json`` and its val
+    split, kept in ``errors.json`` beside them with what they were computed from (the
+    detections' and annotations' SHA-256 and ``max_val_images``). A later call reads that file
+    while those are unchanged: the test step of ``drcnn run`` computes a run's tables as soon
+    as it is tested, in parallel with the other steps, and the AP table step only reads them."""
+    work_dir = Path(work_dir)
+    results = work_dir / RESULTS_FILE
+    if not results.is_file():
+        raise DrcnnError(f"{results}: not found (the test step writes it beside metrics.json)")
+    ann_file, limit = _val_source(work_dir)
+    source = {
+        "results_sha256": file_digest(results, 64),
+        "annotations_sha256": file_digest(ann_file, 64) if ann_file.is_file() else None,
+        "max_val_images": limit,
+    }
+    cache = work_dir / ERRORS_FILE
+    if cache.is_file():
+        with contextlib.suppress(DrcnnError, KeyError, TypeError, ValueError):
+            kept = read_json(cache, "error tables")
+            if kept["source"] == source:
+                return pd.DataFrame(**kept["breakdown"]), pd.DataFrame(**kept["per_class"])
+    coco, image_ids = val_split(work_dir)
+    breakdown = error_breakdown(coco, results, image_ids)
+    per_class = per_class_ap(coco, results, image_ids)
+    tables = {"source": source, "breakdown": _frame(breakdown), "per_class": _frame(per_class)}
+    atomic_write_json(cache, tables)
+    return breakdown, per_class
 
 
 def _runs(exp_dir: str | Path) -> Iterable[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """``(run name, breakdown, per-class AP)`` of every tested model run of the experiment."""
     for work_dir in model_dirs(exp_dir):
-        results = work_dir / RESULTS_FILE
-        if not results.is_file():
-            raise DrcnnError(f"{results}: not found (the test step writes it beside metrics.json)")
-        coco, image_ids = val_split(work_dir)
-        breakdown = error_breakdown(coco, results, image_ids)
-        yield work_dir.name, breakdown, per_class_ap(coco, results, image_ids)
+        yield work_dir.name, *run_errors(work_dir)
 
 
 def _mean_over_seeds(tables: list[tuple[str, pd.DataFrame]], columns: list[str]) -> pd.DataFrame:
