@@ -139,12 +139,24 @@ def response_curves(table: pd.DataFrame, path: str | Path) -> Path:
     return save(fig, path)
 
 
-def _sparse_ticks(ax: plt.Axes, every: int = 2) -> None:
-    """Label every ``every``-th heat-map cell with its shift (``-0.5``, ``-0.3``, ...), so the
-    labels of an 11 x 11 grid do not run into each other."""
-    for axis, labels in ((ax.xaxis, ax.get_xticklabels()), (ax.yaxis, ax.get_yticklabels())):
-        texts = [f"{float(t.get_text()):g}" if i % every == 0 else "" for i, t in enumerate(labels)]
-        axis.set_ticklabels(texts, rotation=0, fontsize=8)
+def _heatmap(ax: plt.Axes, grid: pd.DataFrame, title: str, every: int = 2) -> None:
+    """``grid`` (index ``dy``, columns ``dx``) as square cells in [0, 1] with a colour bar, its
+    first row on top, and every ``every``-th shift labelled (``-0.5``, ``-0.3``, ...) so that the
+    labels of an 11 x 11 grid do not run into each other. Drawn with matplotlib: seaborn's
+    ``heatmap`` draws the whole figure at each call to check its labels for overlap, which made
+    the 36 heat maps of an 18-run study take 16 s."""
+    mesh = ax.pcolormesh(
+        np.ma.masked_invalid(grid.to_numpy(dtype=float)), vmin=0, vmax=1, cmap="viridis"
+    )
+    ax.figure.colorbar(mesh, ax=ax).outline.set_visible(False)
+    ax.spines[:].set_visible(False)
+    ax.set_aspect("equal")
+    ax.invert_yaxis()
+    for axis, values in ((ax.xaxis, grid.columns), (ax.yaxis, grid.index)):
+        labels = [f"{float(v):g}" if i % every == 0 else "" for i, v in enumerate(values)]
+        axis.set_ticks(np.arange(len(values)) + 0.5, labels, rotation=0, fontsize=8)
+    ax.set(xlabel=grid.columns.name, ylabel=grid.index.name)
+    ax.set_title(title, fontsize=9)
 
 
 def shift_heatmaps(table: pd.DataFrame, path: str | Path) -> Path:
@@ -165,10 +177,7 @@ def shift_heatmaps(table: pd.DataFrame, path: str | Path) -> Path:
         rows = data[data["model"] == model]
         for col, (column, label) in enumerate(values):
             grid = rows.pivot_table(index="dy", columns="dx", values=column, aggfunc="mean")
-            ax = axes[row, col]
-            sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, square=True)
-            ax.set_title(f"{model}: {label}", fontsize=9)
-            _sparse_ticks(ax)
+            _heatmap(axes[row, col], grid, f"{model}: {label}")
     return save(fig, path)
 
 
