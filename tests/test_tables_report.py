@@ -287,7 +287,7 @@ def test_report_answers_first_and_compact_tables_over_seeds(seeded: Path):
     verdict_short = "none beyond the noise; within it: decoupled - faster"
     if mean - half > 0:
         verdict_short = f"beyond the noise: decoupled - faster ({mean:+.1f} ["
-    headline = f"In short, of 1 AP differences: {verdict_short}"
+    headline = f"In short, of 1 AP difference: {verdict_short}"
     lows = [np.mean(r) - 4.303 * np.std(r, ddof=1) / np.sqrt(3) for r in (ratio, [4.0, 4.0, 4.6])]
     above = sum(low > 1 for low in lows)
     ratio_headline = (
@@ -312,6 +312,17 @@ def test_report_answers_first_and_compact_tables_over_seeds(seeded: Path):
     errors.to_csv(seeded / "tables" / "error_breakdown.csv", index=False)
     md = write_report(seeded)[0].read_text()
     assert "COCO error analysis" in md and "12.5" in md and "77.7" not in md
+
+
+def test_one_run_per_model_gives_no_interval_in_the_short_answer(experiment: Path):
+    """Without seeds no AP difference has an interval, and the short answer says so rather
+    than calling the differences within the noise."""
+    table = tables.ap_table(experiment)
+    tables.write_table(table, experiment / "tables" / "ap_table")
+    tables.write_table(tables.ap_contrasts(table), experiment / "tables" / "ap_contrasts")
+    md = write_report(experiment)[0].read_text()
+    assert "In short, of 1 AP difference: none has an interval (fewer than 2 seeds)." in md
+    assert "none beyond the noise" not in md
 
 
 def test_provenance_lists_every_seed_run(seeded: Path):

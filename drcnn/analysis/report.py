@@ -236,10 +236,16 @@ def _verdict(row: Any) -> str:
 
 
 def _ap_headline(rows: pd.DataFrame) -> tuple:
-    """Q1 in one sentence (a text block): which AP differences exceed the noise, which don't."""
+    """Q1 in one sentence (a text block): which AP differences exceed the noise, which don't
+    (those without an interval, from fewer than 2 seeds, are said to have none)."""
     measured = [r for r in rows.itertuples() if r.seeds >= 2 and math.isfinite(r.lo)]
     exceeds = [r for r in measured if r.exceeds_noise]
     within = [r for r in measured if not r.exceeds_noise]
+    noun = "AP difference" if len(rows) == 1 else "AP differences"
+    if not measured:
+        return _text(
+            f"In short, of {{}} {noun}: none has an interval (fewer than 2 seeds).", len(rows)
+        )
     parts, values = [], [len(rows)]
     if exceeds:
         parts.append("beyond the noise: " + "; ".join(["{} ({} [{}, {}])"] * len(exceeds)))
@@ -250,7 +256,11 @@ def _ap_headline(rows: pd.DataFrame) -> tuple:
     if within:
         parts.append("within it: " + ", ".join(["{}"] * len(within)))
         values += [r.contrast for r in within]
-    return _text("In short, of {} AP differences: " + "; ".join(parts) + ".", *values)
+    unmeasured = len(rows) - len(measured)
+    if unmeasured:
+        parts.append("{} without an interval (fewer than 2 seeds)")
+        values.append(unmeasured)
+    return _text(f"In short, of {{}} {noun}: " + "; ".join(parts) + ".", *values)
 
 
 def _ratio_headline(first_reg: pd.DataFrame) -> tuple:
