@@ -484,6 +484,38 @@ def test_shift_heatmaps_pool_seed_runs_and_label_every_other_shift(tmp_path, mon
     plt.close("all")
 
 
+def test_quality_figures_draw_the_mean_and_standard_error_per_iou_bin(tmp_path, monkeypatch):
+    """Each model's line in the classifier and regressor quality figures is the mean quality
+    per 0.05-wide input-IoU bin, its band +- 1.96 standard errors (computed here with numpy)."""
+    import matplotlib.pyplot as plt
+
+    from drcnn.analysis import plots
+
+    table = _table("oracle", "iou")
+    runs = pd.concat([table.assign(model="a"), table.assign(model="b", true_prob=0.5)])
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
+    plots.confidence_vs_iou(runs, tmp_path / "c.png")
+    plots.regression_vs_iou(runs, tmp_path / "r.png")
+    bins = np.clip(np.digitize(table["input_iou"], np.linspace(0, 1, 21)[1:-1]), 0, 19)
+    for fig, column in ((figures[0], "true_prob"), (figures[1], "iou_s0")):
+        values = table[column].to_numpy()
+        used = np.unique(bins[~np.isnan(values)])
+        mean = [np.nanmean(values[bins == b]) for b in used]
+        line = fig.axes[0].lines[0]
+        assert line.get_label() == "a"
+        np.testing.assert_allclose(line.get_xdata(), (used + 0.5) / 20)
+        np.testing.assert_allclose(line.get_ydata(), mean)
+        # the band of a bin: +- 1.96 x std (ddof 1) / sqrt(n)
+        first = values[bins == used[0]]
+        half = 1.96 * np.std(first, ddof=1) / np.sqrt(len(first)) if len(first) > 1 else 0.0
+        band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+        assert np.isclose(band, mean[0] - half).any() and np.isclose(band, mean[0] + half).any()
+    assert [line.get_label() for line in figures[0].axes[0].lines] == ["a", "b"]
+    np.testing.assert_allclose(figures[0].axes[0].lines[1].get_ydata(), 0.5)
+    plt.close("all")
+
+
 def test_saved_table_reads_back_exactly_from_parquet_and_at_float32_from_csv(tmp_path):
     """The Parquet file is the table; the CSV has every column, its types, and each float as
     the float32 nearest to it (NaN as an empty field), strings with commas quoted."""
