@@ -241,13 +241,10 @@ def _ap_headline(rows: pd.DataFrame) -> tuple:
     measured = [r for r in rows.itertuples() if r.seeds >= 2 and math.isfinite(r.lo)]
     exceeds = [r for r in measured if r.exceeds_noise]
     within = [r for r in measured if not r.exceeds_noise]
-    noun = "AP difference" if len(rows) == 1 else "AP differences"
-    if not measured:
-        return _text(
-            f"In short, of {{}} {noun}: none has an interval (fewer than 2 seeds).", len(rows)
-        )
     parts, values = [], [len(rows)]
-    if exceeds:
+    if not measured:
+        parts.append("none has an interval (fewer than 2 seeds)")
+    elif exceeds:
         parts.append("beyond the noise: " + "; ".join(["{} ({} [{}, {}])"] * len(exceeds)))
         for r in exceeds:
             values += [r.contrast, f"{r.mean:+.1f}", f"{r.lo:+.1f}", f"{r.hi:+.1f}"]
@@ -256,10 +253,10 @@ def _ap_headline(rows: pd.DataFrame) -> tuple:
     if within:
         parts.append("within it: " + ", ".join(["{}"] * len(within)))
         values += [r.contrast for r in within]
-    unmeasured = len(rows) - len(measured)
-    if unmeasured:
+    if measured and len(measured) < len(rows):
         parts.append("{} without an interval (fewer than 2 seeds)")
-        values.append(unmeasured)
+        values.append(len(rows) - len(measured))
+    noun = "AP difference" if len(rows) == 1 else "AP differences"
     return _text(f"In short, of {{}} {noun}: " + "; ".join(parts) + ".", *values)
 
 
