@@ -53,13 +53,13 @@ def build(kind: str, num_stages: int, box_head: str):
 
 
 def sampling_spy(monkeypatch) -> list:
-    """Record every ``sample_rois`` call's result, in call order."""
+    """Record every ``sample_rois`` call's per-image samples, in call and image order."""
     calls = []
     real = roi_base.sample_rois
 
     def spy(*args):
         out = real(*args)
-        calls.append(out)
+        calls.extend(out)
         return out
 
     monkeypatch.setattr(roi_base, "sample_rois", spy)

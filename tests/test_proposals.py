@@ -94,14 +94,14 @@ def rows(table: pd.DataFrame, branch: str, nms_label: str, set_nms: float | None
 def test_samples_iou_is_box_iou_of_the_sampled_boxes_with_their_best_gt(sampler):
     candidates = known_candidates(20, 0.3).boxes
     torch.manual_seed(0)
-    samples = sample_rois(candidates, GT, GT_LABELS, 0.5, sampler, add_gt=True)
+    [samples] = sample_rois([candidates], [GT], [GT_LABELS], 0.5, sampler, add_gt=True)
     assert len(samples.boxes) > 5
     expected = box_iou(samples.boxes, GT).max(dim=1).values
     torch.testing.assert_close(samples.iou, expected, rtol=0, atol=1e-6)
     assert (samples.iou[samples.is_gt] == 1).all()
     positive = samples.labels > 0
     assert (samples.iou[positive] >= 0.5).all() and (samples.iou[~positive] < 0.5).all()
-    none = sample_rois(candidates, GT[:0], GT_LABELS[:0], 0.5, sampler, add_gt=True)
+    [none] = sample_rois([candidates], [GT[:0]], [GT_LABELS[:0]], 0.5, sampler, add_gt=True)
     assert (none.iou == 0).all() and len(none.iou) == len(none.boxes)
 
 

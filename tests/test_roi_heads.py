@@ -245,51 +245,51 @@ def test_decoupled_sampling_refinement_and_normalisers(monkeypatch, num_reg):
     sets = ProposalSets(proposals(4, t, near=5), proposals(5, t, near=25, scale=0.1))
     head.train()
     _, losses = head(features(), sets, SHAPES, t)
-    assert len(calls) == 2 * 4 and len(deltas) == 3  # cls, reg, refine 1, refine 2
-    cls_calls, reg_calls, s1_calls, s2_calls = calls[0:2], calls[2:4], calls[4:6], calls[6:8]
+    # one batched call per stage and branch: cls, reg, refine 1, refine 2
+    assert len(calls) == 4 and len(deltas) == 3
+    cls_call, reg_call, s1_call, s2_call = calls
 
-    for (props, iou, add_gt, _), expected in zip(cls_calls, sets.cls, strict=True):
-        assert props is expected and iou == 0.5 and add_gt
+    props, iou, add_gt, _ = cls_call
+    assert all(p is e for p, e in zip(props, sets.cls, strict=True)) and iou == 0.5 and add_gt
     # Regression samples: exactly the regression proposals with IoU >= 0.5, no gt added.
-    for (props, iou, add_gt, out), expected, x in zip(reg_calls, sets.reg, t, strict=True):
-        assert props is expected and iou == 0.5 and not add_gt
+    props, iou, add_gt, reg_out = reg_call
+    assert all(p is e for p, e in zip(props, sets.reg, strict=True))
+    assert iou == 0.5 and not add_gt
+    for out, expected, x in zip(reg_out, sets.reg, t, strict=True):
         positive = box_iou(expected.double(), x["boxes"].double()).max(dim=1).values >= 0.5
         assert 10 < positive.sum() < num_reg
         assert torch.equal(out.boxes, expected[positive])
 
     # Refine stages assign the previous stage's RoIs moved by its deltas (gt class in stage 0).
-    reg_rois = torch.cat([c[3].boxes for c in reg_calls])
-    reg_labels = torch.cat([c[3].labels for c in reg_calls])
+    reg_rois = torch.cat([o.boxes for o in reg_out])
+    reg_labels = torch.cat([o.labels for o in reg_out])
     picked0 = deltas[0].unflatten(1, (K, 4))[torch.arange(len(reg_labels)), reg_labels - 1]
-    counts = [len(c[3].boxes) for c in reg_calls]
+    counts = [len(o.boxes) for o in reg_out]
     moved0 = decode64(reg_rois, picked0, STAGES[0].target_stds, SHAPES, counts)
     assert (moved0 - reg_rois.double()).abs().max() > 0.3  # the move is visible
-    s1_inputs = torch.cat([c[0] for c in s1_calls])
-    torch.testing.assert_close(s1_inputs.double(), moved0, rtol=0, atol=1e-3)
-    assert all(c[1] == 0.6 and not c[2] for c in s1_calls)
-    s1_rois = torch.cat([c[3].boxes for c in s1_calls])
+    torch.testing.assert_close(torch.cat(s1_call[0]).double(), moved0, rtol=0, atol=1e-3)
+    assert s1_call[1] == 0.6 and not s1_call[2]
+    s1_rois = torch.cat([o.boxes for o in s1_call[3]])
     moved1 = decode64(
-        s1_rois, deltas[1], STAGES[1].target_stds, SHAPES, [len(c[3].boxes) for c in s1_calls]
+        s1_rois, deltas[1], STAGES[1].target_stds, SHAPES, [len(o.boxes) for o in s1_call[3]]
     )
-    torch.testing.assert_close(
-        torch.cat([c[0] for c in s2_calls]).double(), moved1, rtol=0, atol=1e-3
-    )
-    assert all(c[1] == 0.7 for c in s2_calls)
+    torch.testing.assert_close(torch.cat(s2_call[0]).double(), moved1, rtol=0, atol=1e-3)
+    assert s2_call[1] == 0.7 and not s2_call[2]
 
     # Normalisers (official avg_factor): the official positive sampler pads each image's
     # regression sample with negatives to num rows, min(num, proposals); stage 0 divides by
     # cls samples + those rows, each refine stage by 2 x those rows (refine_bbox_head.py).
     padded = sum(min(num_reg, len(p)) for p in sets.reg)
     assert padded == (195 if num_reg == 512 else 185)  # 110 and 85 proposals
-    num_cls = sum(len(c[3].boxes) for c in cls_calls)
-    reg_gt = torch.cat([c[3].gt_boxes for c in reg_calls])
+    num_cls = sum(len(o.boxes) for o in cls_call[3])
+    reg_gt = torch.cat([o.gt_boxes for o in reg_out])
     l1 = (picked0.double() - encode64(reg_rois, reg_gt, STAGES[0].target_stds)).abs().sum()
     assert losses["s0.loss_bbox"].item() == pytest.approx(
         (l1 / (num_cls + padded)).item(), rel=1e-4
     )
-    for stage, stage_calls in ((1, s1_calls), (2, s2_calls)):
-        rois = torch.cat([c[3].boxes for c in stage_calls])
-        gt = torch.cat([c[3].gt_boxes for c in stage_calls])
+    for stage, call in ((1, s1_call), (2, s2_call)):
+        rois = torch.cat([o.boxes for o in call[3]])
+        gt = torch.cat([o.gt_boxes for o in call[3]])
         target = encode64(rois, gt, STAGES[stage].target_stds)
         l1 = (deltas[stage].double() - target).abs().sum()
         expected = STAGES[stage].loss_weight * l1 / (2 * padded)
@@ -494,10 +494,8 @@ def test_heads_from_shipped_configs_draw_what_the_sampler_functions_draw(kind):
     cls, reg = head.stage0_samples(sets if kind == "decoupled" else sets.cls, t)
 
     def reference(boxes, sampler, add_gt):
-        return [
-            sample_rois(b, x["boxes"], x["labels"], 0.5, sampler, add_gt)
-            for b, x in zip(boxes, t, strict=True)
-        ]
+        gt_boxes, gt_labels = [x["boxes"] for x in t], [x["labels"] for x in t]
+        return sample_rois(boxes, gt_boxes, gt_labels, 0.5, sampler, add_gt)
 
     torch.manual_seed(3)
     expected_cls = reference(sets.cls, partial(random_sample, num=128, pos_fraction=0.25), True)

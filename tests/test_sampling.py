@@ -1,4 +1,5 @@
-"""Max-IoU assignment and the random / positive RoI samplers against float64 references."""
+"""Max-IoU assignment and the random / positive RoI samplers: float64 references, per-image
+references of the batched steps, sampling frequencies, synchronisations and launches."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ import torch
 from drcnn.config import SamplerConfig, require_same_names
 from drcnn.models.sampling import (
     SAMPLERS,
+    assign_candidates,
     assign_max_iou,
     build_sampler,
+    draw_per_group,
     positive_sample,
     random_sample,
     sample_rois,
 )
+from drcnn.models.sync_audit import SyncAudit
+
+# kernel launches of one batch's sample_rois (random sampler, gt added), whatever its size:
+# 58 counted on the CPU along the device path, half of them the IoU matrix and its reduction
+LAUNCHES_PER_BATCH = 60
 
 
 def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:
@@ -65,23 +73,95 @@ def test_assign_without_gt_is_all_background():
     assert out.labels.tolist() == [0] * 7 and out.max_iou.tolist() == [0.0] * 7
 
 
+def one_image(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A sampler's batch arguments for one image's labels."""
+    return labels, torch.zeros_like(labels), 1
+
+
+def test_draw_per_group_hand_worked():
+    """Group 0 has 3 rows and quota 2, group 1 has 2 rows and quota 5 (all kept), group 2 has
+    one row and quota 0."""
+    group = torch.tensor([1, 2, 0, 0, 1, 0])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        keep = draw_per_group(group, torch.tensor([3, 2, 1]), torch.tensor([2, 5, 0]))
+        assert keep.dtype == torch.bool and keep.shape == group.shape
+        assert keep[[0, 4]].all() and not keep[1]
+        assert keep[[2, 3, 5]].sum().item() == 2
+
+
+def test_batched_assignment_equals_per_image_assignment():
+    """Three images (one without gt) concatenated: each row is matched among its own image's
+    gts only, with exactly the per-image IoU, label and matched gt box."""
+    g = torch.Generator().manual_seed(5)
+    gts = [random_boxes(4, g), random_boxes(0, g), random_boxes(2, g)]
+    labels = [torch.tensor([3, 1, 2, 5]), torch.zeros(0, dtype=torch.int64), torch.tensor([4, 6])]
+    props = [torch.cat([jitter(b, 6, 0.3, g), random_boxes(9, g)]) for b in gts]
+    batch = assign_candidates(props, gts, labels, 0.5, add_gt=True)
+    assert batch.counts == [len(p) + len(b) for p, b in zip(props, gts, strict=True)]
+    expected_image = torch.arange(3).repeat_interleave(torch.tensor(batch.counts))
+    assert torch.equal(batch.image, expected_image)
+    for i, rows in enumerate(torch.arange(len(batch.boxes)).split(batch.counts)):
+        boxes = torch.cat([props[i], gts[i]])
+        alone = assign_max_iou(boxes, gts[i], labels[i], 0.5)
+        assert torch.equal(batch.boxes[rows], boxes)
+        assert batch.is_gt[rows].tolist() == [False] * len(props[i]) + [True] * len(gts[i])
+        assert torch.equal(batch.assignment.labels[rows], alone.labels)
+        assert torch.equal(batch.assignment.max_iou[rows], alone.max_iou)
+        positive = alone.labels > 0
+        if len(gts[i]):
+            assert positive.sum() > 4 and (~positive).sum() > 4
+            matched = gts[i][alone.matched_idxs[positive]]
+            assert torch.equal(batch.matched_gt[rows][positive], matched)
+        else:  # no gt: all background, IoU 0
+            assert not positive.any() and (alone.max_iou == 0).all()
+
+
 @pytest.mark.parametrize(("num_pos", "expected_pos"), [(300, 128), (20, 20)])
 def test_random_sample_positive_fraction(num_pos, expected_pos):
     labels = torch.cat([torch.randint(1, 4, (num_pos,)), torch.zeros(1000, dtype=torch.int64)])
     labels = labels[torch.randperm(len(labels))]
-    keep = random_sample(labels, 512, 0.25)
-    assert keep.unique().numel() == 512
+    keep = random_sample(*one_image(labels), num=512, pos_fraction=0.25)
+    assert keep.sum().item() == 512
     assert (labels[keep] > 0).sum().item() == expected_pos  # fewer positives: negatives fill up
+
+
+def test_random_sample_fills_each_image_of_a_batch_to_its_own_quota():
+    """Image 0: 40 positives, 300 negatives; image 1: 3 positives, 10 negatives (fewer than
+    num: all taken); image 2: only negatives."""
+    parts = [(40, 300), (3, 10), (0, 100)]
+    labels = torch.cat([torch.tensor([2] * p + [0] * n) for p, n in parts])
+    image = torch.cat([torch.full((p + n,), i) for i, (p, n) in enumerate(parts)])
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    labels, image = labels[order], image[order]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        keep = random_sample(labels, image, 3, num=64, pos_fraction=0.25)
+        for i, expected in enumerate([(16, 48), (3, 10), (0, 64)]):
+            mine = keep & (image == i)
+            assert ((labels[mine] > 0).sum().item(), (labels[mine] == 0).sum().item()) == expected
+
+
+def test_random_sample_draws_each_row_with_equal_chance():
+    """25 positives with quota 5: over 2000 draws each is taken about 400 times (binomial sd
+    17.9; the bound is 5 sd), and so on for the negatives (40 of them, quota 15 each draw)."""
+    labels = torch.tensor([1] * 25 + [0] * 40)
+    torch.manual_seed(0)
+    taken = torch.stack(
+        [random_sample(*one_image(labels), num=20, pos_fraction=0.25) for _ in range(2000)]
+    ).sum(dim=0)
+    assert ((taken[:25] - 400).abs() < 5 * 17.9).all()
+    assert ((taken[25:] - 750).abs() < 5 * 21.7).all()
 
 
 def test_positive_sample_all_or_random_subset():
     labels = torch.zeros(200, dtype=torch.int64)
     pos = torch.randperm(200)[:30]
     labels[pos] = 2
-    assert positive_sample(labels, 512).tolist() == pos.sort().values.tolist()
-    draws = [positive_sample(labels, 10) for _ in range(5)]
+    assert torch.equal(positive_sample(*one_image(labels), num=512), labels > 0)
+    draws = [positive_sample(*one_image(labels), num=10) for _ in range(5)]
     for d in draws:
-        assert d.unique().numel() == 10 and set(d.tolist()) <= set(pos.tolist())
+        assert d.sum().item() == 10 and (labels[d] > 0).all()
     assert len({tuple(d.tolist()) for d in draws}) > 1  # random, not the first 10
 
 
@@ -91,15 +171,20 @@ def test_cls_samples_keep_fraction_and_include_gt():
     gt_labels = torch.tensor([1, 2, 3])
     sampler = partial(random_sample, num=64, pos_fraction=0.25)
     negatives = random_boxes(200, g) + 300  # far from every gt
-    # Many positives: exactly 16 of the 64 samples are positive.
-    many = sample_rois(
-        torch.cat([jitter(gt, 30, 0.05, g), negatives]), gt, gt_labels, 0.5, sampler, True
+    # Image 0, many positives: exactly 16 of the 64 samples are positive.
+    # Image 1, few positives: all of them are taken, and every gt box is among the samples.
+    many, few = sample_rois(
+        [
+            torch.cat([jitter(gt, 30, 0.05, g), negatives]),
+            torch.cat([jitter(gt, 2, 0.05, g), negatives]),
+        ],
+        [gt, gt],
+        [gt_labels, gt_labels],
+        0.5,
+        sampler,
+        True,
     )
     assert len(many.boxes) == 64 and (many.labels > 0).sum().item() == 16
-    # Few positives: all of them are taken, and every gt box is among the samples.
-    few = sample_rois(
-        torch.cat([jitter(gt, 2, 0.05, g), negatives]), gt, gt_labels, 0.5, sampler, True
-    )
     assert few.is_gt.sum().item() == 3
     assert torch.equal(few.boxes[few.is_gt], gt) and torch.equal(few.labels[few.is_gt], gt_labels)
     assert (few.labels > 0).sum().item() == 9
@@ -115,8 +200,8 @@ def test_reg_samples_are_the_positive_regression_proposals(num):
     ious = [max(iou64(p, b) for b in gt.tolist()) for p in proposals.double().tolist()]
     expected = {i for i, v in enumerate(ious) if v >= 0.5}
     assert 5 < len(expected) < 24
-    out = sample_rois(
-        proposals, gt, torch.tensor([4, 7]), 0.5, partial(positive_sample, num=num), add_gt=False
+    [out] = sample_rois(
+        [proposals], [gt], [torch.tensor([4, 7])], 0.5, partial(positive_sample, num=num), False
     )
     assert not out.is_gt.any() and (out.labels > 0).all()
     rows = {i for i, p in enumerate(proposals) for b in out.boxes if torch.equal(p, b)}
@@ -124,6 +209,25 @@ def test_reg_samples_are_the_positive_regression_proposals(num):
         assert rows == expected
     else:
         assert len(out.boxes) == num and rows <= expected
+
+
+def test_sampling_a_batch_waits_once_and_launches_the_same_ops_for_any_batch_size():
+    """Assignment and sampling of a whole batch: one wait for the device (the kept count of
+    each image, for the split) and a kernel-launch count that does not grow with the images
+    (issue #13: the per-image loop before made about 30 launches per image and stage)."""
+    launches = []
+    for num_images in (2, 8):
+        g = torch.Generator().manual_seed(9)
+        gts = [random_boxes(3, g) for _ in range(num_images)]
+        labels = [torch.tensor([1, 2, 3]) for _ in range(num_images)]
+        props = [torch.cat([jitter(b, 10, 0.3, g), random_boxes(50, g)]) for b in gts]
+        sampler = partial(random_sample, num=32, pos_fraction=0.25)
+        with SyncAudit() as audit:
+            samples = sample_rois(props, gts, labels, 0.5, sampler, add_gt=True)
+        assert len(samples) == num_images and all(len(s.boxes) == 32 for s in samples)
+        assert audit.total == 1 and audit.counts["tolist"] == 1, audit.report()
+        launches.append(audit.launches)
+    assert launches[0] == launches[1] <= LAUNCHES_PER_BATCH
 
 
 @pytest.mark.parametrize(
@@ -143,18 +247,18 @@ def test_reg_samples_are_the_positive_regression_proposals(num):
     ids=["random-64", "random-300", "positive-512", "positive-7"],
 )
 def test_build_sampler_draws_what_the_sampler_functions_draw(entry, reference):
-    """Same seed, same labels: the built sampler picks exactly the indices the function picks
+    """Same seed, same labels: the built sampler picks exactly the rows the function picks
     with the entry's arguments (so configs that moved to typed entries train bit-identically)."""
     labels = torch.zeros(400, dtype=torch.int64)
     labels[torch.randperm(400, generator=torch.Generator().manual_seed(4))[:90]] = 3
     torch.manual_seed(11)
-    built = build_sampler(entry)(labels)
+    built = build_sampler(entry)(*one_image(labels))
     torch.manual_seed(11)
-    expected = reference(labels)
+    expected = reference(*one_image(labels))
     assert torch.equal(built, expected)
     if not (entry.type == "positive" and entry.num >= 90):  # else every positive, no choice
         torch.manual_seed(12)
-        assert not torch.equal(build_sampler(entry)(labels), expected)  # the seed matters
+        assert not torch.equal(build_sampler(entry)(*one_image(labels)), expected)  # seed
 
 
 def test_sampler_table_is_checked_against_the_config_names():

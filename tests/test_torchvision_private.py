@@ -52,7 +52,6 @@ def private_torchvision_uses(source: str) -> list[str]:
 def test_names_are_torchvisions_own():
     assert tvp.setup_scales is poolers._setup_scales
     assert tvp.DetectionBoxCoder is det_utils.BoxCoder
-    assert tvp.BalancedPositiveNegativeSampler is det_utils.BalancedPositiveNegativeSampler
 
 
 def test_drcnn_reaches_private_torchvision_names_only_through_the_lookups():

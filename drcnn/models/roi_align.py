@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torchvision.ops import roi_align
 
+from drcnn.models.host_data import row_images, to_device
 from drcnn.models.roi_align_grad import roi_align_input_grad
 from drcnn.models.threads import cpu_path, thread_map
 from drcnn.models.torchvision_private import setup_scales
@@ -201,9 +202,10 @@ class MultiScaleRoIAlign(nn.Module):
         levels = self.map_levels(boxes)
         if roi_scale_factor is not None:
             boxes = [rescale_boxes(b, roi_scale_factor) for b in boxes]
-        rois = torch.cat(
-            [torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)]
-        )
+        # (K, 5) rows (image, x1, y1, x2, y2); the image column is made on the host
+        all_boxes = torch.cat(boxes)
+        image = to_device(row_images([len(b) for b in boxes]), all_boxes, all_boxes.dtype)
+        rois = torch.cat([image[:, None], all_boxes], dim=1)
         return self._pool_levels(features, rois, levels)
 
     def _pool_levels(self, features: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:

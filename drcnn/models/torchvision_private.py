@@ -2,7 +2,7 @@
 
 drcnn reuses a few torchvision internals rather than copy them, so that its results equal
 torchvision's bit for bit: the multi-scale pooler's scale and level set-up, the detection box
-coder and the balanced sampler. torchvision may rename or drop private names
+coder. torchvision may rename or drop private names
 in any release. They are resolved here when drcnn's models are imported: a missing one raises
 :class:`TorchvisionPrivateNameError`, naming the installed torchvision and the missing name, and
 a torchvision outside :data:`TESTED_TORCHVISION` gives a warning once.
@@ -83,7 +83,3 @@ warn_if_untested()
 setup_scales = private_name("torchvision.ops.poolers", "_setup_scales")
 # the detection box coder that drcnn.models.box_coder.BoxCoder extends
 DetectionBoxCoder = private_name("torchvision.models.detection._utils", "BoxCoder")
-# the positive/negative sampler (drcnn.models.sampling)
-BalancedPositiveNegativeSampler = private_name(
-    "torchvision.models.detection._utils", "BalancedPositiveNegativeSampler"
-)

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torchvision.ops import clip_boxes_to_image
 
 from drcnn.config import RoIHeadConfig
 from drcnn.models.box_coder import BoxCoder
+from drcnn.models.host_data import clip_rows
 from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import multiclass_nms
 from drcnn.models.roi_align import MultiScaleRoIAlign
@@ -57,20 +57,6 @@ def split_proposals(proposals: Any) -> tuple[list[Tensor], list[Tensor]]:
     if hasattr(proposals, "cls") and hasattr(proposals, "reg"):
         return list(proposals.cls), list(proposals.reg)
     return list(proposals), list(proposals)
-
-
-def clip_rows(
-    boxes: Tensor, counts: Sequence[int], image_shapes: Sequence[tuple[int, int]]
-) -> Tensor:
-    """Clip concatenated per-image boxes (``counts`` rows per image) to their ``(H, W)``.
-
-    One clamp per image with the sizes as Python numbers: a tensor of the sizes built on the
-    device, and ``repeat_interleave`` without an output size, each made the host wait for it.
-    """
-    parts = boxes.split(list(counts))
-    return torch.cat(
-        [clip_boxes_to_image(b, shape) for b, shape in zip(parts, image_shapes, strict=True)]
-    )
 
 
 class RoIHeadsBase(nn.Module):
@@ -158,11 +144,9 @@ class RoIHeadsBase(nn.Module):
         add_gt: bool,
     ) -> list[Samples]:
         """Per-image samples of ``boxes`` assigned at stage ``stage``'s IoU threshold."""
+        gt_boxes, gt_labels = [t["boxes"] for t in targets], [t["labels"] for t in targets]
         iou = self.cfg.stages[stage].iou_thresh
-        return [
-            sample_rois(b, t["boxes"], t["labels"], iou, sampler, add_gt)
-            for b, t in zip(boxes, targets, strict=True)
-        ]
+        return sample_rois(boxes, gt_boxes, gt_labels, iou, sampler, add_gt)
 
     def _move(
         self,

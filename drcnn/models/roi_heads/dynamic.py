@@ -78,14 +78,18 @@ class DynamicRoIHeads(StandardRoIHeads):
         """The random sample at the current threshold; keeps the IoU statistic."""
         thresh = float(self.iou_thresh)
         add_gt = self.cfg.cls_sampler.add_gt
-        samples, stats = [], []
-        for b, t in zip(boxes, targets, strict=True):
-            candidates = assign_candidates(b, t["boxes"], t["labels"], thresh, add_gt)
-            stats.append(kth_largest(candidates.assignment.max_iou, self.cfg.dynamic.iou_topk))
-            samples.append(take_samples(candidates, self.sampler(candidates.assignment.labels)))
+        gt_boxes, gt_labels = [t["boxes"] for t in targets], [t["labels"] for t in targets]
+        candidates = assign_candidates(boxes, gt_boxes, gt_labels, thresh, add_gt)
+        assignment = candidates.assignment
+        stats = [
+            kth_largest(iou, self.cfg.dynamic.iou_topk)
+            for iou in assignment.max_iou.split(candidates.counts)
+        ]
         self._iou_stat = torch.stack(stats).mean()
         self._num_images = len(boxes)
-        return samples
+        return take_samples(
+            candidates, self.sampler(assignment.labels, candidates.image, len(boxes))
+        )
 
     def _box_loss_entry(self, targets: Tensor) -> Any:
         """SmoothL1 at the current beta; keeps the target statistic of these positives."""
