@@ -126,23 +126,47 @@ def test_single_threshold_and_eval_give_one_list():
 SMOOTH_L1_TORCHVISION = "model.rpn.loss_bbox={type: smooth_l1, beta: 0.1111111111111111}"
 
 
+class DrawnByDrcnn:
+    """torchvision's ``fg_bg_sampler`` interface (per-image positive and negative masks) drawing
+    what drcnn's batched sampler draws from the same random state."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __call__(self, labels):
+        label = torch.stack(labels)
+        image = torch.arange(len(labels))[:, None].expand_as(label)
+        keep = self.sampler(label.flatten(), image.flatten(), len(labels)).view_as(label)
+        return list(keep & (label == 1)), list(keep & (label == 0))
+
+
 def test_smooth_l1_losses_equal_torchvision():
+    """torchvision's RPN given the anchors drcnn samples (the same sizes, drawn batched rather
+    than by its per-image ``randperm``): the same losses."""
     rpn = make_rpn(SMOOTH_L1_TORCHVISION).train()
     images, features, targets = inputs()
     torch.manual_seed(5)
     _, losses = rpn(images, features, targets)
+    reference = torchvision_rpn(rpn, 0.7)
+    drawn = DrawnByDrcnn(rpn.sampler)
+    reference.fg_bg_sampler = drawn
     torch.manual_seed(5)  # same anchor sampling
-    _, expected = torchvision_rpn(rpn, 0.7)(images, features, targets)
+    _, expected = reference(images, features, targets)
     assert set(losses) == {"rpn.loss_cls", "rpn.loss_bbox"}
     torch.testing.assert_close(losses["rpn.loss_cls"], expected["loss_objectness"])
     torch.testing.assert_close(losses["rpn.loss_bbox"], expected["loss_rpn_box_reg"])
+    # the sizes of torchvision's own sampler: 256 per image, at most half positive
+    labels, _ = reference.assign_targets_to_anchors(
+        rpn.anchor_generator(images, list(features.values())), targets
+    )
+    pos, neg = drawn(labels)
+    for p, n, label in zip(pos, neg, labels, strict=True):
+        assert p.sum() == min(128, (label == 1).sum()) and p.sum() + n.sum() == 256
 
 
-class SampleAll:
+def sample_all(labels, image, num_images):
     """Stand-in sampler: every positive and every negative anchor is sampled."""
-
-    def __call__(self, labels):
-        return [lab == 1 for lab in labels], [lab == 0 for lab in labels]
+    return labels >= 0
 
 
 def smooth_l1_64(x: torch.Tensor, beta: float) -> torch.Tensor:
@@ -161,7 +185,7 @@ def smooth_l1_64(x: torch.Tensor, beta: float) -> torch.Tensor:
 )
 def test_box_loss_is_sum_over_positives_per_sampled_anchor(entry, elementwise):
     rpn = make_rpn(f"model.rpn.loss_bbox={entry}").train()
-    rpn.fg_bg_sampler = SampleAll()
+    rpn.sampler = sample_all
     images, features, targets = inputs()
     _, losses = rpn(images, features, targets)
 
@@ -292,9 +316,11 @@ def test_allowed_border_zero_ignores_anchors_crossing_the_image():
     assert (kept[0][crossing] == 0).sum() > 0  # allowed_border -1 keeps them
 
 
-def test_images_of_one_size_share_their_usable_anchors(monkeypatch):
+def test_a_batch_is_labelled_at_once_as_each_image_alone(monkeypatch):
     """The usable-anchor mask (about 40 small ops, kernel launches on a GPU) is made once per
-    image size in a batch, and every image's labels are those it gets alone."""
+    image size in a batch; the batch, labelled at once (gts padded to the most of any image),
+    gives every image the labels and matched boxes of :func:`mmdet_anchor_labels` on that image
+    alone (no gt: its usable anchors negative, matched to zeros)."""
     maps = grid_features((128, 128))
     sizes = [(112, 120), (64, 128), (112, 120), (112, 120)]
     images = ImageList(torch.zeros(len(sizes), 3, 128, 128), sizes)
@@ -313,10 +339,18 @@ def test_images_of_one_size_share_their_usable_anchors(monkeypatch):
     )
     _, labels, matched = labels_of(rpn, images, maps, targets)
     assert calls == [(112, 120), (64, 128)]
+    anchors = rpn.anchor_generator(images, maps)[0]
+    grids = [tuple(m.shape[-2:]) for m in maps]
     for size, target, lab, mat in zip(sizes, targets, labels, matched, strict=True):
-        one = ImageList(torch.zeros(1, 3, 128, 128), [size])
-        _, alone, alone_matched = labels_of(rpn, one, maps, [target])
-        assert torch.equal(lab, alone[0]) and torch.equal(mat, alone_matched[0])
+        usable = made(rpn, anchors, size, grids)
+        gt = target["boxes"]
+        if len(gt) == 0:
+            assert torch.equal(lab, torch.where(usable, 0.0, -1.0)) and not mat.any()
+            continue
+        alone, best = mmdet_anchor_labels(box_iou(gt, anchors), usable, 0.7, 0.3, 0.3)
+        assert torch.equal(lab, alone) and torch.equal(mat, gt[best])
+    every = torch.cat(labels)
+    assert (every == 1).sum() > 3 and (every == 0).any() and (every == -1).any()
 
 
 def test_empty_image_labels_only_usable_anchors_negative():

@@ -272,10 +272,23 @@ def test_max_val_images_evaluates_only_the_images_run(
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(synthetic_root, tmp_path_factory) -> Path:
-    """A Faster R-CNN trained 20 iterations on the synthetic set (tiny settings): its scores
-    and boxes depend on the image, unlike a random model's."""
+    """A Faster R-CNN that detects the val objects: trained 100 iterations on the 8 val images
+    themselves (tiny settings, the main job's AdamW), AP about 0.33 and AP50 about 0.64 there.
+
+    A model trained 20 iterations on the train split (this fixture before) has AP50 near 0 and
+    many near-tied proposal scores, so bf16's rounding decided its detections by chance: over
+    train seeds 0-3 the bf16 run's AP50 against its fp32 detections went from 0.83 to 0.96 (and
+    0.86 to 1.0 with the per-image sampler drawing the anchors and RoIs)."""
     work = tmp_path_factory.mktemp("trained")
-    cfg = load_config(FASTER, [*tiny_overrides(synthetic_root), "train.max_iters=20"])
+    on_val = [
+        "data.train_ann=annotations/instances_val.json",
+        "data.train_images=val",
+        "train.optimizer=adamw",
+        "train.lr=0.001",
+        "train.grad_clip=10.0",
+        "train.max_iters=100",
+    ]
+    cfg = load_config(FASTER, [*tiny_overrides(synthetic_root), *on_val])
     train(cfg, work, device="cpu")
     return work / "latest.pth"
 
@@ -292,12 +305,19 @@ def detections_as_ground_truth(results_file: Path, ann_file: Path, out: Path) ->
     return out
 
 
+@pytest.mark.xdist_group("trained_checkpoint")  # one worker trains it
 def test_bf16_inference_keeps_the_fp32_detections_and_ap(
     synthetic_root, trained_checkpoint, tmp_path, coco_reference, monkeypatch
 ):
-    """``test --amp bf16`` runs the backbone in bf16 on the CPU, writes fp32 detections that
-    match the fp32 run's (AP50 >= 0.9 taking the fp32 detections as ground truth), and its
-    AP on the val split is within 0.2 AP points (0.002 as a fraction) of fp32's."""
+    """``test --amp bf16`` runs the backbone in bf16 on the CPU and writes fp32 detections that
+    match the fp32 run's (AP50 >= 0.85 taking the fp32 detections as ground truth) with about
+    its AP and AP50.
+
+    The bounds are what 8 val images can resolve: one changed detection moves AP by about half
+    a point there. Over train seeds 0-4 of this fixture, bf16 minus fp32 was -0.2 to +0.9 AP
+    points and -1.8 to +0.4 AP50 points, the agreement 0.91 to 0.97. Issue #13's target, AP
+    within 0.2 points of fp32, is measured on the main job's checkpoints and 100 val images
+    (README, "make demo")."""
     seen: list[torch.dtype] = []
 
     def load_and_watch(*args, **kwargs):
@@ -315,14 +335,15 @@ def test_bf16_inference_keeps_the_fp32_detections_and_ap(
         metrics[amp] = json.loads((out.parent / "metrics.json").read_text())
         assert set(seen) == {torch.float32 if amp == "none" else torch.bfloat16}
         seen.clear()
-    for key in ("AP", "AP50"):
-        assert abs(metrics["bf16"][key] - metrics["none"][key]) <= 0.002, key
+    assert metrics["none"]["AP50"] > 0.5  # a model that detects, or the comparison says little
+    for key, bound in (("AP", 0.015), ("AP50", 0.03)):
+        assert abs(metrics["bf16"][key] - metrics["none"][key]) <= bound, key
     ann_file = synthetic_root / "annotations" / "instances_val.json"
     fp32_gt = detections_as_ground_truth(
         tmp_path / "none" / "results.bbox.json", ann_file, tmp_path / "fp32_gt.json"
     )
     agreement = coco_reference(fp32_gt, tmp_path / "bf16" / "results.bbox.json")
-    assert agreement.stats[1] >= 0.9  # AP50 of bf16 against the fp32 detections (0.97 here)
+    assert agreement.stats[1] >= 0.85  # AP50 of bf16 against the fp32 detections
 
 
 @pytest.mark.parametrize(
@@ -348,11 +369,11 @@ def test_benchmark_reports_the_amp_mode_that_ran(tmp_path, monkeypatch, amp, nat
     assert any("--amp=fp16 needs CUDA" in str(w.message) for w in caught) == (amp == "fp16")
 
 
+@pytest.mark.xdist_group("trained_checkpoint")  # one worker trains it
 def test_infer_with_bf16_writes_fp32_detections(synthetic_root, trained_checkpoint, tmp_path):
     """``infer --amp bf16`` writes plain JSON numbers and mostly the fp32 run's detections.
 
-    The checkpoint is trained for 20 iterations only: many of its boxes score about alike, so
-    bf16's rounding reorders some proposals and NMS decisions and a few detections differ
+    bf16's rounding reorders some proposals and NMS decisions, so a few detections differ
     between the runs (with another thread count, another few). So: about the same count, and
     at least 70% of the bf16 detections overlap an fp32 detection of the same label by IoU >=
     0.8 with a score within 0.02 (a broken bf16 path matches next to none)."""

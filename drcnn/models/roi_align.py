@@ -199,11 +199,12 @@ class MultiScaleRoIAlign(nn.Module):
             self.scales, self.map_levels = setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
-        levels = self.map_levels(boxes)
-        if roi_scale_factor is not None:
-            boxes = [rescale_boxes(b, roi_scale_factor) for b in boxes]
-        # (K, 5) rows (image, x1, y1, x2, y2); the image column is made on the host
+        # every image's boxes at once: the mapper and the rescale work box by box
         all_boxes = torch.cat(boxes)
+        levels = self.map_levels([all_boxes])
+        if roi_scale_factor is not None:
+            all_boxes = rescale_boxes(all_boxes, roi_scale_factor)
+        # (K, 5) rows (image, x1, y1, x2, y2); the image column is made on the host
         image = to_device(row_images([len(b) for b in boxes]), all_boxes, all_boxes.dtype)
         rois = torch.cat([image[:, None], all_boxes], dim=1)
         return self._pool_levels(features, rois, levels)

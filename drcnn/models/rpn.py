@@ -1,11 +1,12 @@
 """Region proposal network that can emit Decoupled R-CNN's two proposal sets.
 
-torchvision's ``RegionProposalNetwork`` supplies anchors, the head, matching, sampling and box
-coding. This subclass changes what happens after the per-level pre-NMS top-k in training when
-``nms_thresh`` is a pair ``(t_cls, t_reg)``: the same candidates go through the per-level NMS
-twice, giving the *classification* proposals (``t_cls``, usually 0.7) and the *regression*
-proposals (``t_reg``, usually 0.85: more highly overlapping boxes survive). Its box loss is the
-configured one (:func:`drcnn.models.losses.box_loss`) and its losses are named ``rpn.loss_*``.
+torchvision's ``RegionProposalNetwork`` supplies anchors, the head, matching and box coding; its
+anchors are sampled with drcnn's batched sampler (:mod:`drcnn.models.sampling`). This subclass
+changes what happens after the per-level pre-NMS top-k in training when ``nms_thresh`` is a pair
+``(t_cls, t_reg)``: the same candidates go through the per-level NMS twice, giving the
+*classification* proposals (``t_cls``, usually 0.7) and the *regression* proposals (``t_reg``,
+usually 0.85: more highly overlapping boxes survive). Its box loss is the configured one
+(:func:`drcnn.models.losses.box_loss`) and its losses are named ``rpn.loss_*``.
 
 With ``anchor_convention: mmdet`` it lays out and labels anchors as mmdetection 2.x does (the
 official code and its baselines): :class:`MMDetAnchorGenerator` puts each level's anchors at the
@@ -19,8 +20,10 @@ torchvision's behaviour for all of these.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -36,8 +39,10 @@ from torchvision.ops import boxes as box_ops
 
 from drcnn.config import rpn_nms_thresholds
 from drcnn.models.box_coder import BoxCoder
+from drcnn.models.host_data import to_device
 from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import batched_nms
+from drcnn.models.sampling import Sampler, random_sample
 from drcnn.models.threads import cpu_path, thread_map
 
 # Nominal strides of the FPN levels P2..P6 the RPN runs on.
@@ -143,27 +148,39 @@ def inside_border(anchors: Tensor, image_size: tuple[int, int], border: int) -> 
 
 
 def mmdet_anchor_labels(
-    iou: Tensor, usable: Tensor, fg_iou_thresh: float, bg_iou_thresh: float, min_pos_iou: float
+    iou: Tensor,
+    usable: Tensor,
+    fg_iou_thresh: float,
+    bg_iou_thresh: float,
+    min_pos_iou: float,
+    real_gt: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """mmdetection's ``MaxIoUAssigner`` on the ``usable`` anchors: ``(labels, matched_gt)``.
 
-    ``iou``: ``(G, N)`` gt x anchor IoU (``G >= 1``). Labels (float, as torchvision's RPN keeps
+    ``iou``: ``(..., G, N)`` gt x anchor IoU (``G >= 1``; a leading batch dimension labels every
+    image at once, ``usable`` then ``(..., N)``). Labels (float, as torchvision's RPN keeps
     them): 1 when the anchor's best IoU is >= ``fg_iou_thresh``, 0 when it is below
     ``bg_iou_thresh``, -1 in between and for anchors not ``usable``. Then every gt whose best
     IoU over the usable anchors is >= ``min_pos_iou`` takes all anchors with that IoU as
     positives matched to itself (gts in order, so a later gt wins a shared anchor); torchvision
     instead keeps them whatever their IoU, matched to their own best gt.
+
+    ``real_gt`` ``(..., G)``: False for padding rows (images with fewer gts than ``G``), whose
+    IoU must be 0: they never take anchors, and an image with padding rows only labels its
+    usable anchors 0 (negatives), matched to row 0.
     """
-    iou = torch.where(usable[None, :], iou, torch.full_like(iou, -1.0))
-    best_iou, matched = iou.max(dim=0)
+    iou = torch.where(usable[..., None, :], iou, -1.0)
+    best_iou, matched = iou.max(dim=-2)
     # masked_fill, not mask assignment: the same values without waiting for the device
     labels = torch.full_like(best_iou, -1.0)
     labels = labels.masked_fill((best_iou >= 0) & (best_iou < bg_iou_thresh), 0.0)
     labels = labels.masked_fill(best_iou >= fg_iou_thresh, 1.0)
-    gt_best = iou.max(dim=1, keepdim=True).values
+    gt_best = iou.max(dim=-1, keepdim=True).values
     low_quality = (iou == gt_best) & (gt_best >= min_pos_iou)
-    taken = low_quality.any(dim=0)
-    last_gt = iou.shape[0] - 1 - low_quality.flip(0).to(torch.uint8).argmax(dim=0)
+    if real_gt is not None:
+        low_quality &= real_gt[..., None]
+    taken = low_quality.any(dim=-2)
+    last_gt = iou.shape[-2] - 1 - low_quality.flip(-2).to(torch.uint8).argmax(dim=-2)
     matched = torch.where(taken, last_gt, matched)
     return labels.masked_fill(taken, 1.0), matched
 
@@ -225,6 +242,10 @@ class DecoupledRPN(RegionProposalNetwork):
             score_thresh,
         )
         self.box_coder = BoxCoder(self.box_coder.weights)  # torchvision's, without syncs
+        del self.fg_bg_sampler  # torchvision's per-image sampler: drawn batched instead
+        self.sampler: Sampler = partial(
+            random_sample, num=batch_size_per_image, pos_fraction=positive_fraction
+        )
         self.train_nms_thresh = tuple(train_nms_thresh)
         self.min_size = min_size
         self.loss_bbox = loss_bbox
@@ -285,15 +306,25 @@ class DecoupledRPN(RegionProposalNetwork):
         labels: list[Tensor],
         regression_targets: list[Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """Objectness BCE over sampled anchors; box loss on positives / number sampled."""
-        pos_masks, neg_masks = self.fg_bg_sampler(labels)
-        pos = torch.where(torch.cat(pos_masks))[0]
-        sampled = torch.cat([pos, torch.where(torch.cat(neg_masks))[0]])
-        deltas, targets = pred_bbox_deltas[pos], torch.cat(regression_targets)[pos]
-        cls_loss = F.binary_cross_entropy_with_logits(
-            objectness.flatten()[sampled], torch.cat(labels)[sampled]
+        """Objectness BCE over the sampled anchors (mean); box loss summed over the sampled
+        positives / number sampled. The anchors are drawn by ``self.sampler`` (drcnn's batched
+        :func:`~drcnn.models.sampling.random_sample`, torchvision's sizes), not torchvision's
+        per-image ``fg_bg_sampler``."""
+        label = torch.stack(labels)  # (images, anchors): every image has the same anchors
+        image = torch.arange(len(labels), device=label.device)[:, None].expand_as(label)
+        label = label.flatten()
+        sampled = self.sampler(label, image.flatten(), len(labels))
+        positive = (sampled & (label > 0))[:, None]
+        num_sampled = sampled.sum().clamp(min=1)
+        # every anchor's loss, the unsampled ones selected out (torch.where, not a product: an
+        # image without gt has infinite targets), so nothing waits for the device
+        bce = F.binary_cross_entropy_with_logits(
+            objectness.flatten(), label.clamp(min=0), reduction="none"
         )
-        return cls_loss, box_loss(deltas, targets, self.loss_bbox) / max(sampled.numel(), 1)
+        cls_loss = torch.where(sampled, bce, 0.0).sum() / num_sampled
+        deltas = torch.where(positive, pred_bbox_deltas, 0.0)
+        targets = torch.where(positive, torch.cat(regression_targets), 0.0)
+        return cls_loss, box_loss(deltas, targets, self.loss_bbox) / num_sampled
 
     def label_anchors(
         self,
@@ -305,32 +336,40 @@ class DecoupledRPN(RegionProposalNetwork):
         """Per image: anchor labels (1 / 0 / -1 ignored) and each anchor's matched gt box."""
         if self.anchor_convention == "torchvision":
             return self.assign_targets_to_anchors(anchors, targets)
-        labels, matched_boxes = [], []
-        # images of one size with the same anchors (the anchor generators give every image of
-        # a batch the same tensor) share their usable anchors: made once, not once per image
-        # (about 40 small ops each, kernel launches on a GPU)
-        usable_by_key: dict[tuple[int, tuple[int, int]], Tensor] = {}
-        for anchors_i, target, size in zip(anchors, targets, image_sizes, strict=True):
-            key = (id(anchors_i), tuple(size))
-            if key not in usable_by_key:
-                usable_by_key[key] = self.usable_anchors(anchors_i, size, grid_sizes)
-            usable = usable_by_key[key]
-            gt_boxes = target["boxes"].to(anchors_i.dtype)
-            if gt_boxes.shape[0] == 0:
-                labels.append(torch.where(usable, 0.0, -1.0).to(anchors_i.dtype))
-                matched_boxes.append(torch.zeros_like(anchors_i))
-                continue
-            iou = self.box_similarity(gt_boxes, anchors_i)
-            lab, matched = mmdet_anchor_labels(
-                iou,
-                usable,
-                self.proposal_matcher.high_threshold,
-                self.proposal_matcher.low_threshold,
-                self.min_pos_iou,
-            )
-            labels.append(lab)
-            matched_boxes.append(gt_boxes[matched])
-        return labels, matched_boxes
+        if any(a is not anchors[0] for a in anchors):
+            raise ValueError("DecoupledRPN: the mmdet convention needs one anchor tensor per batch")
+        # images of one size share their usable anchors: made once, not once per image (about
+        # 40 small ops each, kernel launches on a GPU)
+        usable_by_size: dict[tuple[int, int], Tensor] = {}
+        for size in image_sizes:
+            if tuple(size) not in usable_by_size:
+                usable_by_size[tuple(size)] = self.usable_anchors(anchors[0], size, grid_sizes)
+        usable = torch.stack([usable_by_size[tuple(size)] for size in image_sizes])
+        # every image at once: its gts' IoU rows in a (images, most gts, anchors) block, the
+        # rows of images with fewer gts left at IoU 0 and marked as padding
+        gt_boxes = [t["boxes"].to(anchors[0].dtype) for t in targets]
+        counts = [len(g) for g in gt_boxes]
+        most = max(max(counts), 1)
+        rows = to_device(
+            np.concatenate([i * most + np.arange(c) for i, c in enumerate(counts)]), anchors[0]
+        )
+        all_gt = torch.cat(gt_boxes)
+        iou = anchors[0].new_zeros(len(counts) * most, len(anchors[0]))
+        iou.index_copy_(0, rows, self.box_similarity(all_gt, anchors[0]))
+        real_gt = torch.zeros(len(counts) * most, dtype=torch.bool, device=iou.device)
+        real_gt.index_fill_(0, rows, True)
+        labels, matched = mmdet_anchor_labels(
+            iou.view(len(counts), most, -1),
+            usable,
+            self.proposal_matcher.high_threshold,
+            self.proposal_matcher.low_threshold,
+            self.min_pos_iou,
+            real_gt.view(len(counts), most),
+        )
+        padded_gt = anchors[0].new_zeros(len(counts) * most, 4).index_copy_(0, rows, all_gt)
+        image = torch.arange(len(counts), device=iou.device)[:, None]
+        matched_boxes = padded_gt.view(len(counts), most, 4)[image, matched]
+        return list(labels), list(matched_boxes)
 
     def usable_anchors(
         self, anchors: Tensor, image_size: tuple[int, int], grid_sizes: list[tuple[int, int]]

@@ -117,12 +117,15 @@ QuotaRule = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def _draw_classes(labels: Tensor, image: Tensor, num_images: int, rule: QuotaRule) -> Tensor:
     """Rows (N,) bool: per image ``i``, random positives (label > 0) and negatives (label 0) in
-    the numbers ``rule(positives, negatives)`` gives from each image's counts."""
-    slot = 2 * image + (labels > 0)  # 2i: image i's negatives, 2i + 1: its positives
-    sizes = torch.zeros(2 * num_images, dtype=torch.int64, device=labels.device)
+    the numbers ``rule(positives, negatives)`` gives from each image's counts. Rows with a
+    label < 0 (the RPN's ignored anchors) are never drawn."""
+    ignored = 2 * num_images  # slots 2i: image i's negatives, 2i + 1: its positives
+    slot = torch.where(labels < 0, ignored, 2 * image + (labels > 0))
+    sizes = torch.zeros(ignored + 1, dtype=torch.int64, device=labels.device)
     sizes.index_add_(0, slot, torch.ones_like(slot))
-    pos_quota, neg_quota = rule(sizes[1::2], sizes[0::2])
-    return draw_per_group(slot, sizes, torch.stack([neg_quota, pos_quota], dim=1).flatten())
+    pos_quota, neg_quota = rule(sizes[1:ignored:2], sizes[0:ignored:2])
+    quota = torch.cat([torch.stack([neg_quota, pos_quota], dim=1).flatten(), sizes.new_zeros(1)])
+    return draw_per_group(slot, sizes, quota)
 
 
 def random_sample(
@@ -132,7 +135,8 @@ def random_sample(
 
     The sizes of torchvision's ``BalancedPositiveNegativeSampler`` (and mmdetection's
     ``RandomSampler``): fewer positives are made up with negatives, so an image's sample has
-    ``num`` RoIs whenever enough proposals exist.
+    ``num`` rows whenever enough exist. Used by the RoI heads and the RPN (whose labels are
+    float, -1 for ignored anchors).
     """
 
     def rule(positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
