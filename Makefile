@@ -26,9 +26,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/drcnn run experiments/synthetic_quick.yaml --out $(DEMO_OUT) --jobs $(DEMO_JOBS)
 
-# loadgroup: the tests of one xdist_group share a worker (and its module fixtures)
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -n 2 --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

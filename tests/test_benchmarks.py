@@ -3,7 +3,8 @@
 The timings themselves are not tested (they are what the scripts measure); what is: the fixed
 classification load of ``inference.py`` (``drcnn.engine.fixed_load``: its exact counts, in
 drcnn's and torchvision's column layouts, through the real postprocessing of both), the count
-of boxes entering the final NMS, the sync-warning tally of ``sync_count.py``, the training
+of boxes entering the final NMS, the sync-warning tally of ``sync_count.py``, the launch
+count of ``launch_count.py`` (two independent counters agree), the training
 overrides of ``profile_train.py``, and ``gpu_check.sh``'s bookkeeping (a failing step does not
 stop it, ``--amp`` missing is a skip, a spent budget skips, ``summary.json`` always written).
 The CPU mode of ``gpu_check.sh`` end to end takes minutes (six R-50 models): it is run by hand,
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import inference  # noqa: E402
+import launch_count  # noqa: E402
 import profile_train  # noqa: E402
 import sync_count  # noqa: E402
 
@@ -385,3 +387,22 @@ def test_gpu_study_stops_at_its_limit_and_packs_the_run_without_weights(tmp_path
     assert "models/m/results.bbox.json" not in names
     assert "sensitivity/parts/m/part.json" in names  # a part keeps its record, not its rows
     assert "sensitivity/parts/m/sensitivity.parquet" not in names
+
+
+def test_launch_count_lines_add_up_to_the_audit_count(tmp_path, monkeypatch):
+    """``launch_count.py``: its per-line tally (every line listed) adds up to SyncAudit's
+    launch count, for every model; the JSON holds what the table prints."""
+    out = tmp_path / "launches.json"
+    argv = ["launch_count.py", "--batch", "2", "--lines", "100000", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    before = torch.get_num_threads()
+    try:
+        launch_count.main()
+    finally:
+        torch.set_num_threads(before)
+    result = json.loads(out.read_text())
+    assert result["batch"] == 2 and set(result["models"]) == {"faster", "cascade", "decoupled"}
+    for r in result["models"].values():
+        assert r["launches"] == sum(n for _, n in r["top_lines"]) > 500
+        assert r["launches_per_image"] == r["launches"] / 2 and r["waits"] > 0
+        assert any(line.startswith("drcnn/models/sampling.py") for line, _ in r["top_lines"])

@@ -305,7 +305,6 @@ def detections_as_ground_truth(results_file: Path, ann_file: Path, out: Path) ->
     return out
 
 
-@pytest.mark.xdist_group("trained_checkpoint")  # one worker trains it
 def test_bf16_inference_keeps_the_fp32_detections_and_ap(
     synthetic_root, trained_checkpoint, tmp_path, coco_reference, monkeypatch
 ):
@@ -369,7 +368,6 @@ def test_benchmark_reports_the_amp_mode_that_ran(tmp_path, monkeypatch, amp, nat
     assert any("--amp=fp16 needs CUDA" in str(w.message) for w in caught) == (amp == "fp16")
 
 
-@pytest.mark.xdist_group("trained_checkpoint")  # one worker trains it
 def test_infer_with_bf16_writes_fp32_detections(synthetic_root, trained_checkpoint, tmp_path):
     """``infer --amp bf16`` writes plain JSON numbers and mostly the fp32 run's detections.
 

@@ -354,8 +354,9 @@ class DecoupledRPN(RegionProposalNetwork):
             np.concatenate([i * most + np.arange(c) for i, c in enumerate(counts)]), anchors[0]
         )
         all_gt = torch.cat(gt_boxes)
-        iou = anchors[0].new_zeros(len(counts) * most, len(anchors[0]))
-        iou.index_copy_(0, rows, self.box_similarity(all_gt, anchors[0]))
+        pair_iou = self.box_similarity(all_gt, anchors[0])  # float32 also under bf16 autocast
+        iou = pair_iou.new_zeros(len(counts) * most, len(anchors[0]))
+        iou.index_copy_(0, rows, pair_iou)
         real_gt = torch.zeros(len(counts) * most, dtype=torch.bool, device=iou.device)
         real_gt.index_fill_(0, rows, True)
         labels, matched = mmdet_anchor_labels(
