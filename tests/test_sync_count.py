@@ -29,15 +29,15 @@ from drcnn.models.sync_audit import SyncAudit
 from drcnn.models.threads import device_code_path
 
 BUDGET = 10  # synchronising calls per image
-# per training image, forward and backward, by model (counted 6.25, 12.25 and 7.75 on four
-# images since the RoI heads and the RPN sample a batch at once; 11.5, 23 and 15.25 per image
-# before, and Decoupled R-CNN's about 30 before that: 239 for a batch of 8)
-TRAIN_BUDGET = {"faster_r18": 7, "cascade_r18": 13, "decoupled_r18": 8}
+# per training image, forward and backward, by model (counted 5.5, 11.5 and 7 on four images
+# since the RPN and the RoI heads filter, label and sample a batch at once; 11.5, 23 and 15.25
+# per image before, and Decoupled R-CNN's about 30 before that: 239 for a batch of 8)
+TRAIN_BUDGET = {"faster_r18": 6, "cascade_r18": 12, "decoupled_r18": 7}
 # kernel launches per training image (the synthetic steps on a GPU are bound by the host's
-# launches): counted 215, 315 and 329 on four images since the RPN labels and samples and the
-# RoI heads assign, sample, clip and pool a batch at once (278, 453 and 422 before; 309, 490
-# and 453 before the images of a size shared their usable-anchor mask)
-TRAIN_LAUNCHES = {"faster_r18": 220, "cascade_r18": 320, "decoupled_r18": 335}
+# launches): counted 206, 306 and 320 on four images since the RPN filters, labels and samples
+# and the RoI heads assign, sample, clip and pool a batch at once (278, 453 and 422 before;
+# 309, 490 and 453 before the images of a size shared their usable-anchor mask)
+TRAIN_LAUNCHES = {"faster_r18": 210, "cascade_r18": 310, "decoupled_r18": 325}
 SYNTHETIC = "configs/synthetic/{}_rcnn_r18_fpn_synthetic.yaml"
 SHIPPED = {
     "faster_r18": SYNTHETIC.format("faster"),
@@ -314,8 +314,9 @@ def test_soft_nms_inference_within_budget():
 def test_training_step_within_budget_per_image(name):
     """One training step (forward, losses, backward) on four images, counted along the device
     path: synchronising calls and kernel launches. The synchronising calls left are the RPN's
-    candidates and NMS, per image (one NMS per proposal set), and in the RoI heads one per
-    stage and branch (each image's sampled count) and the box loss's positive rows."""
+    NMS, per image and proposal set, its candidates' counts, once per batch, and in the RoI
+    heads one per stage and branch (each image's sampled count) and the box loss's positive
+    rows."""
     model = small_model(name).train()
     g = torch.Generator().manual_seed(8)
     images = [torch.rand(3, 192, 192, generator=g) for _ in range(4)]
@@ -355,15 +356,19 @@ def pool_levels_by_where(self, features, rois, levels):
 
 
 def remove_small_then_filter(boxes, scores, min_size, score_thresh):
-    """The RPN's candidate filter before: torchvision's remove_small_boxes, then the scores."""
+    """The RPN's candidate filter before: torchvision's remove_small_boxes, then the scores
+    (as the mask of every image's rows that the RPN now takes)."""
+    boxes, scores = boxes.view(-1, 4), scores.flatten()
     keep = remove_small_boxes(boxes, min_size)
-    return keep[scores[keep] >= score_thresh]
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[keep[scores[keep] >= score_thresh]] = True
+    return mask
 
 
 def use_torchvision_pieces(model, monkeypatch) -> None:
     """Put back, in ``model`` and the code it runs, what inference used before this change:
     torchvision's normalize, box rescaling, box coders, RoIAlign level selection, candidate
-    filter, batched NMS on every candidate of the final NMS, and the clip by per-row limits."""
+    filter, batched NMS on every candidate of the final NMS, and torchvision's clip per image."""
     monkeypatch.setattr(DetectorTransform, "normalize", GeneralizedRCNNTransform.normalize)
     monkeypatch.setattr(DetectorTransform, "postprocess", GeneralizedRCNNTransform.postprocess)
     monkeypatch.setattr(model.rpn, "box_coder", TorchvisionBoxCoder(model.rpn.box_coder.weights))
@@ -375,12 +380,14 @@ def use_torchvision_pieces(model, monkeypatch) -> None:
     monkeypatch.setattr(postprocess, "batched_nms", torchvision.ops.batched_nms)
     monkeypatch.setattr(postprocess, "FINAL_NMS_CANDIDATES", 10**9)
 
-    def clip_by_limits(boxes, counts, image_shapes):
-        sizes = torch.as_tensor([[w, h] for h, w in image_shapes], dtype=boxes.dtype)
-        limits = sizes.repeat_interleave(torch.as_tensor(counts), dim=0).repeat(1, 2)
-        return torch.minimum(boxes.clamp(min=0), limits)
+    def clip_per_image(boxes, counts, image_shapes):
+        parts = boxes.split(list(counts))
+        return torch.cat(
+            [clip_boxes_to_image(b, shape) for b, shape in zip(parts, image_shapes, strict=True)]
+        )
 
-    monkeypatch.setattr(base, "clip_rows", clip_by_limits)
+    monkeypatch.setattr(base, "clip_rows", clip_per_image)
+    monkeypatch.setattr(rpn, "clip_rows", clip_per_image)
 
 
 @pytest.mark.parametrize("kind", ["faster", "cascade", "decoupled"])

@@ -35,11 +35,10 @@ from torchvision.models.detection.rpn import (
     RPNHead,
     concat_box_prediction_layers,
 )
-from torchvision.ops import boxes as box_ops
 
 from drcnn.config import rpn_nms_thresholds
 from drcnn.models.box_coder import BoxCoder
-from drcnn.models.host_data import to_device
+from drcnn.models.host_data import clip_rows, to_device
 from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import batched_nms
 from drcnn.models.sampling import Sampler, random_sample
@@ -188,12 +187,11 @@ def mmdet_anchor_labels(
 def usable_candidates(
     boxes: Tensor, scores: Tensor, min_size: float, score_thresh: float
 ) -> Tensor:
-    """Indices (ascending) of the boxes with both sides >= ``min_size`` and a score >=
-    ``score_thresh``: torchvision's ``remove_small_boxes`` then its score filter, in one
-    selection (the same rows in the same order; the host waits for the device once, not twice).
-    """
-    sides = boxes[:, 2:] - boxes[:, :2]
-    return torch.where((sides >= min_size).all(dim=1) & (scores >= score_thresh))[0]
+    """``(..., K)`` True for the boxes with both sides >= ``min_size`` and a score >=
+    ``score_thresh``: torchvision's ``remove_small_boxes`` then its score filter, as one mask
+    (the same boxes)."""
+    sides = boxes[..., 2:] - boxes[..., :2]
+    return (sides >= min_size).all(dim=-1) & (scores >= score_thresh)
 
 
 class DecoupledRPN(RegionProposalNetwork):
@@ -265,7 +263,8 @@ class DecoupledRPN(RegionProposalNetwork):
         image_shapes: list[tuple[int, int]],
         num_anchors_per_level: list[int],
     ) -> list[Candidates]:
-        """Per-level top-k by objectness, clip to the image, drop tiny and low-scoring boxes."""
+        """Per-level top-k by objectness, clip to the image, drop tiny and low-scoring boxes;
+        per image, its candidates in the order of the top-k."""
         num_images = proposals.shape[0]
         objectness = objectness.detach().reshape(num_images, -1)
         levels = torch.cat(
@@ -280,14 +279,15 @@ class DecoupledRPN(RegionProposalNetwork):
         levels = levels[batch_idx, top_n_idx]
         proposals = proposals[batch_idx, top_n_idx]
 
-        candidates = []
-        for boxes, scores, lvl, shape in zip(
-            proposals, objectness, levels, image_shapes, strict=True
-        ):
-            boxes = box_ops.clip_boxes_to_image(boxes, shape)
-            keep = usable_candidates(boxes, scores, self.min_size, self.score_thresh)
-            candidates.append(Candidates(boxes[keep], scores[keep], lvl[keep]))
-        return candidates
+        # every image at once: clipped, filtered, and the kept rows taken in one selection
+        # (the host waits once, for each image's count, which the split needs)
+        per_image = [proposals.shape[1]] * num_images
+        boxes = clip_rows(proposals.flatten(0, 1), per_image, image_shapes)
+        keep = usable_candidates(boxes, objectness.flatten(), self.min_size, self.score_thresh)
+        counts = keep.view(num_images, -1).sum(dim=1).tolist()
+        rows = torch.nonzero_static(keep, size=sum(counts)).squeeze(1)
+        columns = [t[rows].split(counts) for t in (boxes, objectness.flatten(), levels.flatten())]
+        return [Candidates(*parts) for parts in zip(*columns, strict=True)]
 
     def nms_proposals(self, candidates: list[Candidates], thresh: float) -> list[Tensor]:
         """Per-level NMS at ``thresh``, then the ``post_nms_top_n`` best boxes of each image."""
@@ -346,7 +346,8 @@ class DecoupledRPN(RegionProposalNetwork):
                 usable_by_size[tuple(size)] = self.usable_anchors(anchors[0], size, grid_sizes)
         usable = torch.stack([usable_by_size[tuple(size)] for size in image_sizes])
         # every image at once: its gts' IoU rows in a (images, most gts, anchors) block, the
-        # rows of images with fewer gts left at IoU 0 and marked as padding
+        # rows of images with fewer gts left at IoU 0 and marked as padding (at most `images`
+        # times the per-image matrices' memory, of the order of the IoU's own temporaries)
         gt_boxes = [t["boxes"].to(anchors[0].dtype) for t in targets]
         counts = [len(g) for g in gt_boxes]
         most = max(max(counts), 1)
