@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, clip_boxes_to_image, remove_small_boxes
 
 from drcnn.config import load_config
 from drcnn.errors import DrcnnError
@@ -79,6 +79,30 @@ def test_two_sets_equal_torchvision_at_each_threshold():
         expected, _ = torchvision_rpn(rpn, thresh)(images, features, targets)
         for ours, ref in zip(boxes, expected, strict=True):
             torch.testing.assert_close(ours, ref)
+
+
+def test_candidates_of_a_batch_are_each_image_clipped_and_filtered_alone():
+    """``select_candidates`` clips and filters every image at once: per image, exactly the
+    boxes, scores and levels of torchvision's per-image steps (``clip_boxes_to_image``,
+    ``remove_small_boxes``, then the score threshold) on the same top-k."""
+    rpn = make_rpn("model.rpn.min_size=3.0", "model.rpn.score_thresh=0.3").train()
+    g = torch.Generator().manual_seed(4)
+    shapes, per_level = [(60, 80), (100, 50), (90, 70)], [40, 25]
+    xy = torch.rand(3, 65, 2, generator=g) * 100 - 10  # some beyond the image
+    proposals = torch.cat([xy, xy + torch.rand(3, 65, 2, generator=g) * 30], dim=2)
+    objectness = torch.randn(3 * 65, 1, generator=g)
+    got = rpn.select_candidates(proposals, objectness, shapes, per_level)
+
+    top = rpn._get_top_n_idx(objectness.reshape(3, -1), per_level)
+    levels = torch.cat([torch.full((n,), i) for i, n in enumerate(per_level)])
+    for i, (shape, cand) in enumerate(zip(shapes, got, strict=True)):
+        boxes = clip_boxes_to_image(proposals[i, top[i]], shape)
+        scores = objectness.reshape(3, -1)[i, top[i]].sigmoid()
+        keep = remove_small_boxes(boxes, 3.0)
+        keep = keep[scores[keep] >= 0.3]
+        assert 5 < len(keep) < 60
+        assert torch.equal(cand.boxes, boxes[keep]) and torch.equal(cand.scores, scores[keep])
+        assert torch.equal(cand.levels, levels[top[i]][keep])
 
 
 def test_regression_set_keeps_more_overlapping_boxes():
