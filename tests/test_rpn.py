@@ -152,15 +152,14 @@ SMOOTH_L1_TORCHVISION = "model.rpn.loss_bbox={type: smooth_l1, beta: 0.111111111
 
 class DrawnByDrcnn:
     """torchvision's ``fg_bg_sampler`` interface (per-image positive and negative masks) drawing
-    what drcnn's batched sampler draws from the same random state."""
+    what drcnn's RPN draws from the same random state."""
 
-    def __init__(self, sampler):
-        self.sampler = sampler
+    def __init__(self, rpn):
+        self.rpn = rpn
 
     def __call__(self, labels):
         label = torch.stack(labels)
-        image = torch.arange(len(labels))[:, None].expand_as(label)
-        keep = self.sampler(label.flatten(), image.flatten(), len(labels)).view_as(label)
+        keep = self.rpn.sample_anchors(label)
         return list(keep & (label == 1)), list(keep & (label == 0))
 
 
@@ -172,7 +171,7 @@ def test_smooth_l1_losses_equal_torchvision():
     torch.manual_seed(5)
     _, losses = rpn(images, features, targets)
     reference = torchvision_rpn(rpn, 0.7)
-    drawn = DrawnByDrcnn(rpn.sampler)
+    drawn = DrawnByDrcnn(rpn)
     reference.fg_bg_sampler = drawn
     torch.manual_seed(5)  # same anchor sampling
     _, expected = reference(images, features, targets)

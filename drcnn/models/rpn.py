@@ -311,9 +311,8 @@ class DecoupledRPN(RegionProposalNetwork):
         :func:`~drcnn.models.sampling.random_sample`, torchvision's sizes), not torchvision's
         per-image ``fg_bg_sampler``."""
         label = torch.stack(labels)  # (images, anchors): every image has the same anchors
-        image = torch.arange(len(labels), device=label.device)[:, None].expand_as(label)
+        sampled = self.sample_anchors(label).flatten()
         label = label.flatten()
-        sampled = self.sampler(label, image.flatten(), len(labels))
         positive = (sampled & (label > 0))[:, None]
         num_sampled = sampled.sum().clamp(min=1)
         # every anchor's loss, the unsampled ones selected out (torch.where, not a product: an
@@ -325,6 +324,12 @@ class DecoupledRPN(RegionProposalNetwork):
         deltas = torch.where(positive, pred_bbox_deltas, 0.0)
         targets = torch.where(positive, torch.cat(regression_targets), 0.0)
         return cls_loss, box_loss(deltas, targets, self.loss_bbox) / num_sampled
+
+    def sample_anchors(self, labels: Tensor) -> Tensor:
+        """``(images, anchors)`` True for the anchors the losses train on, drawn by
+        ``self.sampler`` from the ``(images, anchors)`` labels (1 / 0 / -1 ignored)."""
+        image = torch.arange(len(labels), device=labels.device)[:, None].expand_as(labels)
+        return self.sampler(labels.flatten(), image.flatten(), len(labels)).view_as(labels)
 
     def label_anchors(
         self,
