@@ -6,11 +6,18 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from drcnn.data.coco import CocoDetection
-from drcnn.engine.coco_eval import detections_to_coco, evaluate_coco, format_metrics
+from drcnn.engine.coco_eval import (
+    detections_to_coco,
+    evaluate_coco,
+    format_metrics,
+    match_detections,
+    resampled_ap,
+)
 from drcnn.errors import DrcnnError
 
 NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
@@ -58,6 +65,47 @@ def test_restricting_to_some_images(synthetic_root, perturbed_results, coco_refe
     assert len(present) < len(gt["categories"])
     _check_ap_per_iou(metrics, coco_reference, ann, perturbed_results, imgIds=ids)
     assert metrics["AP"] != evaluate_coco(_val_ann(synthetic_root), perturbed_results)["AP"]
+
+
+def with_images_repeated(ann: Path, results: Path, counts: list[int], out: Path) -> list[dict]:
+    """Write to ``out`` the ground truth with val image ``k`` (in id order) held ``counts[k]``
+    times, each copy under a new id with its own annotations; returns the results moved along."""
+    gt, dets = json.loads(ann.read_text()), json.loads(results.read_text())
+    images = sorted(gt["images"], key=lambda image: image["id"])
+    copies = {"images": [], "annotations": [], "results": []}
+    for image, count in zip(images, counts, strict=True):
+        for copy in range(count):
+            new_id = 1000 * (copy + 1) + image["id"]
+            copies["images"].append({**image, "id": new_id})
+            for kind, source in (("annotations", gt["annotations"]), ("results", dets)):
+                copies[kind] += [
+                    {**e, "image_id": new_id} for e in source if e["image_id"] == image["id"]
+                ]
+    for k, annotation in enumerate(copies["annotations"], 1):
+        annotation["id"] = k
+    out.write_text(
+        json.dumps({**gt, "images": copies["images"], "annotations": copies["annotations"]})
+    )
+    return copies["results"]
+
+
+def test_resampled_ap_is_pycocotools_ap_of_the_repeated_images(
+    synthetic_root: Path, perturbed_results: Path, tmp_path: Path
+) -> None:
+    """A bootstrap replicate's AP equals pycocotools' AP on a dataset that holds each image as
+    often as the replicate draws it; drawing every image once gives the plain AP."""
+    ann = _val_ann(synthetic_root)
+    evaluator = match_detections(ann, perturbed_results)
+    num_images = len(evaluator.params.imgIds)
+    assert (
+        resampled_ap(evaluator, np.ones(num_images, int))
+        == evaluate_coco(ann, perturbed_results)["AP"]
+    )
+    counts = [(2, 0, 1, 3)[k % 4] for k in range(num_images)]
+    repeated = with_images_repeated(ann, perturbed_results, counts, tmp_path / "repeated.json")
+    expected = evaluate_coco(tmp_path / "repeated.json", repeated)["AP"]
+    assert resampled_ap(evaluator, np.array(counts)) == pytest.approx(expected, abs=1e-12)
+    assert expected != pytest.approx(evaluate_coco(ann, perturbed_results)["AP"], abs=1e-4)
 
 
 def test_ground_truth_scores_ap_one_and_empty_scores_zero(synthetic_root: Path) -> None:

@@ -129,18 +129,10 @@ def evaluate_coco(
     ``image_ids`` restricts the evaluation to those images (e.g. ``data.max_val_images``).
     Returns ``AP AP50 AP75 APs APm APl AR100`` and ``AP_per_iou`` ({"0.50": ..., "0.95": ...}).
     """
-    coco = load_coco(ann)
-    source = str(results) if not isinstance(results, list) else "results"
-    results = load_results(results)
-    check_references(coco, results, source)
-    if not results:
+    evaluator = match_detections(ann, results, image_ids)
+    if evaluator is None:
         return empty_metrics()
     with contextlib.redirect_stdout(io.StringIO()):
-        detections = coco.loadRes(copy.deepcopy(results))  # loadRes edits its input
-        evaluator = COCOeval(coco, detections, iouType="bbox")
-        if image_ids is not None:
-            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
-        evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     metrics: dict[str, Any] = {
@@ -148,6 +140,57 @@ def evaluate_coco(
     }
     metrics["AP_per_iou"] = _ap_per_iou(evaluator)
     return metrics
+
+
+def match_detections(
+    ann: str | Path | COCO,
+    results: str | Path | list[dict],
+    image_ids: Sequence[int] | None = None,
+) -> COCOeval | None:
+    """pycocotools' COCOeval of ``results`` against ``ann`` after its per-image matching
+    (``evaluate``), before ``accumulate``; None when there are no results. ``image_ids`` as in
+    :func:`evaluate_coco`."""
+    coco = load_coco(ann)
+    source = str(results) if not isinstance(results, list) else "results"
+    results = load_results(results)
+    check_references(coco, results, source)
+    if not results:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        detections = coco.loadRes(copy.deepcopy(results))  # loadRes edits its input
+        evaluator = COCOeval(coco, detections, iouType="bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+    return evaluator
+
+
+def resampled_ap(evaluator: COCOeval, counts: np.ndarray) -> float:
+    """COCO AP (IoU 0.50:0.95, all areas, 100 detections) of a resample of the evaluated
+    images: image ``i`` of ``evaluator.params.imgIds`` taken ``counts[i]`` times (a bootstrap
+    replicate: :func:`drcnn.analysis.sensitivity.bootstrap_counts`).
+
+    pycocotools' own ``accumulate`` runs on the per-image matches of ``evaluator`` (after
+    ``evaluate``) laid out for the resampled image list, so the value is the AP that COCOeval
+    gives on a dataset holding each image ``counts[i]`` times; all ones give ``stats[0]``."""
+    params = evaluator.params
+    num_images, num_areas = len(params.imgIds), len(params.areaRng)
+    area = params.areaRngLbl.index("all")
+    drawn = np.repeat(np.arange(num_images), counts)
+    resample = copy.copy(evaluator)
+    resample.params = copy.deepcopy(params)
+    resample.params.imgIds = [params.imgIds[i] for i in drawn]
+    # only what AP reads (area "all", 100 detections): a twelfth of accumulate's loops
+    resample.params.areaRng, resample.params.areaRngLbl = [params.areaRng[area]], ["all"]
+    resample.params.maxDets = [100]
+    resample._paramsEval = copy.deepcopy(resample.params)
+    blocks = [k * num_areas + area for k in range(len(params.catIds))]  # [category][area][image]
+    resample.evalImgs = [evaluator.evalImgs[b * num_images + i] for b in blocks for i in drawn]
+    with contextlib.redirect_stdout(io.StringIO()):
+        resample.accumulate()
+    precision = resample.eval["precision"][:, :, :, 0, 0]
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else 0.0
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
