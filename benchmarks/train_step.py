@@ -14,6 +14,16 @@ images of 320 px on the CPU, 2 images of 800x1333 on CUDA, where the inference f
 Decoupled R-CNN COCO config is measured too (``drcnn.engine.benchmark``; ``--no-fps`` skips
 it). Prints a table and writes ``benchmarks/results/train_step.json`` with the median times and
 their ratios to torchvision.
+
+On the CPU the steps run with denormal floats flushed to zero (``torch.set_flush_denormal``):
+drcnn's Faster R-CNN config has frozen BatchNorm, which at random initialisation is the
+identity, and after a few SGD steps its RoI head's weight gradients held hundreds of thousands
+of denormals (fc6: 692,803 of 12.8 M after two steps), each computed many times slower by the
+CPU; its step time then grew from 6.5 to 13.6 s over the five timed steps (2026-11-27, the
+2-core AMD EPYC). Trained weights have none (a late ``make demo`` Decoupled R-CNN step: 0), so
+that cost measures the random weights, not the model. torchvision's model (trainable BatchNorm
+at random init) runs as fast either way (3.45 s and 3.33 s per step, alternated), so the
+machine reference figure in the README keeps its meaning.
 """
 
 from __future__ import annotations
@@ -128,6 +138,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # random-weight denormals (module docstring)
     height, width = args.size or ((800, 1333) if device.type == "cuda" else (320, 320))
     rows = {}
     for name, (model, num_classes) in build_models(height, width).items():

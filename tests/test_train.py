@@ -211,6 +211,48 @@ def test_amp_auto_uses_bf16_only_where_the_device_computes_it_natively(monkeypat
     assert resolve_amp("auto", cuda) == "bf16"
 
 
+class RaisingBackbone(torch.nn.Module):
+    """A stand-in backbone: one convolution, or an error when asked to fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.fail:
+            raise RuntimeError("backbone failed")
+        return {"0": self.conv(x)}
+
+
+def test_inference_autocast_casts_the_backbone_only_and_cleans_up():
+    """bf16 inside the backbone, its features out in fp32, nothing cast outside it; after the
+    block (also one the backbone raised in) no hook is left and autocast is off again."""
+    model = torch.nn.Module()
+    model.backbone = RaisingBackbone()
+    head = torch.nn.Linear(4, 2)
+    inner: list[torch.dtype] = []
+    model.backbone.conv.register_forward_hook(lambda m, a, out: inner.append(out.dtype))
+    x = torch.rand(1, 3, 8, 8)
+    with amp_module.inference_autocast(model, "bf16", torch.device("cpu")):
+        features = model.backbone(x)["0"]
+        after = head(features.mean(dim=(2, 3)))
+    assert inner == [torch.bfloat16]
+    assert features.dtype == torch.float32 and after.dtype == torch.float32
+    model.backbone.fail = True
+    with (
+        pytest.raises(RuntimeError, match="backbone failed"),
+        amp_module.inference_autocast(model, "bf16", torch.device("cpu")),
+    ):
+        model.backbone(x)
+    assert not torch.is_autocast_enabled("cpu")
+    assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks
+    model.backbone.fail = False
+    with amp_module.inference_autocast(model, "none", torch.device("cpu")):
+        assert model.backbone(x)["0"].dtype == torch.float32
+    assert inner == [torch.bfloat16, torch.float32]
+
+
 def test_bf16_autocast_step_on_cpu(synthetic_root):
     """train.amp=bf16 runs the forward under CPU autocast and still gives finite fp32 losses."""
     cfg = load_config(DECOUPLED, [*tiny_overrides(synthetic_root), "train.amp=bf16"])

@@ -37,13 +37,13 @@ def add_parser(subparsers) -> None:
 
 
 def add_amp_option(parser: argparse.ArgumentParser) -> None:
-    """``--amp``: mixed precision of the forward passes (test, infer, benchmark)."""
+    """``--amp``: mixed precision of the backbone (test, infer, benchmark)."""
     parser.add_argument(
         "--amp",
         default="none",
-        help="mixed precision of the forward passes: none (fp32, default), bf16 (CUDA or CPU), "
-        "fp16 (CUDA; fp32 on a CPU), auto (bf16 where the device computes it natively, as "
-        "train.amp=auto); detections are returned in fp32",
+        help="mixed precision of the backbone (the RPN and the RoI heads stay in fp32): none "
+        "(fp32, default), bf16 (CUDA or CPU), fp16 (CUDA; fp32 on a CPU), auto (bf16 where the "
+        "device computes it natively, as train.amp=auto)",
     )
 
 

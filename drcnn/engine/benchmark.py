@@ -31,7 +31,7 @@ import torch
 import torchvision
 from omegaconf import DictConfig
 
-from drcnn.engine.amp import autocast, inference_amp
+from drcnn.engine.amp import inference_amp, inference_autocast
 from drcnn.engine.checkpoint import load_model
 from drcnn.engine.distributed import resolve_device
 from drcnn.engine.fixed_load import TABLE_ROIS, fix_classification, pair_counts
@@ -73,18 +73,19 @@ def time_passes(
     amp: str = "none",
 ) -> list[float]:
     """Seconds of each timed forward pass (one image each), after ``warmup`` untimed ones;
-    ``amp``: a resolved mixed-precision mode (:mod:`drcnn.engine.amp`)."""
+    ``amp``: a resolved mixed-precision mode for the backbone
+    (:func:`drcnn.engine.amp.inference_autocast`)."""
     device = images[0].device
     times = []
-    for index in range(warmup + passes):
-        image = images[index % len(images)]
-        synchronize(device)
-        start = time.perf_counter()
-        with autocast(amp, device):
+    with inference_autocast(model, amp, device):
+        for index in range(warmup + passes):
+            image = images[index % len(images)]
+            synchronize(device)
+            start = time.perf_counter()
             model([image])
-        synchronize(device)
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
+            synchronize(device)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
     return times
 
 
@@ -100,7 +101,7 @@ def benchmark(
 ) -> dict[str, Any]:
     """Measure inference fps and peak memory; writes the result as JSON to ``out`` (default
     ``benchmark.json`` beside the checkpoint, or in the current folder) and returns it.
-    ``amp``: mixed precision of the forward passes (:mod:`drcnn.engine.amp`; the result's
+    ``amp``: mixed precision of the backbone (:mod:`drcnn.engine.amp`; the result's
     ``amp`` is the mode that ran, ``auto`` resolved)."""
     torch_device = resolve_device(device)
     mode = inference_amp(amp, torch_device)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from drcnn.data.loader import build_dataloader
 from drcnn.engine import distributed as dist
-from drcnn.engine.amp import autocast, fp32_outputs, inference_amp
+from drcnn.engine.amp import inference_amp, inference_autocast
 from drcnn.engine.checkpoint import load_model
 from drcnn.engine.coco_eval import detections_to_coco, evaluate_coco
 from drcnn.engine.infer import draw_detections, save_png
@@ -34,17 +34,16 @@ def inference(
 ) -> list[dict]:
     """Detections of this process's share of ``loader``: ``{"image_id", "boxes", "scores",
     "labels"}`` per image, on the CPU, boxes in input-image pixels, in fp32. ``amp``: a resolved
-    mixed-precision mode (:mod:`drcnn.engine.amp`) for the forward passes."""
+    mixed-precision mode for the backbone (:func:`drcnn.engine.amp.inference_autocast`)."""
     model.eval()
     results = []
-    for images, targets in tqdm(
-        loader, desc="test", disable=None if dist.is_main_process() else True
-    ):
-        with autocast(amp, torch.device(device)):
+    batches = tqdm(loader, desc="test", disable=None if dist.is_main_process() else True)
+    with inference_autocast(model, amp, torch.device(device)):
+        for images, targets in batches:
             outputs = model([image.to(device) for image in images])
-        for output, target in zip(outputs, targets, strict=True):
-            detection = fp32_outputs({key: output[key].cpu() for key in DET_KEYS})
-            results.append({"image_id": int(target["image_id"]), **detection})
+            for output, target in zip(outputs, targets, strict=True):
+                detection = {key: output[key].cpu() for key in DET_KEYS}
+                results.append({"image_id": int(target["image_id"]), **detection})
     return results
 
 
@@ -141,7 +140,7 @@ def test(
     scoring at least ``score_thr`` (default 0.3; the result file keeps every detection, as COCO
     AP needs). ``cfg=None`` uses the config stored in the checkpoint. Outputs that would
     overwrite each other or an input (the checkpoint, ``config_file``, the val split's files)
-    are refused before inference starts. ``amp``: mixed precision of the forward passes
+    are refused before inference starts. ``amp``: mixed precision of the backbone
     (``none``, ``bf16``, ``fp16``, ``auto``: :mod:`drcnn.engine.amp`).
     """
     torch_device = dist.setup(device)

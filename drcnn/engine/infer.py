@@ -30,7 +30,7 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from drcnn.data.images import load_image
-from drcnn.engine.amp import autocast, fp32_outputs, inference_amp
+from drcnn.engine.amp import inference_amp, inference_autocast
 from drcnn.engine.checkpoint import class_names, load_checkpoint, load_model
 from drcnn.engine.distributed import resolve_device
 from drcnn.errors import DrcnnError
@@ -170,7 +170,7 @@ def infer(
     one drawing per image (names: module docstring). ``cfg=None`` uses the checkpoint's config;
     ``config_file`` (the file ``cfg`` came from) is protected like the inputs. Returns the JSON
     entries: ``{"file", "drawing", "width", "height", "detections": [...]}`` per image.
-    ``amp``: mixed precision of the forward passes (:mod:`drcnn.engine.amp`)."""
+    ``amp``: mixed precision of the backbone (:mod:`drcnn.engine.amp`)."""
     paths = collect_images(inputs)
     out_dir = Path(out_dir)
     drawings = [out_dir / name for name in drawing_names(paths)]
@@ -187,16 +187,17 @@ def infer(
     ]
     atomic_write_json(out_dir / DETECTIONS, entries)  # the plan: which drawings are ours
     work = zip(entries, paths, drawings, strict=True)
-    for entry, path, drawing in tqdm(work, total=len(paths), desc="infer", disable=None):
-        image = load_image(path)
-        with autocast(mode, torch_device):
+    progress = tqdm(work, total=len(paths), desc="infer", disable=None)
+    with inference_autocast(model, mode, torch_device):
+        for entry, path, drawing in progress:
+            image = load_image(path)
             output = model([image.to(torch_device)])[0]
-        detection = fp32_outputs({k: v.cpu() for k, v in output.items()})
-        entry.update(
-            width=image.shape[-1],
-            height=image.shape[-2],
-            detections=describe(detection, names, score_thr),
-        )
-        save_png(draw_detections(image, detection, names, score_thr), drawing)
+            detection = {k: v.cpu() for k, v in output.items()}
+            entry.update(
+                width=image.shape[-1],
+                height=image.shape[-2],
+                detections=describe(detection, names, score_thr),
+            )
+            save_png(draw_detections(image, detection, names, score_thr), drawing)
     atomic_write_json(out_dir / DETECTIONS, entries)
     return entries
