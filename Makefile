@@ -8,7 +8,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN = $(VENV)/bin
 DEMO_OUT ?= experiments/runs/synthetic_quick
-# Steps at once in the main job, each with cpu_count / DEMO_JOBS threads: on the 2-core CPU two
+# Steps at once in the main job, each with cpu_count / (steps running) threads: on the 2-core CPU two
 # 1-thread trainings side by side finish sooner than two 2-thread ones in turn (README).
 DEMO_JOBS ?= 2
 

@@ -21,6 +21,7 @@ from drcnn import cli, load_config
 from drcnn.analysis import report, runner, study
 from drcnn.config import to_dict
 from drcnn.engine.checkpoint import load_checkpoint, save_checkpoint
+from drcnn.engine.thread_share import SHARE_ENV
 from drcnn.errors import DrcnnError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
@@ -389,16 +390,24 @@ def test_a_spec_starts_from_its_base(tmp_path, synthetic_root):
 
 class TimedExecutor(FakeExecutor):
     """A FakeExecutor whose steps take a moment (``seconds`` by step id, else 0.2 s) and note
-    when they ran and with how many OpenMP threads their kernel would start."""
+    when they ran, with how many OpenMP threads their kernel would start, and the thread
+    shares the runner wrote meanwhile (``shares``: step id -> the values as they changed)."""
 
     def __init__(self, seconds: dict[str, float] | None = None) -> None:
         super().__init__()
         self.seconds = seconds or {}
         self.spans: dict[str, tuple[float, float, str | None]] = {}
+        self.shares: dict[str, list[str]] = {}
 
     def __call__(self, notebook: str, executed: Path, parameters: dict, cwd: Path) -> None:
         start = time.perf_counter()
-        time.sleep(self.seconds.get(executed.stem, 0.2))
+        seen = self.shares.setdefault(executed.stem, [])
+        share = os.environ.get(SHARE_ENV)
+        while time.perf_counter() - start < self.seconds.get(executed.stem, 0.2):
+            value = Path(share).read_text() if share else None
+            if value and (not seen or seen[-1] != value):
+                seen.append(value)
+            time.sleep(0.01)
         super().__call__(notebook, executed, parameters, cwd)
         threads = os.environ.get("OMP_NUM_THREADS")
         self.spans[executed.stem] = (start, time.perf_counter(), threads)
@@ -407,9 +416,10 @@ class TimedExecutor(FakeExecutor):
 def test_jobs_start_each_step_as_soon_as_what_it_needs_has_ended(
     tmp_path, synthetic_root, monkeypatch, capsys
 ):
-    """--jobs 2: the two trainings overlap, each kernel gets half the CPU threads, a model's
-    test starts once its own training ended (while the slower model still trains), the report
-    comes last, and the outcome equals a sequential run's."""
+    """--jobs 2: the two trainings overlap, each kernel gets half the CPU threads (and the
+    slower training all of them once it runs alone), a model's test starts once its own
+    training ended (while the slower model still trains), the report comes last, and the
+    outcome equals a sequential run's."""
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     spec = {
@@ -435,10 +445,11 @@ def test_jobs_start_each_step_as_soon_as_what_it_needs_has_ended(
     (a0, a1, a_threads), (b0, b1, _) = timed.spans["train-a"], timed.spans["train-b"]
     assert max(a0, b0) < min(a1, b1)  # the trainings overlapped
     assert a_threads == "2"  # 4 cores / 2 jobs
+    assert timed.shares["train-b"] == ["2", "4"]  # all 4 once it ran alone
     test_a, test_b = timed.spans["test-a"], timed.spans["test-b"]
     assert a1 <= test_a[0] < b1  # test-a ran beside the slower training
     assert test_b[0] >= b1 and report_start[0] >= max(test_a[1], test_b[1])
-    assert "OMP_NUM_THREADS" not in os.environ  # restored after the run
+    assert "OMP_NUM_THREADS" not in os.environ and SHARE_ENV not in os.environ  # restored
     lines = capsys.readouterr().out.splitlines()  # whole lines, though printed from threads
     assert all(re.fullmatch(r"\[\d/5\] [^\[]+|\[dataset\] .+|results in .+", x) for x in lines)
     sequential = TimedExecutor()

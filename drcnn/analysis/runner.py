@@ -37,7 +37,6 @@ output folder: ``run_experiment`` holds an exclusive lock on ``OUT/.lock`` while
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -47,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -62,6 +61,7 @@ from drcnn.analysis.launchers import LauncherSpec
 from drcnn.analysis.seeds import seed_run
 from drcnn.config import reject_interpolations
 from drcnn.engine.distributed import AUTO_DEVICE, DEVICE_CHOICES, device_kind, device_name
+from drcnn.engine.thread_share import ThreadShare
 from drcnn.errors import DrcnnError
 from drcnn.io import FolderLock, atomic_write_text
 
@@ -595,24 +595,6 @@ def experiment_status(spec_path: str | Path, out: str | Path | None = None) -> l
     return launchers.status_lines(plan(spec, out), out)
 
 
-@contextlib.contextmanager
-def thread_share(jobs: int) -> Iterator[None]:
-    """While ``jobs`` steps run at once, each step's kernel (which inherits this environment)
-    gets ``cpu_count // jobs`` OpenMP threads (at least 1): two 2-thread trainings on 2 cores
-    would fight over the cores, and OpenMP teams slow down many-fold when oversubscribed. On
-    CUDA the same share holds for each job's CPU work (data loading, post-processing), and the
-    jobs share the GPU (its memory too)."""
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
-
-
 def _run_when_ready(
     steps: list[tuple[int, Step]],
     run_one: Callable[[int, Step], str],
@@ -630,7 +612,7 @@ def _run_when_ready(
         return
     planned = {step.id for _, step in steps}
     waiting, running = list(steps), {}  # running: future -> step id
-    with thread_share(jobs), ThreadPoolExecutor(max_workers=jobs) as pool:
+    with ThreadShare(jobs) as share, ThreadPoolExecutor(max_workers=jobs) as pool:
         while waiting or running:
             for pair in list(waiting):
                 ended = [n in status for n in [*pair[1].needs, *pair[1].after] if n in planned]
@@ -639,6 +621,7 @@ def _run_when_ready(
                     running[pool.submit(run_one, *pair)] = pair[1].id
             if not running:  # plan() never makes steps wait on each other
                 raise RuntimeError(f"steps waiting on each other: {[s.id for _, s in waiting]}")
+            share.running(len(running))
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 status[running.pop(future)] = future.result()

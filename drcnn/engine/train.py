@@ -53,6 +53,7 @@ from drcnn.engine.data_order import TrainingLoader, mix_seed
 from drcnn.engine.evaluate import evaluate
 from drcnn.engine.optim import Schedule, build_optimizer, build_schedule
 from drcnn.engine.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, summary_writer_class
+from drcnn.engine.thread_share import follow_thread_share
 from drcnn.engine.watchdog import Watchdog
 from drcnn.errors import DrcnnError
 from drcnn.io import (
@@ -522,6 +523,7 @@ def run_loop(trainer: Trainer, loader: TrainingLoader) -> None:
         done_in_epoch = trainer.iteration - epoch * schedule.iters_per_epoch
         batches = loader.epoch(epoch, done_in_epoch * accumulate)
         for _ in range(done_in_epoch, schedule.iters_per_epoch):
+            follow_thread_share()  # under drcnn run --jobs N: the cores other steps left
             start = time.perf_counter()
             watchdog.waiting("the next batch from the loader", trainer.iteration)
             micro_batches = [next(batches) for _ in range(accumulate)]
