@@ -80,10 +80,11 @@ def inference_autocast(model: nn.Module, amp: str, device: torch.device) -> Iter
     and returns its features in fp32, so the RPN, the RoI heads and post-processing compute in
     fp32; a no-op for ``none``. The backbone is autocast by forward hooks, removed on exit.
 
-    Why not the whole model: on the main job's checkpoints and 100 val images (2-core CPU,
-    emulated bf16), bf16 everywhere moved AP by +0.18 (Faster R-CNN) and +0.21 (Decoupled
-    R-CNN) points, with 95% bootstrap intervals over the images of about +-0.6; with the heads in
-    fp32 the changes were +0.11 and +0.05, intervals about +-0.2 (README, "bf16 inference")."""
+    Why not the whole model: on the main job's checkpoints and 100 val images (a 2-core Intel
+    Xeon with AMX, native bf16), bf16 everywhere moved AP by +0.18 (Faster R-CNN) and +0.21
+    (Decoupled R-CNN) points, with 95% bootstrap intervals over the images of about +-0.6; with
+    the heads in fp32 the changes were +0.11 and +0.05, intervals about +-0.2 (README, "bf16
+    inference")."""
     cast = autocast(amp, device)
     if isinstance(cast, nullcontext):
         yield
