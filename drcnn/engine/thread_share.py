@@ -6,9 +6,10 @@ A step's process starts with its share in ``OMP_NUM_THREADS``. A training also f
 while it runs: the runner (:class:`ThreadShare`) rewrites a one-number file whenever the number
 of running steps changes, and the training loop reads it once per iteration
 (:func:`follow_thread_share`, the file named by ``DRCNN_THREAD_SHARE``), so a training that
-outlives the steps beside it takes the cores they leave. In ``make demo`` Faster R-CNN's
-training and its test and study share end about two minutes before Decoupled R-CNN's training
-on the 2-core CPU; a late Decoupled step takes 1.03 s on two threads against 1.60 s on one.
+outlives the steps beside it takes the cores they leave. In ``make demo`` on a 2-core CPU,
+Decoupled R-CNN's training runs alone for its last 120 or so of 480 iterations, after Faster
+R-CNN's training, test and study share: about 1.05 s per iteration on two threads against 1.8 s
+on one (README, "make demo", runs 11 and 12).
 
 The thread count changes the order of floating-point sums inside the kernels, so such a
 training's rounding depends on when the other steps ended; its recipe does not.
