@@ -311,14 +311,18 @@ def test_bf16_inference_keeps_the_fp32_detections_and_ap(
 ):
     """``test --amp bf16`` runs the backbone in bf16 on the CPU, the RPN and the RoI heads in
     fp32 (:func:`drcnn.engine.amp.inference_autocast`), and writes detections that match the
-    fp32 run's (AP50 >= 0.85 taking the fp32 detections as ground truth) with about its AP and
+    fp32 run's (AP50 >= 0.9 taking the fp32 detections as ground truth) with about its AP and
     AP50.
 
     The bounds are what 8 val images can resolve: one changed detection moves AP by about half
-    a point there. Over train seeds 0-4 of this fixture, bf16 minus fp32 was -0.2 to +0.9 AP
-    points and -1.8 to +0.4 AP50 points, the agreement 0.91 to 0.97. Issue #13's target, AP
-    within 0.2 points of fp32, is measured on the main job's checkpoints and 100 val images
-    (README, "make demo")."""
+    a point there, AP50 by up to about three. Over train seeds 0-4 of this fixture (the test
+    trains seed 0), bf16 minus fp32 was -0.45 to +0.59 AP points and -3.1 to 0.0 AP50 points,
+    the agreement 0.966 to 1.0 (a 2-core Intel Xeon with AMX, 2026-11-27; with the whole model
+    under autocast, before, on the AMD EPYC: -0.2 to +0.9, -1.8 to +0.4, 0.91 to 0.97). Issue
+    #13's target, AP within 0.2 points of fp32, is measured on the main job's checkpoints and
+    100 or 600 val images by ``benchmarks/amp_ap.py`` (README, "bf16 inference"). The bounds
+    leave room for CPUs that round differently (the fixture's model differs between the AMD
+    EPYC and the Xeon)."""
     seen: dict[str, set[torch.dtype]] = {"fpn": set(), "rpn": set(), "box head": set()}
 
     def load_and_watch(*args, **kwargs):
@@ -348,14 +352,14 @@ def test_bf16_inference_keeps_the_fp32_detections_and_ap(
         for dtypes in seen.values():
             dtypes.clear()
     assert metrics["none"]["AP50"] > 0.5  # a model that detects, or the comparison says little
-    for key, bound in (("AP", 0.015), ("AP50", 0.03)):
+    for key, bound in (("AP", 0.015), ("AP50", 0.04)):
         assert abs(metrics["bf16"][key] - metrics["none"][key]) <= bound, key
     ann_file = synthetic_root / "annotations" / "instances_val.json"
     fp32_gt = detections_as_ground_truth(
         tmp_path / "none" / "results.bbox.json", ann_file, tmp_path / "fp32_gt.json"
     )
     agreement = coco_reference(fp32_gt, tmp_path / "bf16" / "results.bbox.json")
-    assert agreement.stats[1] >= 0.85  # AP50 of bf16 against the fp32 detections
+    assert agreement.stats[1] >= 0.9  # AP50 of bf16 against the fp32 detections
 
 
 def test_amp_ap_benchmark_compares_on_the_same_images(trained_checkpoint, tmp_path):
