@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from drcnn.data.synthetic import generate_synthetic_coco
+
+# the benchmark scripts (benchmarks/*.py) import as modules in the tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -23,7 +23,11 @@ import time
 import warnings
 from pathlib import Path
 
+import inference
+import launch_count
+import profile_train
 import pytest
+import sync_count
 import torch
 import torchvision
 from torch import nn
@@ -37,12 +41,6 @@ from drcnn.engine.benchmark import use_anchor_proposals
 from drcnn.models.detector import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import inference  # noqa: E402
-import launch_count  # noqa: E402
-import profile_train  # noqa: E402
-import sync_count  # noqa: E402
 
 TORCHVISION_UNUSED_IDS = [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]  # COCO ids without a class
 

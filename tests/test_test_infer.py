@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 import warnings
 from pathlib import Path
 
+import amp_ap
 import numpy as np
 import pytest
 import torch
@@ -365,9 +365,6 @@ def test_bf16_inference_keeps_the_fp32_detections_and_ap(
 def test_amp_ap_benchmark_compares_on_the_same_images(trained_checkpoint, tmp_path):
     """``benchmarks/amp_ap.py``: the fp32 AP is ``drcnn test``'s, the difference is bf16 minus
     fp32, and its bootstrap interval brackets it; all written to the JSON it prints from."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import amp_ap
-
     out = tmp_path / "amp_ap.json"
     result = amp_ap.main([str(trained_checkpoint), "--boot", "40", "--out", str(out)])
     assert json.loads(out.read_text()) == result
