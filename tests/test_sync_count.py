@@ -232,14 +232,56 @@ def test_device_path_never_hands_work_to_threads(monkeypatch):
 
 
 # ---- the sync-free replacements equal torchvision's pieces ------------------------------------
-def test_box_coder_decodes_as_torchvision_bit_for_bit():
+STAGE_WEIGHTS = [
+    (1.0, 1.0, 1.0, 1.0),  # the RPN
+    (10.0, 10.0, 5.0, 5.0),
+    tuple(1.0 / s for s in (0.033, 0.033, 0.067, 0.067)),  # Decoupled / Cascade stage 2
+    (10.0, 20.0, 5.0, 5.0),  # unpaired: torchvision's own code
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weights", STAGE_WEIGHTS)
+def test_box_coder_encodes_and_decodes_as_torchvision_bit_for_bit(dtype, weights):
+    """Pairwise x/y arithmetic, the same float ops per element: equal to torchvision's deltas and
+    boxes. In bf16 the encode weight has to be rounded to bf16 first, as torchvision's weight
+    tensor is (1 / 0.033 is not a bf16 number)."""
     g = torch.Generator().manual_seed(3)
-    ref = torch.rand(50, 2, generator=g) * 100
-    ref = torch.cat([ref, ref + 1 + torch.rand(50, 2, generator=g) * 50], 1)
-    codes = torch.randn(50, 12, generator=g) * 3  # three boxes per row, some exp clipped
-    for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
-        ours, theirs = BoxCoder(weights), TorchvisionBoxCoder(weights)
-        assert torch.equal(ours.decode_single(codes, ref), theirs.decode_single(codes, ref))
+    ref = torch.rand(200, 2, generator=g) * 100
+    ref = torch.cat([ref, ref + 1 + torch.rand(200, 2, generator=g) * 50], 1).to(dtype)
+    proposals = ref + (torch.randn(200, 4, generator=g) * 3).to(dtype)
+    proposals[:, 2:] = torch.maximum(proposals[:, 2:], proposals[:, :2] + 1)
+    codes = (torch.randn(200, 12, generator=g) * 3).to(dtype)  # 3 boxes a row, some exp clipped
+    ours, theirs = BoxCoder(weights), TorchvisionBoxCoder(weights)
+    assert torch.equal(ours.encode_single(ref, proposals), theirs.encode_single(ref, proposals))
+    assert torch.equal(ours.decode_single(codes, proposals), theirs.decode_single(codes, proposals))
+    assert torch.equal(
+        ours.encode_single(ref.float(), proposals), theirs.encode_single(ref.float(), proposals)
+    )
+    empty = codes[:0]
+    assert ours.decode_single(empty, proposals[:0]).shape == (0, 12)
+    assert ours.encode_single(ref[:0], proposals[:0]).shape == (0, 4)
+
+
+def test_box_coder_launches_fewer_kernels_and_never_waits():
+    """Encode and decode of paired weights: no tensor from Python data (torchvision's encode
+    makes its weights, its decode two 0.5s) once warm (the weights' rounding to the dtype is
+    made on the host once), and about half torchvision's kernel launches."""
+    g = torch.Generator().manual_seed(5)
+    ref = torch.rand(30, 2, generator=g) * 100
+    ref = torch.cat([ref, ref + 1 + torch.rand(30, 2, generator=g) * 50], 1)
+    codes = torch.randn(30, 8, generator=g)
+    launches = {}
+    coders = {"ours": BoxCoder(STAGE_WEIGHTS[1]), "tv": TorchvisionBoxCoder(STAGE_WEIGHTS[1])}
+    for name, coder in coders.items():
+        coder.encode_single(ref, ref + 1)
+        with SyncAudit() as audit:
+            coder.encode_single(ref, ref + 1)
+            coder.decode_single(codes, ref)
+        launches[name] = audit.launches
+        if name == "ours":
+            assert audit.total == 0, audit.report()
+    assert launches["ours"] <= 32 < 0.7 * launches["tv"], launches
 
 
 def test_transform_pieces_equal_torchvision():
