@@ -434,3 +434,73 @@ def test_mmdet_rpn_trains_and_the_settings_are_validated():
         make_rpn(*MMDET)  # mmdet needs allowed_border
     with pytest.raises(DrcnnError, match=r"model\.rpn\.anchor_convention"):
         make_rpn("model.rpn.anchor_convention=detectron")
+
+
+@pytest.mark.parametrize("convention", ["torchvision", "mmdet"])
+def test_anchors_are_float32_and_made_once_per_batch_shape(convention, monkeypatch):
+    """The RPN's anchors are the generator's float32 anchors also for bf16 features (bf16
+    would round a coordinate near 1000 px to a multiple of 4 px), shared by the batch's images,
+    and made again only for another batch shape or another inference mode."""
+    rpn = mmdet_rpn() if convention == "mmdet" else make_rpn()
+    generator = type(rpn.anchor_generator)
+    made = []
+    original = generator.forward
+    monkeypatch.setattr(
+        generator, "forward", lambda self, *a: made.append(a[1][0].shape) or original(self, *a)
+    )
+    images = ImageList(torch.zeros(2, 3, 128, 128), [(128, 128), (100, 90)])
+    maps = grid_features((128, 128))
+    first = rpn.anchors(images, [m.bfloat16() for m in maps])
+    assert first[0].dtype == torch.float32 and first[1] is first[0]
+    assert torch.equal(first[0], original(rpn.anchor_generator, images, maps)[0])
+    made.clear()
+    assert rpn.anchors(images, maps)[0] is first[0] and made == []
+    wider = ImageList(torch.zeros(2, 3, 128, 192), [(128, 192), (100, 90)])
+    assert len(rpn.anchors(wider, grid_features((128, 192)))[0]) > len(first[0])
+    with torch.inference_mode():
+        inference = rpn.anchors(images, maps)[0]
+    assert inference.is_inference() and torch.equal(inference, first[0])
+    assert not rpn.anchors(images, maps)[0].is_inference()
+    assert len(made) == 2
+
+
+def test_bf16_autocast_keeps_the_rpn_boxes_and_gt_boxes_in_float32(monkeypatch):
+    """Under bf16 autocast (train.amp) the RPN's head computes in bf16, but its proposals and
+    candidates, and the gt boxes the RoI heads match them with, stay float32 as mmdetection
+    keeps them: before, the anchors took the features' dtype and the heads' gt boxes were cast
+    to the proposals' bf16 (a gt corner at 150.3 px became 150)."""
+    from drcnn.models import sampling
+    from drcnn.models.detector import build_detector
+
+    cfg = load_config(
+        "configs/synthetic/decoupled_rcnn_r18_fpn_synthetic.yaml",
+        [
+            "model.backbone.pretrained=null",
+            "model.transform.min_size=[192]",
+            "model.transform.max_size=192",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_detector(cfg).train()
+    targets = [
+        {"boxes": torch.tensor([[20.3, 30.7, 150.3, 170.9]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[40.1, 11.3, 90.7, 181.5]]), "labels": torch.tensor([2])},
+    ]
+    seen = []
+    assign = sampling.assign_candidates
+
+    def spy(proposals, *args):
+        candidates = assign(proposals, *args)
+        seen.append((proposals[0].dtype, candidates))
+        return candidates
+
+    monkeypatch.setattr(sampling, "assign_candidates", spy)
+    images = [torch.rand(3, 192, 192, generator=torch.Generator().manual_seed(i)) for i in (0, 1)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert seen and all(dtype == torch.float32 for dtype, _ in seen)
+    gts = torch.cat([t["boxes"] for t in targets])
+    # every positive's target is a gt box exactly
+    matched = torch.cat([c.matched_gt[c.assignment.labels > 0] for _, c in seen])
+    assert len(matched) and (matched[:, None] == gts).all(-1).any(-1).all()
+    assert all(v.dtype == torch.float32 for v in losses.values())

@@ -29,15 +29,16 @@ from drcnn.models.sync_audit import SyncAudit
 from drcnn.models.threads import device_code_path
 
 BUDGET = 10  # synchronising calls per image
-# per training image, forward and backward, by model (counted 5.5, 11.5 and 7 on four images
-# since the RPN and the RoI heads filter, label and sample a batch at once; 11.5, 23 and 15.25
-# per image before, and Decoupled R-CNN's about 30 before that: 239 for a batch of 8)
-TRAIN_BUDGET = {"faster_r18": 6, "cascade_r18": 12, "decoupled_r18": 7}
+# per training image, forward and backward, by model (counted 5, 10.5 and 6 on four images
+# since the RPN's box coder stopped building its weights on the device; 5.5, 11.5 and 7 since
+# the RPN and the RoI heads filter, label and sample a batch at once; 11.5, 23 and 15.25 per
+# image before, and Decoupled R-CNN's about 30 before that: 239 for a batch of 8)
+TRAIN_BUDGET = {"faster_r18": 5, "cascade_r18": 11, "decoupled_r18": 6}
 # kernel launches per training image (the synthetic steps on a GPU are bound by the host's
-# launches): counted 206, 306 and 320 on four images since the RPN filters, labels and samples
-# and the RoI heads assign, sample, clip and pool a batch at once (278, 453 and 422 before;
-# 309, 490 and 453 before the images of a size shared their usable-anchor mask)
-TRAIN_LAUNCHES = {"faster_r18": 210, "cascade_r18": 310, "decoupled_r18": 325}
+# launches): counted 173, 259 and 275.25 on four images since the anchors are kept across steps
+# and the box coder computes x and y together (206.5, 307 and 321.25 before; 278, 453 and 422
+# before the RPN and the RoI heads worked on a batch at once)
+TRAIN_LAUNCHES = {"faster_r18": 176, "cascade_r18": 262, "decoupled_r18": 278}
 SYNTHETIC = "configs/synthetic/{}_rcnn_r18_fpn_synthetic.yaml"
 SHIPPED = {
     "faster_r18": SYNTHETIC.format("faster"),

@@ -15,6 +15,10 @@ cells outside an image's own padded area (they lie in the batch padding), option
 crossing the image border (``allowed_border``), and accepts a gt's best anchors as positives
 only from IoU ``min_pos_iou`` on (:func:`mmdet_anchor_labels`). ``torchvision`` keeps
 torchvision's behaviour for all of these.
+
+Its anchors, proposals, scores and losses are float32 also under autocast (the head's convolutions
+run in bf16 or fp16), and the anchors are kept across forward passes for each batch shape
+(:meth:`DecoupledRPN.anchors`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from drcnn.models.host_data import clip_rows, to_device
 from drcnn.models.losses import box_loss
 from drcnn.models.postprocess import batched_nms
 from drcnn.models.sampling import Sampler, random_sample
+from drcnn.models.shape_cache import ShapeCache
 from drcnn.models.threads import cpu_path, thread_map
 
 # Nominal strides of the FPN levels P2..P6 the RPN runs on.
@@ -251,6 +256,7 @@ class DecoupledRPN(RegionProposalNetwork):
         self.min_pos_iou = min_pos_iou
         self.allowed_border = allowed_border
         self.size_divisible = size_divisible
+        self.shape_cache: ShapeCache[Tensor] = ShapeCache()
 
     def active_nms_thresholds(self) -> tuple[float, ...]:
         """The NMS thresholds of the current mode: one or two in training, one in eval."""
@@ -343,13 +349,17 @@ class DecoupledRPN(RegionProposalNetwork):
             return self.assign_targets_to_anchors(anchors, targets)
         if any(a is not anchors[0] for a in anchors):
             raise ValueError("DecoupledRPN: the mmdet convention needs one anchor tensor per batch")
-        # images of one size share their usable anchors: made once, not once per image (about
-        # 40 small ops each, kernel launches on a GPU)
-        usable_by_size: dict[tuple[int, int], Tensor] = {}
-        for size in image_sizes:
-            if tuple(size) not in usable_by_size:
-                usable_by_size[tuple(size)] = self.usable_anchors(anchors[0], size, grid_sizes)
-        usable = torch.stack([usable_by_size[tuple(size)] for size in image_sizes])
+        # images of one size share their usable anchors: made once per size and batch shape,
+        # not once per image and step (about 40 small ops each, kernel launches on a GPU)
+        usable = torch.stack(
+            [
+                self.shape_cache.get(
+                    ("usable", tuple(size), tuple(grid_sizes), anchors[0].device),
+                    partial(self.usable_anchors, anchors[0], size, grid_sizes),
+                )
+                for size in image_sizes
+            ]
+        )
         # every image at once: its gts' IoU rows in a (images, most gts, anchors) block, the
         # rows of images with fewer gts left at IoU 0 and marked as padding (at most `images`
         # times the per-image matrices' memory, of the order of the IoU's own temporaries)
@@ -394,6 +404,29 @@ class DecoupledRPN(RegionProposalNetwork):
             usable &= inside_border(anchors, image_size, self.allowed_border)
         return usable
 
+    def anchors(self, images: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        """Every image's anchors (one tensor, shared), float32 whatever the features' dtype,
+        made once per batch shape (:class:`~drcnn.models.shape_cache.ShapeCache`).
+
+        float32 as mmdetection and detectron2 make them under mixed precision. torchvision's
+        generators take the features' dtype, so under bf16 autocast the anchors, the proposals
+        decoded from them and the gt boxes matched to them were bf16, whose 8-bit significand
+        rounds a coordinate between 512 and 1024 px to a multiple of 4 px (8 px beyond).
+        """
+        device = feature_maps[0].device
+        grid_sizes = tuple(tuple(f.shape[-2:]) for f in feature_maps)
+
+        def make() -> Tensor:
+            # the generator reads only the feature maps' shape, dtype and device
+            stand_ins = [
+                torch.empty((), dtype=torch.float32, device=device).expand(f.shape)
+                for f in feature_maps
+            ]
+            return self.anchor_generator(images, stand_ins)[0]
+
+        key = ("anchors", tuple(images.tensors.shape[-2:]), grid_sizes, device)
+        return [self.shape_cache.get(key, make)] * len(images.image_sizes)
+
     def propose_candidates(
         self, images: ImageList, feature_maps: list[Tensor]
     ) -> tuple[Tensor, Tensor, list[Tensor], list[Candidates]]:
@@ -401,9 +434,11 @@ class DecoupledRPN(RegionProposalNetwork):
         candidates)``; the proposal sets are :meth:`nms_proposals` of the candidates, at each
         threshold (the proposal-IoU analysis tries several on the same candidates)."""
         objectness, pred_bbox_deltas = self.head(feature_maps)
-        anchors = self.anchor_generator(images, feature_maps)
+        anchors = self.anchors(images, feature_maps)
         num_anchors_per_level = [o[0].numel() for o in objectness]
         objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        # boxes, scores and losses in float32 under autocast too (see `anchors`)
+        objectness, pred_bbox_deltas = objectness.float(), pred_bbox_deltas.float()
         # proposals do not back-propagate into the RPN (as in Faster R-CNN)
         proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors)
         proposals = proposals.view(len(anchors), -1, 4)
