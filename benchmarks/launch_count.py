@@ -1,17 +1,26 @@
-"""Kernel launches and synchronising calls of one training step of the synthetic models.
+"""Kernel launches and synchronising calls of one training step of a detector.
 
-A training step of the small synthetic models on a GPU is bound by the host's kernel launches
-(README, "GPU figures"), so their count is the figure to hold down, and it can be taken on a
-CPU: :class:`drcnn.models.sync_audit.SyncAudit` runs the step along the device code path and
-counts the aten ops that would launch a CUDA kernel and the calls that would make the host
-wait. Each model (the synthetic ResNet-18 configs at 192 px: Faster, Cascade and Decoupled
-R-CNN) takes one warm-up step, then one counted step (forward with targets, summed losses,
-backward; no optimizer) on ``--batch`` random images of 192 px with 1, 3, 5, 2, ... boxes.
-``--lines N`` also lists each model's N drcnn source lines that launch the most. Prints a table
-and writes JSON (``--out``).
+A training step on a GPU is bound by the host's kernel launches (README, "GPU figures"), so
+their count is the figure to hold down, and it can be taken on a CPU:
+:class:`drcnn.models.sync_audit.SyncAudit` runs the step along the device code path and counts
+the aten ops that would launch a CUDA kernel and the calls that would make the host wait. Each
+model takes one warm-up step, then one counted step (forward with targets, summed losses,
+backward; no optimizer).
+
+- default: the synthetic ResNet-18 configs at 192 px (Faster, Cascade and Decoupled R-CNN) on
+  ``--batch`` random images with 1, 3, 5, 2, ... boxes;
+- ``--r50``: the three models of ``benchmarks/train_step.py`` (torchvision's Faster R-CNN,
+  drcnn's with its config, drcnn's Decoupled R-CNN R-50) on its batch of ``--batch`` random
+  images of 320x533 (the count hardly depends on the size), with the ratio to torchvision's
+  count, the figure behind issue #13's training-step target.
+
+``--amp bf16`` counts the step under bf16 autocast (CPU autocast: its cast lists are close to,
+not the same as, CUDA's). ``--lines N`` also lists each model's N drcnn source lines that launch
+the most. Prints a table and writes JSON (``--out``).
 
     python benchmarks/launch_count.py                     # batch 8
     python benchmarks/launch_count.py --batch 2 --lines 15
+    python benchmarks/launch_count.py --r50 [--amp bf16]
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from train_step import build_models, random_batch
 
 from drcnn.config import load_config
 from drcnn.io import atomic_write_json
@@ -39,6 +49,7 @@ MODELS = {
     for name in ("faster", "cascade", "decoupled")
 }
 SIZE = 192
+R50_SIZE = (320, 533)
 OVERRIDES = [
     "model.backbone.pretrained=null",
     f"model.transform.min_size=[{SIZE}]",
@@ -86,20 +97,40 @@ class LaunchLines(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(config: Path, num_images: int, lines: int) -> dict[str, Any]:
+def synthetic_models(num_images: int) -> dict[str, tuple[torch.nn.Module, tuple]]:
+    """name -> (model, batch): the synthetic R-18 configs on :func:`batch`."""
+    models = {}
+    for name, config in MODELS.items():
+        torch.manual_seed(0)
+        models[name] = (build_detector(load_config(config, OVERRIDES)), batch(num_images))
+    return models
+
+
+def r50_models(
+    num_images: int, size: tuple[int, int] = R50_SIZE
+) -> dict[str, tuple[torch.nn.Module, tuple]]:
+    """name -> (model, batch): ``train_step.py``'s R-50 models on its random batch of ``size``."""
+    return {
+        name: (model, random_batch(num_images, *size, classes, torch.device("cpu")))
+        for name, (model, classes) in build_models(*size).items()
+    }
+
+
+def count(model: torch.nn.Module, inputs: tuple, lines: int, amp: str) -> dict[str, Any]:
     """One model's counted training step."""
-    torch.manual_seed(0)
-    model = build_detector(load_config(config, OVERRIDES)).train()
-    images, targets = batch(num_images)
+    model.train()
 
     def step() -> None:
-        losses = model(images, targets)
-        torch.stack(list(losses.values())).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            losses = model(*inputs)
+            loss = torch.stack([v for k, v in losses.items() if is_loss(k)]).sum()
+        loss.backward()
 
-    step()  # the first call sets up RoIAlign's scales (on the host only)
+    step()  # the first call sets up RoIAlign's scales and the anchors (kept across steps)
     by_line = LaunchLines()
     with by_line, SyncAudit() as audit:
         step()
+    num_images = len(inputs[0])
     return {
         "launches": audit.launches,
         "launches_per_image": audit.launches / num_images,
@@ -108,24 +139,46 @@ def count(config: Path, num_images: int, lines: int) -> dict[str, Any]:
     }
 
 
+def is_loss(name: str) -> bool:
+    """A loss entry of a detector's output (``rpn.loss_cls``, ``loss_box_reg``), not a
+    statistic (``s0.acc``)."""
+    return name.rsplit(".", 1)[-1].startswith("loss")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--batch", type=int, default=None, help="images (default 8; --r50: 2)")
+    parser.add_argument("--r50", action="store_true", help="train_step.py's R-50 models")
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none")
     parser.add_argument("--lines", type=int, default=0, help="list each model's top N lines")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    num_images = args.batch or (2 if args.r50 else 8)
     torch.set_num_threads(1)
-    results = {name: count(config, args.batch, args.lines) for name, config in MODELS.items()}
-    print(f"training step, {args.batch} images of {SIZE} px, counted along the device path")
-    print(f"{'model':<10} {'launches':>9} {'per image':>10} {'waits':>6}")
+    models = r50_models(num_images, R50_SIZE) if args.r50 else synthetic_models(num_images)
+    results = {
+        name: count(model, inputs, args.lines, args.amp) for name, (model, inputs) in models.items()
+    }
+    size = "x".join(map(str, R50_SIZE)) if args.r50 else f"{SIZE}"
+    if args.r50:
+        reference = results["torchvision_faster_rcnn"]["launches"]
+        for r in results.values():
+            r["ratio_to_torchvision"] = r["launches"] / reference
+    print(f"training step, {num_images} images of {size} px, amp {args.amp}, device path")
+    print(f"{'model':<24} {'launches':>9} {'per image':>10} {'waits':>6} {'x torchvision':>14}")
     for name, r in results.items():
-        print(f"{name:<10} {r['launches']:>9} {r['launches_per_image']:>10.1f} {r['waits']:>6}")
+        ratio = f"{r['ratio_to_torchvision']:.2f}" if "ratio_to_torchvision" in r else ""
+        print(
+            f"{name:<24} {r['launches']:>9} {r['launches_per_image']:>10.1f} {r['waits']:>6} "
+            f"{ratio:>14}"
+        )
     for name, r in results.items():
         if r["top_lines"]:
             print(f"\n{name}: launches by source line")
             for line, n in r["top_lines"]:
                 print(f"{n:>6}  {line}")
-    atomic_write_json(args.out, {"batch": args.batch, "size": SIZE, "models": results})
+    summary = {"batch": num_images, "size": size, "amp": args.amp, "models": results}
+    atomic_write_json(args.out, summary)
     print(f"\nwrote {args.out}")
 
 

@@ -387,20 +387,37 @@ def test_gpu_study_stops_at_its_limit_and_packs_the_run_without_weights(tmp_path
     assert "sensitivity/parts/m/sensitivity.parquet" not in names
 
 
-def test_launch_count_lines_add_up_to_the_audit_count(tmp_path, monkeypatch):
-    """``launch_count.py``: its per-line tally (every line listed) adds up to SyncAudit's
-    launch count, for every model; the JSON holds what the table prints."""
+def run_launch_count(tmp_path, monkeypatch, *args: str) -> dict:
+    """``launch_count.py ARGS`` in this process (thread count restored); its JSON."""
     out = tmp_path / "launches.json"
-    argv = ["launch_count.py", "--batch", "2", "--lines", "100000", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", ["launch_count.py", *args, "--out", str(out)])
     before = torch.get_num_threads()
     try:
         launch_count.main()
     finally:
         torch.set_num_threads(before)
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_launch_count_lines_add_up_to_the_audit_count(tmp_path, monkeypatch):
+    """``launch_count.py``: its per-line tally (every line listed) adds up to SyncAudit's
+    launch count, for every model; the JSON holds what the table prints."""
+    result = run_launch_count(tmp_path, monkeypatch, "--batch", "2", "--lines", "100000")
     assert result["batch"] == 2 and set(result["models"]) == {"faster", "cascade", "decoupled"}
     for r in result["models"].values():
         assert r["launches"] == sum(n for _, n in r["top_lines"]) > 500
         assert r["launches_per_image"] == r["launches"] / 2 and r["waits"] > 0
         assert any(line.startswith("drcnn/models/sampling.py") for line, _ in r["top_lines"])
+
+
+def test_launch_count_r50_compares_with_torchvision(tmp_path, monkeypatch):
+    """``launch_count.py --r50 --amp bf16``: train_step.py's three R-50 models, each with its
+    ratio to torchvision's count (the table's reference row is 1)."""
+    monkeypatch.setattr(launch_count, "R50_SIZE", (128, 160))
+    result = run_launch_count(tmp_path, monkeypatch, "--r50", "--amp", "bf16")
+    assert result["batch"] == 2 and result["amp"] == "bf16" and result["size"] == "128x160"
+    models = result["models"]
+    assert set(models) == {"torchvision_faster_rcnn", "drcnn_faster_rcnn", "drcnn_decoupled_rcnn"}
+    reference = models["torchvision_faster_rcnn"]["launches"]
+    for r in models.values():
+        assert r["ratio_to_torchvision"] == r["launches"] / reference and r["launches"] > 500
