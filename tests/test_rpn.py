@@ -462,6 +462,8 @@ def test_anchors_are_float32_and_made_once_per_batch_shape(convention, monkeypat
     assert inference.is_inference() and torch.equal(inference, first[0])
     assert not rpn.anchors(images, maps)[0].is_inference()
     assert len(made) == 2
+    rpn.to(torch.float64)  # a move drops what the cache holds (it would stay on the old device)
+    assert len(rpn.shape_cache) == 0
 
 
 def test_bf16_autocast_keeps_the_rpn_boxes_and_gt_boxes_in_float32(monkeypatch):

@@ -258,6 +258,11 @@ class DecoupledRPN(RegionProposalNetwork):
         self.size_divisible = size_divisible
         self.shape_cache: ShapeCache[Tensor] = ShapeCache()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> DecoupledRPN:
+        """``to()``, ``cuda()``...: the kept anchors would stay on the old device, so drop them."""
+        self.shape_cache.clear()
+        return super()._apply(fn, recurse)
+
     def active_nms_thresholds(self) -> tuple[float, ...]:
         """The NMS thresholds of the current mode: one or two in training, one in eval."""
         return self.train_nms_thresh if self.training else (self.nms_thresh,)

@@ -44,5 +44,9 @@ class ShapeCache(Generic[T]):
             self._values.popitem(last=False)
         return value
 
+    def clear(self) -> None:
+        """Drop every value (its module moved to another device or dtype)."""
+        self._values.clear()
+
     def __len__(self) -> int:
         return len(self._values)
