@@ -1,7 +1,7 @@
 """Training-step time of drcnn's Faster R-CNN and Decoupled R-CNN against torchvision's.
 
     .venv/bin/python benchmarks/train_step.py [--device cpu|cuda] [--steps 5] [--warmup 2]
-        [--amp none|bf16] [--no-fps]
+        [--amp none|bf16] [--no-fps] [--compile-backbone]
 
 One training step = zero_grad, forward with targets, summed losses, backward, SGD step (with
 ``--amp bf16`` the forward and losses under bf16 autocast, as ``train.amp: bf16`` runs them). All
@@ -14,6 +14,13 @@ images of 320 px on the CPU, 2 images of 800x1333 on CUDA, where the inference f
 Decoupled R-CNN COCO config is measured too (``drcnn.engine.benchmark``; ``--no-fps`` skips
 it). Prints a table and writes ``benchmarks/results/train_step.json`` with the median times and
 their ratios to torchvision.
+
+``--compile-backbone`` compiles every model's backbone (trunk and FPN, the same in all three
+models) with ``torch.compile`` before the steps; the compilation falls in the warm-up steps.
+It measures what a compiled backbone would give issue #13's bf16 step target (35 ms, which
+about 900 kernel launches at the host's rate on an H200 would allow, fewer than torchvision's
+eager step has): the library does not compile anything yet. On the 2-core CPU it made the step
+slower (2.0 s -> 2.6 s for the Decoupled model at 2 x 192x320, after a 47-s compilation).
 
 On the CPU the steps run with denormal floats flushed to zero (``torch.set_flush_denormal``):
 drcnn's Faster R-CNN config has frozen BatchNorm, which at random initialisation is the
@@ -135,6 +142,11 @@ def main() -> None:
         default=True,
         help="on CUDA, also the R-50 Decoupled R-CNN inference fps (default: yes)",
     )
+    parser.add_argument(
+        "--compile-backbone",
+        action="store_true",
+        help="torch.compile every model's backbone first (compiled in the warm-up steps)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -143,6 +155,8 @@ def main() -> None:
     height, width = args.size or ((800, 1333) if device.type == "cuda" else (320, 320))
     rows = {}
     for name, (model, num_classes) in build_models(height, width).items():
+        if args.compile_backbone:
+            model.backbone.compile()
         batch = random_batch(args.batch, height, width, num_classes, device)
         times = step_times(model.to(device), batch, args.steps, args.warmup, args.amp)
         rows[name] = {"median_s": statistics.median(times), "times_s": times}
@@ -155,6 +169,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "batch": args.batch,
         "amp": args.amp,
+        "compile_backbone": args.compile_backbone,
         "input_size": [height, width],
         "steps": args.steps,
         "warmup": args.warmup,

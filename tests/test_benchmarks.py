@@ -30,6 +30,7 @@ import pytest
 import sync_count
 import torch
 import torchvision
+import train_step
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -303,6 +304,7 @@ def test_gpu_check_goes_on_after_failures_and_skips_missing_amp(tmp_path):
         "benchmark_bf16": "skipped (no --amp)",
         "profile_train": "failed",
         "demo": "skipped (cuda only)",
+        "train_step_bf16_compiled": "failed",
     }
     assert summary["results"] == {"inference": {"ms": 1}}
     assert "boom" in (tmp_path / "out" / "log.txt").read_text()
@@ -319,7 +321,7 @@ def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
     summary = run_gpu_check(tmp_path, budget=20)
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert set(status.values()) == {"skipped", "skipped (no --amp)", "skipped (cuda only)"}
-    assert len(status) == 9
+    assert len(status) == 10
 
 
 def test_gpu_check_runs_only_the_selected_steps(tmp_path):
@@ -327,7 +329,7 @@ def test_gpu_check_runs_only_the_selected_steps(tmp_path):
     status = {s["step"]: s["status"] for s in summary["steps"]}
     ran = {"inference": "ok", "train_step_bf16": "failed"}
     assert {k: v for k, v in status.items() if k in ran} == ran
-    assert len(status) == 9
+    assert len(status) == 10
     assert {v for k, v in status.items() if k not in ran} == {"skipped (not selected)"}
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "--amp bf16" in log and "--amp none" not in log  # train_step_fp32 did not run
@@ -385,6 +387,28 @@ def test_gpu_study_stops_at_its_limit_and_packs_the_run_without_weights(tmp_path
     assert "models/m/results.bbox.json" not in names
     assert "sensitivity/parts/m/part.json" in names  # a part keeps its record, not its rows
     assert "sensitivity/parts/m/sensitivity.parquet" not in names
+
+
+def test_train_step_compiles_each_backbone_when_asked(tmp_path, monkeypatch):
+    """``train_step.py --compile-backbone``: the backbone of each of the three models, and only
+    it, goes through ``nn.Module.compile`` before its steps (compiling itself is left to the
+    GPU check: on this CPU it takes most of a minute); the JSON says so, with a time per model."""
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda module: compiled.append(module))
+    out = tmp_path / "train_step.json"
+    argv = ["train_step.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "1"]
+    argv += ["--size", "64", "96", "--compile-backbone", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        train_step.main()
+    finally:
+        torch.set_flush_denormal(False)  # main() flushes denormals on the CPU
+    result = json.loads(out.read_text())
+    assert result["compile_backbone"] is True and len(compiled) == 3
+    models = train_step.build_models(64, 96)
+    assert [type(m) for m in compiled] == [type(m.backbone) for m, _ in models.values()]
+    assert set(result["models"]) == set(models)
+    assert all(row["median_s"] > 0 for row in result["models"].values())
 
 
 def run_launch_count(tmp_path, monkeypatch, *args: str) -> dict:
