@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import resource
@@ -183,6 +184,32 @@ def test_optimizer_choice_and_its_scaled_lr(name, kind):
     assert group["lr"] == pytest.approx(0.002)  # 0.004 * 4 / 8
     assert group["weight_decay"] == 0.05
     assert len(group["params"]) == 3  # the frozen weight is left out
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_makes_the_per_tensor_update(name):
+    """The optimizer is PyTorch's fused implementation, and five of its steps (momentum, weight
+    decay, AdamW's moments) land where the per-tensor implementation's land, up to rounding."""
+    cfg = load_config(None, [f"train.optimizer={name}", "train.lr=0.01", "train.weight_decay=0.05"])
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+    plain_model, initial = copy.deepcopy(fused_model), copy.deepcopy(fused_model)
+    fused = build_optimizer(fused_model, cfg)
+    assert fused.defaults["fused"] is True
+    settings = {"lr": scaled_lr(cfg), "weight_decay": 0.05, "foreach": False}
+    if name == "sgd":
+        plain = torch.optim.SGD(plain_model.parameters(), momentum=cfg.train.momentum, **settings)
+    else:
+        plain = torch.optim.AdamW(plain_model.parameters(), **settings)
+    x = torch.randn(16, 6)
+    for _ in range(5):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fused_model[0].weight, initial[0].weight)  # the steps moved it
 
 
 def test_amp_notice_names_the_setting_that_will_not_help(monkeypatch):
