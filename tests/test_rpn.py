@@ -409,6 +409,27 @@ def test_low_quality_match_goes_to_that_gt_and_skips_unusable_anchors():
     assert matched[0] == 1
 
 
+def test_an_anchor_that_several_gts_match_at_low_quality_goes_to_the_last():
+    """mmdetection assigns the gts' best anchors in gt order, so of several gts whose best
+    anchor is the same, the last one keeps it; an image's padding rows (``real_gt`` False)
+    never take one, even at IoU 0 against an anchor whose best IoU is 0."""
+    iou = torch.tensor(
+        [
+            [[0.10, 0.50, 0.00], [0.00, 0.20, 0.00], [0.00, 0.50, 0.35], [0.00, 0.00, 0.00]],
+            [[0.60, 0.00, 0.00], [0.00, 0.00, 0.00], [0.00, 0.00, 0.00], [0.00, 0.00, 0.00]],
+        ]
+    )
+    real = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    labels, matched = mmdet_anchor_labels(
+        iou, torch.ones(2, 3, dtype=torch.bool), 0.7, 0.3, 0.3, real
+    )
+    # image 0: gts 0 and 2 both peak at anchor 1 (0.5), so gt 2 keeps it; gt 1's best (0.2)
+    # is below min_pos_iou; anchor 2 (best 0.35) lies between the thresholds: ignored.
+    # Image 1: gt 0 takes anchor 0; anchors 1 and 2 are background.
+    assert labels.tolist() == [[0.0, 1.0, -1.0], [1.0, 0.0, 0.0]]
+    assert matched[0, 1] == 2 and matched[1, 0] == 0
+
+
 def test_tiny_gt_gets_no_anchor_under_the_floor_but_does_in_torchvision():
     maps = grid_features((128, 128))
     images = ImageList(torch.zeros(1, 3, 128, 128), [(128, 128)])
