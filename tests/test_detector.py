@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import time
+from functools import partial
 
 import pytest
 import torch
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from drcnn.config import load_config
@@ -201,3 +204,47 @@ def test_tiny_decoupled_model_overfits_one_image():
         f"overfit: {history[0]:.3f} -> {history[-1]:.3f} in {len(history)} steps, "
         f"{time.monotonic() - start:.1f} s"
     )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_is_torchvisions_with_one_check_of_the_boxes(kind):
+    """Detector.forward against torchvision's GeneralizedRCNN.forward on copies of one model
+    (a training pass moves the BatchNorm statistics): the same losses (the same draws: seeded
+    alike) and the same detections."""
+    original = small_detector(kind)
+    generator = torch.Generator().manual_seed(1)
+    image, target = image_with_boxes(generator, 128, 160)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    images, targets = [image, torch.rand(3, 120, 128, generator=generator)], [target, empty]
+    results = []
+    for ours in (True, False):
+        model = copy.deepcopy(original)
+        forward = model.forward if ours else partial(GeneralizedRCNN.forward, model)
+        torch.manual_seed(5)
+        model.train()
+        losses = forward(images, targets)
+        model.eval()
+        with torch.no_grad():
+            detections = forward(images)
+        results.append((losses, detections))
+    (ours, our_dets), (theirs, their_dets) = results
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for a, b in zip(our_dets, their_dets, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_a_box_without_area_is_refused_naming_its_image():
+    """One check for the whole batch (torchvision checked each image, waiting for the device
+    each time); the error names the image and the box."""
+    model = small_detector("faster").train()
+    good = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1])}
+    flat = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0], [20.0, 30.0, 20.0, 50.0]]),
+            "labels": torch.tensor([1, 2])}  # fmt: skip
+    images = [torch.rand(3, 128, 128) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"target 2 has a box without area after resizing"):
+        model(images, [good, good, flat])
+    with pytest.raises(ValueError, match=r"target 1 boxes: expected shape \(N, 4\), got \(4,\)"):
+        model(images[:2], [good, {"boxes": torch.zeros(4), "labels": torch.tensor([1])}])
+    with pytest.raises(ValueError, match="targets are required in training mode"):
+        model(images)

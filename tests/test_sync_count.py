@@ -30,16 +30,18 @@ from drcnn.models.sync_audit import SyncAudit
 from drcnn.models.threads import device_code_path
 
 BUDGET = 10  # synchronising calls per image
-# per training image, forward and backward, by model (counted 5, 10.5 and 6 on four images
-# since the RPN's box coder stopped building its weights on the device; 5.5, 11.5 and 7 since
-# the RPN and the RoI heads filter, label and sample a batch at once; 11.5, 23 and 15.25 per
-# image before, and Decoupled R-CNN's about 30 before that: 239 for a batch of 8)
-TRAIN_BUDGET = {"faster_r18": 5, "cascade_r18": 11, "decoupled_r18": 6}
+# per training image, forward and backward, by model (counted 4.25, 9.75 and 5.25 on four images
+# since the detector checks the batch's gt boxes for zero area at once, not per image; 5, 10.5
+# and 6 since the RPN's box coder stopped building its weights on the device; 5.5, 11.5 and 7
+# since the RPN and the RoI heads filter, label and sample a batch at once; 11.5, 23 and 15.25
+# per image before, and Decoupled R-CNN's about 30 before that: 239 for a batch of 8)
+TRAIN_BUDGET = {"faster_r18": 4.25, "cascade_r18": 9.75, "decoupled_r18": 5.25}
 # kernel launches per training image (the synthetic steps on a GPU are bound by the host's
-# launches): counted 173, 259 and 275.25 on four images since the anchors are kept across steps
-# and the box coder computes x and y together (206.5, 307 and 321.25 before; 278, 453 and 422
-# before the RPN and the RoI heads worked on a batch at once)
-TRAIN_LAUNCHES = {"faster_r18": 176, "cascade_r18": 262, "decoupled_r18": 278}
+# launches): counted 172, 258 and 274.25 on four images since the gt boxes are checked at once
+# (173, 259 and 275.25 since the anchors are kept across steps and the box coder computes x
+# and y together; 206.5, 307 and 321.25 before; 278, 453 and 422 before the RPN and the RoI
+# heads worked on a batch at once)
+TRAIN_LAUNCHES = {"faster_r18": 175, "cascade_r18": 261, "decoupled_r18": 277}
 SYNTHETIC = "configs/synthetic/{}_rcnn_r18_fpn_synthetic.yaml"
 SHIPPED = {
     "faster_r18": SYNTHETIC.format("faster"),

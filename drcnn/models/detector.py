@@ -1,7 +1,8 @@
 """The two-stage detector: transform -> backbone/FPN -> RPN -> RoI heads (torchvision layout).
 
 ``Detector`` is torchvision's ``GeneralizedRCNN`` (so training returns a loss dict and
-evaluation returns per-image ``boxes/scores/labels`` in input-image pixels) plus
+evaluation returns per-image ``boxes/scores/labels`` in input-image pixels), whose forward pass
+checks the batch's gt boxes for zero area at once (:func:`first_box_without_area`), plus
 ``analyze_boxes``, which runs the RoI heads on given boxes for the translation-sensitivity
 study. ``build_detector(cfg)`` assembles Faster R-CNN, Cascade R-CNN or Decoupled R-CNN from
 the config; the RoI-head type alone tells them apart.
@@ -122,8 +123,55 @@ def rescale_per_image(
     )
 
 
+def first_box_without_area(targets: Sequence[dict[str, Tensor]]) -> tuple[int, Tensor] | None:
+    """``(image index, box)`` of the first gt box whose x2 <= x1 or y2 <= y1, else None.
+
+    Every image at once: one wait for the device per batch, where torchvision's
+    ``GeneralizedRCNN.forward`` waits once per image (on CUDA 8 of a synthetic training step's
+    42 waits, with two kernel launches each).
+    """
+    boxes = torch.cat([t["boxes"] for t in targets])
+    flat = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+    if not bool(flat.any()):
+        return None
+    row = int(flat.nonzero()[0, 0])
+    image = int(np.searchsorted(np.cumsum([len(t["boxes"]) for t in targets]), row, "right"))
+    return image, boxes[row]
+
+
 class Detector(GeneralizedRCNN):
     """Faster / Cascade / Decoupled R-CNN with torchvision's ``GeneralizedRCNN`` interface."""
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: the loss dict (RoI heads', then the RPN's); eval: per-image detections in
+        input-image pixels. torchvision's ``GeneralizedRCNN.forward`` step for step, but the gt
+        boxes are checked for zero area once per batch (:func:`first_box_without_area`)."""
+        if self.training:
+            if targets is None:
+                raise ValueError("Detector: targets are required in training mode")
+            for index, target in enumerate(targets):
+                shape = tuple(target["boxes"].shape)
+                if len(shape) != 2 or shape[1] != 4:
+                    raise ValueError(
+                        f"Detector: target {index} boxes: expected shape (N, 4), got {shape}"
+                    )
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets)
+        if targets is not None and (flat := first_box_without_area(targets)) is not None:
+            raise ValueError(
+                f"Detector: target {flat[0]} has a box without area after resizing: "
+                f"{flat[1].tolist()} (x1, y1, x2, y2; x2 > x1 and y2 > y1 expected)"
+            )
+        features = self.backbone(image_list.tensors)
+        proposals, proposal_losses = self.rpn(image_list, features, targets)
+        detections, detector_losses = self.roi_heads(
+            features, proposals, image_list.image_sizes, targets
+        )
+        if self.training:
+            return {**detector_losses, **proposal_losses}
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
     @torch.no_grad()
     def analyze_boxes(
