@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import build_models, random_batch
 
 from drcnn.config import load_config
+from drcnn.engine.train import total_loss
 from drcnn.io import atomic_write_json
 from drcnn.models import sync_audit
 from drcnn.models.detector import build_detector
@@ -123,7 +124,7 @@ def count(model: torch.nn.Module, inputs: tuple, lines: int, amp: str) -> dict[s
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
             losses = model(*inputs)
-            loss = torch.stack([v for k, v in losses.items() if is_loss(k)]).sum()
+            loss = total_loss(losses)
         loss.backward()
 
     step()  # the first call sets up RoIAlign's scales and the anchors (kept across steps)
@@ -137,12 +138,6 @@ def count(model: torch.nn.Module, inputs: tuple, lines: int, amp: str) -> dict[s
         "waits": audit.total,
         "top_lines": by_line.lines.most_common(lines),
     }
-
-
-def is_loss(name: str) -> bool:
-    """A loss entry of a detector's output (``rpn.loss_cls``, ``loss_box_reg``), not a
-    statistic (``s0.acc``)."""
-    return name.rsplit(".", 1)[-1].startswith("loss")
 
 
 def main() -> None:

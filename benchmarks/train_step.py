@@ -47,6 +47,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from drcnn.config import load_config
 from drcnn.engine.benchmark import benchmark, synchronize
 from drcnn.engine.distributed import resolve_device
+from drcnn.engine.train import total_loss
 from drcnn.io import atomic_write_json
 from drcnn.models.detector import build_detector
 
@@ -119,7 +120,7 @@ def step_times(
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             losses = model(*batch)
-            loss = sum(v for k, v in losses.items() if k.rsplit(".", 1)[-1].startswith("loss"))
+            loss = total_loss(losses)
         loss.backward()
         optimizer.step()
         synchronize(device)
