@@ -5,8 +5,10 @@
 #   sync_count.json      benchmarks/sync_count.py: synchronising CUDA calls per image, by line
 #   train_step_fp32.json benchmarks/train_step.py: batch 2 of 800x1333, torchvision vs drcnn
 #   train_step_bf16.json   Faster vs Decoupled, fp32 and bf16 autocast
-#   train_step_bf16_compiled.json  the same in bf16 with torch.compile'd backbones (last, in
-#                        what is left of the budget: compiling takes a minute or more)
+#                        (on CUDA with each step's GPU busy time, from one profiled step)
+#   train_step_bf16_compiled.json  Decoupled R-CNN's bf16 step with its backbone compiled by
+#                        torch.compile (last, in what is left of the budget: compiling takes a
+#                        minute or more)
 #   benchmark_fp32.json  python3 -m drcnn benchmark <Decoupled R-50 config> (fps), and with
 #   benchmark_bf16.json    --amp bf16 when the command has that flag (else skipped, logged)
 #   profile_train.txt    benchmarks/profile_train.py: torch.profiler over 10 training
@@ -146,7 +148,8 @@ elif selected demo; then
   skip demo "skipped (cuda only)" "the CPU main job takes far longer than this check (make demo)"
 fi
 step train_step_bf16_compiled 240 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}" \
-  --amp bf16 --no-fps --compile-backbone --out "$OUT_DIR/train_step_bf16_compiled.json"
+  --amp bf16 --no-fps --compile-backbone --models drcnn_decoupled_rcnn \
+  --out "$OUT_DIR/train_step_bf16_compiled.json"
 
 # summary.json: the steps' status and every JSON result of the folder, in one file
 timeout 30 "$PY" - "$OUT_DIR" "$DEVICE" "$(($(date +%s) - START))" <<'PY' 2>&1 | tee -a "$LOG"

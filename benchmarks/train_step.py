@@ -1,7 +1,7 @@
 """Training-step time of drcnn's Faster R-CNN and Decoupled R-CNN against torchvision's.
 
     .venv/bin/python benchmarks/train_step.py [--device cpu|cuda] [--steps 5] [--warmup 2]
-        [--amp none|bf16] [--no-fps] [--compile-backbone]
+        [--amp none|bf16] [--no-fps] [--compile-backbone] [--models NAME ...]
 
 One training step = zero_grad, forward with targets, summed losses, backward, SGD step (with
 ``--amp bf16`` the forward and losses under bf16 autocast, as ``train.amp: bf16`` runs them). All
@@ -21,6 +21,13 @@ It measures what a compiled backbone would give issue #13's bf16 step target (35
 about 900 kernel launches at the host's rate on an H200 would allow, fewer than torchvision's
 eager step has): the library does not compile anything yet. On the 2-core CPU it made the step
 slower (2.0 s -> 2.6 s for the Decoupled model at 2 x 192x320, after a 47-s compilation).
+``--models`` runs only the named models (the ratios need ``torchvision_faster_rcnn`` among them).
+
+On CUDA one more step of each model runs under ``torch.profiler`` and the JSON gets its GPU
+activity: how many kernels, copies and sets the device ran, and the time it was busy with them
+(the union of their intervals). A step whose wall time is far above its busy time is bound by
+the host (the Python and dispatch work of launching those kernels), which a compiler or CUDA
+graphs can cut; one near it is bound by the kernels themselves.
 
 On the CPU the steps run with denormal floats flushed to zero (``torch.set_flush_denormal``):
 drcnn's Faster R-CNN config has frozen BatchNorm, which at random initialisation is the
@@ -42,6 +49,8 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from drcnn.config import load_config
@@ -85,8 +94,12 @@ def drcnn_overrides(height: int, width: int) -> list[str]:
     ]
 
 
-def build_models(height: int, width: int) -> dict[str, tuple[torch.nn.Module, int]]:
-    """name -> (model, number of foreground classes)."""
+def build_models(
+    height: int, width: int, names: list[str] | None = None
+) -> dict[str, tuple[torch.nn.Module, int]]:
+    """name -> (model, number of foreground classes), for ``names`` (default: all three). All
+    three are built in turn from one seed whichever are kept, so a model has the same weights
+    alone as beside the others."""
     torch.manual_seed(0)
     models = {
         "torchvision_faster_rcnn": (
@@ -102,14 +115,26 @@ def build_models(height: int, width: int) -> dict[str, tuple[torch.nn.Module, in
     for name, path in DRCNN_CONFIGS.items():
         cfg = load_config(path, drcnn_overrides(height, width))
         models[name] = (build_detector(cfg), cfg.model.roi_head.num_classes)
-    return models
+    return {name: entry for name, entry in models.items() if names is None or name in names}
+
+
+def one_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, amp: str
+) -> None:
+    """zero_grad, forward with targets (under bf16 autocast for ``amp="bf16"``), summed
+    losses, backward, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(batch[0][0].device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        loss = total_loss(model(*batch))
+    loss.backward()
+    optimizer.step()
 
 
 def step_times(
     model: torch.nn.Module, batch: tuple, steps: int, warmup: int, amp: str = "none"
-) -> list[float]:
-    """Seconds per training step (after ``warmup`` untimed steps); ``amp="bf16"``: the forward
-    pass and losses under bf16 autocast."""
+) -> tuple[list[float], dict[str, float] | None]:
+    """Seconds per training step (after ``warmup`` untimed steps), and on CUDA the GPU activity
+    of one more step (:func:`gpu_activity`; None elsewhere)."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device = batch[0][0].device
@@ -117,16 +142,30 @@ def step_times(
     for index in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            losses = model(*batch)
-            loss = total_loss(losses)
-        loss.backward()
-        optimizer.step()
+        one_step(model, optimizer, batch, amp)
         synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    if device.type != "cuda":
+        return times, None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one_step(model, optimizer, batch, amp)
+        synchronize(device)
+    return times, gpu_activity(prof.events())
+
+
+def gpu_activity(events) -> dict[str, float]:
+    """The device events among a profiler's ``events`` (kernels, copies, sets): their number and
+    the seconds the device was busy with them, overlapping intervals counted once."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+    )
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy_us += stop - max(start, end)
+            end = stop
+    return {"gpu_activities": len(spans), "gpu_busy_s": busy_us / 1e6}
 
 
 def main() -> None:
@@ -148,6 +187,13 @@ def main() -> None:
         action="store_true",
         help="torch.compile every model's backbone first (compiled in the warm-up steps)",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=("torchvision_faster_rcnn", *DRCNN_CONFIGS),
+        default=None,
+        help="only these models (default: all three)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -155,16 +201,19 @@ def main() -> None:
         torch.set_flush_denormal(True)  # random-weight denormals (module docstring)
     height, width = args.size or ((800, 1333) if device.type == "cuda" else (320, 320))
     rows = {}
-    for name, (model, num_classes) in build_models(height, width).items():
+    for name, (model, num_classes) in build_models(height, width, args.models).items():
         if args.compile_backbone:
             model.backbone.compile()
         batch = random_batch(args.batch, height, width, num_classes, device)
-        times = step_times(model.to(device), batch, args.steps, args.warmup, args.amp)
+        times, activity = step_times(model.to(device), batch, args.steps, args.warmup, args.amp)
         rows[name] = {"median_s": statistics.median(times), "times_s": times}
+        if activity is not None:
+            rows[name].update(activity)
         model.cpu()
-    reference = rows["torchvision_faster_rcnn"]["median_s"]
-    for row in rows.values():
-        row["ratio_to_torchvision"] = row["median_s"] / reference
+    if "torchvision_faster_rcnn" in rows:
+        reference = rows["torchvision_faster_rcnn"]["median_s"]
+        for row in rows.values():
+            row["ratio_to_torchvision"] = row["median_s"] / reference
     result = {
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -186,9 +235,11 @@ def main() -> None:
             cfg, images=50, device=str(device), size=(800, 1333), out=fps_out
         )
     atomic_write_json(args.out, result)
-    print(f"{'model':<26}{'median step (s)':>16}{'x torchvision':>15}")
+    print(f"{'model':<26}{'median step (s)':>16}{'x torchvision':>15}{'GPU busy (s)':>14}")
     for name, row in rows.items():
-        print(f"{name:<26}{row['median_s']:>16.3f}{row['ratio_to_torchvision']:>15.2f}")
+        ratio = f"{row['ratio_to_torchvision']:.2f}" if "ratio_to_torchvision" in row else "-"
+        busy = f"{row['gpu_busy_s']:.3f}" if "gpu_busy_s" in row else "-"
+        print(f"{name:<26}{row['median_s']:>16.3f}{ratio:>15}{busy:>14}")
     print(f"wrote {args.out}")
 
 

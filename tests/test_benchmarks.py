@@ -22,6 +22,7 @@ import tarfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import inference
 import launch_count
@@ -409,6 +410,46 @@ def test_train_step_compiles_each_backbone_when_asked(tmp_path, monkeypatch):
     assert [type(m) for m in compiled] == [type(m.backbone) for m, _ in models.values()]
     assert set(result["models"]) == set(models)
     assert all(row["median_s"] > 0 for row in result["models"].values())
+
+
+def test_train_step_runs_only_the_named_models_with_their_weights(tmp_path, monkeypatch):
+    """``train_step.py --models``: only the named models run, without a ratio when torchvision's
+    is not among them, and a model kept alone has the weights it has beside the others."""
+    out = tmp_path / "train_step.json"
+    argv = ["train_step.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "1"]
+    argv += ["--size", "64", "96", "--models", "drcnn_decoupled_rcnn", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        train_step.main()
+    finally:
+        torch.set_flush_denormal(False)
+    rows = json.loads(out.read_text())["models"]
+    assert (
+        list(rows) == ["drcnn_decoupled_rcnn"]
+        and "ratio_to_torchvision" not in rows["drcnn_decoupled_rcnn"]
+    )
+    alone = train_step.build_models(64, 96, ["drcnn_decoupled_rcnn"])["drcnn_decoupled_rcnn"][0]
+    beside = train_step.build_models(64, 96)["drcnn_decoupled_rcnn"][0]
+    for a, b in zip(alone.state_dict().values(), beside.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gpu_activity_counts_device_events_and_their_union():
+    """``train_step.gpu_activity``: only CUDA events count, and overlapping or nested intervals
+    are busy time once (hand-worked: [0, 10] + [5, 12] + [6, 7] + [20, 25] = 17 us)."""
+    from torch.autograd import DeviceType
+
+    def event(start: float, end: float, device: DeviceType) -> SimpleNamespace:
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device)
+
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [event(20, 25, cuda), event(0, 10, cuda), event(6, 7, cuda), event(5, 12, cuda)]
+    events.append(event(0, 100, cpu))
+    assert train_step.gpu_activity(events) == {"gpu_activities": 4, "gpu_busy_s": 17e-6}
+    assert train_step.gpu_activity([event(0, 100, cpu)]) == {
+        "gpu_activities": 0,
+        "gpu_busy_s": 0.0,
+    }
 
 
 def run_launch_count(tmp_path, monkeypatch, *args: str) -> dict:
