@@ -272,6 +272,10 @@ class DataConfig:
     batch_size: int = 2  # images per process (per GPU)
     test_batch_size: int = 1
     workers: int = 2
+    # The val loader's workers (None: as many as `workers`). Each worker process starts by
+    # importing torch and torchvision: 3 s on a 2-core Xeon, 10 s on an H200 machine
+    # (2026-11-27), longer than a small val split takes to load in the main process.
+    test_workers: int | None = None
     flip_prob: float = 0.5
     # Training batches whose images are all wider than tall or all not (mmdetection's
     # GroupSampler; official COCO configs). Each group's last incomplete global batch is filled
@@ -451,6 +455,7 @@ NUMBER_BOUNDS: dict[str, Bound] = {
     "model.roi_head.reg_sampler.num": Bound(low=1),
     "model.roi_head.reg_sampler.pos_fraction": Bound(low=0, high=1, null="type positive"),
     "data.workers": Bound(low=0),
+    "data.test_workers": Bound(low=0, null="as data.workers"),
     "data.flip_prob": Bound(low=0, high=1),
     "data.max_val_images": Bound(low=1, null="all images"),
     "train.epochs": Bound(low=1),

@@ -326,6 +326,18 @@ def test_dataloader_batches_lists(synthetic_root: Path) -> None:
     assert torch.equal(batches[0][0][0], image.as_subclass(torch.Tensor))
 
 
+def test_val_loader_takes_test_workers_when_set(synthetic_root: Path) -> None:
+    """``data.test_workers`` sets the val loader's worker count (0: loads in this process, no
+    worker to start); unset, the val loader has ``data.workers``; training keeps
+    ``data.workers`` either way."""
+    cfg = _cfg(synthetic_root, "data.workers=2", "data.test_workers=0")
+    assert build_dataloader(cfg, "val").num_workers == 0
+    assert build_dataloader(cfg, "train").num_workers == 2
+    assert build_dataloader(_cfg(synthetic_root, "data.workers=2"), "val").num_workers == 2
+    with pytest.raises(DrcnnError, match="data.test_workers"):
+        _cfg(synthetic_root, "data.test_workers=-1")
+
+
 def test_distributed_loader_uses_a_distributed_sampler(synthetic_root: Path, tmp_path) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1

@@ -91,13 +91,15 @@ def build_dataloader(
     cfg: DictConfig, split: str, distributed: bool = False, shuffle: bool | None = None
 ) -> DataLoader:
     """Loader of ``split``: ``cfg.data.batch_size`` (train) or ``test_batch_size`` (val) images
-    per process, ``cfg.data.workers`` workers (started as :func:`worker_context` says, and kept
-    between iterations), shuffled for training unless ``shuffle`` says otherwise. With
+    per process, ``cfg.data.workers`` workers (val: ``test_workers`` when set; started as
+    :func:`worker_context` says, and kept between iterations), shuffled for training unless ``shuffle`` says otherwise. With
     ``distributed=True`` a ``DistributedSampler`` shards the data."""
     dataset = build_dataset(cfg, split)
     shuffle = split == "train" if shuffle is None else shuffle
     sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
     workers = cfg.data.workers
+    if split != "train" and cfg.data.test_workers is not None:
+        workers = cfg.data.test_workers
     return DataLoader(
         dataset,
         batch_size=cfg.data.batch_size if split == "train" else cfg.data.test_batch_size,
