@@ -4,6 +4,7 @@ and the widgets' callback is called directly; the drawn boxes must be the model'
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -160,3 +161,15 @@ def test_static_example_without_ipywidgets(explorer, monkeypatch, tmp_path: Path
 def test_a_shift_out_of_the_image_is_a_user_error(explorer):
     with pytest.raises(DrcnnError, match="leaves the image"):
         explorer.render("half", 0, 0, (0.0, 0.0, 0.001))
+
+
+def test_the_sensitivity_notebook_imports_leave_seaborn_unimported():
+    """The sensitivity steps' imports (explorer, study, plots) do not import seaborn, which
+    imports scipy.stats where scipy is installed (1.5 s on an H200 machine); the figures that
+    draw with it import it when called."""
+    code = (
+        "import sys; import drcnn.analysis.explorer, drcnn.analysis.study, drcnn.analysis.plots;"
+        "assert 'seaborn' not in sys.modules, 'seaborn imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]

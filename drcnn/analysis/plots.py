@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import matplotlib
 
@@ -19,7 +20,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 from drcnn.analysis.error_analysis import SETTING_LABELS
 from drcnn.analysis.proposals import BRANCH_PROPOSALS
@@ -34,6 +34,16 @@ from drcnn.analysis.sensitivity import (
 )
 from drcnn.errors import DrcnnError
 from drcnn.io import atomic_write, read_json_lines
+
+
+def _seaborn() -> ModuleType:
+    """seaborn, imported on first use: where scipy is installed seaborn imports scipy.stats,
+    1.5 s on an H200 machine (2026-11-27), paid by every notebook that imports this module,
+    most of which draw nothing with seaborn (the sensitivity steps)."""
+    import seaborn
+
+    return seaborn
+
 
 IOU_BINS = np.linspace(0.0, 1.0, 21)
 
@@ -201,7 +211,9 @@ def ap_vs_iou(per_iou: pd.DataFrame, path: str | Path) -> Path:
     beside the axes, so that it never hides a line."""
     data = per_iou.assign(model=per_iou["model"].map(model_of))
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=data, x="iou", y="AP", hue="model", marker="o", errorbar=("ci", 95), ax=ax)
+    _seaborn().lineplot(
+        data=data, x="iou", y="AP", hue="model", marker="o", errorbar=("ci", 95), ax=ax
+    )
     ax.set(xlabel="IoU threshold", ylabel="AP (%)", title="AP vs IoU threshold")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     return save(fig, path)
@@ -268,7 +280,7 @@ def loss_curves(log: pd.DataFrame, path: str | Path, x: str = "iter") -> Path:
         )
     long = log.melt(id_vars=[x], value_vars=losses, var_name="loss", value_name="value").dropna()
     fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=long, x=x, y="value", hue="loss", ax=ax)
+    _seaborn().lineplot(data=long, x=x, y="value", hue="loss", ax=ax)
     ax.set(yscale="log", xlabel=x, ylabel="loss", title="Training losses")
     return save(fig, path)
 
@@ -293,7 +305,7 @@ def error_breakdown(table: pd.DataFrame, path: str | Path, row: str = "all") -> 
     widths = np.diff(cumulative, axis=1, prepend=0)
     models = data["model"].astype(str).tolist()
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(models)))
-    colors = sns.color_palette("colorblind", len(settings))
+    colors = _seaborn().color_palette("colorblind", len(settings))
     left = np.zeros(len(models))
     for k, setting in enumerate(settings):
         bars = ax.barh(
