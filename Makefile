@@ -8,9 +8,10 @@ PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN = $(VENV)/bin
 DEMO_OUT ?= experiments/runs/synthetic_quick
-# Steps at once in the main job, each with cpu_count / (steps running) threads: on the 2-core CPU two
-# 1-thread trainings side by side finish sooner than two 2-thread ones in turn (README).
-DEMO_JOBS ?= 2
+# Steps at once in the main job (auto: one per CPU core, at most 4), each with cpu_count / (steps
+# running) threads: on the 2-core CPU two 1-thread trainings side by side finish sooner than two
+# 2-thread ones in turn (README); on a GPU machine a model's test and its study share run together.
+DEMO_JOBS ?= auto
 
 .PHONY: setup demo test lint format
 

@@ -143,7 +143,7 @@ step profile_train 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${P
 # the steps before it took about 170 s on 2026-11-26, so it still fits the 480-s budget
 if [ "$DEVICE" = cuda ]; then
   step demo 300 "$PY" -m drcnn run experiments/synthetic_quick.yaml \
-    --out "${DEMO_DIR:-/tmp/gpu_check_demo}" --jobs 2
+    --out "${DEMO_DIR:-/tmp/gpu_check_demo}" --jobs auto
 elif selected demo; then
   skip demo "skipped (cuda only)" "the CPU main job takes far longer than this check (make demo)"
 fi

@@ -508,6 +508,26 @@ def test_jobs_below_one_is_a_one_line_error(tmp_path, synthetic_root, capsys):
     assert err == "error: --jobs 0: expected at least 1\n"
 
 
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 2), (3, 3), (16, 4)])
+def test_jobs_auto_is_one_step_per_core_at_most_four(monkeypatch, cores, expected):
+    """``--jobs auto`` reaches ``run_experiment`` as one step per CPU core, capped at 4; a word
+    other than auto is a usage error naming the option."""
+    import drcnn.analysis.runner as runner_module
+
+    seen = {}
+
+    def fake_run(spec, out, force, jobs, launcher):
+        seen["jobs"] = jobs
+        return {}
+
+    monkeypatch.setattr(runner_module, "run_experiment", fake_run)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert cli.main(["run", "spec.yaml", "--jobs", "auto"]) == 0
+    assert seen["jobs"] == expected
+    with pytest.raises(SystemExit):
+        cli.main(["run", "spec.yaml", "--jobs", "two"])
+
+
 @pytest.mark.parametrize("cuda", [False, True])
 def test_device_auto_is_resolved_for_each_run_and_recorded_as_auto(
     tmp_path, synthetic_root, monkeypatch, cuda

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+# ``--jobs auto``'s most steps at once. A model's test and its share of the study need only its
+# training, so a two-model spec such as the main job has at most four steps ready at a time; on
+# an H200 machine (16 cores) the main job's steps are bound by their processes' start and Python
+# work, not by the GPU (README, "GPU figures").
+AUTO_JOBS_MAX = 4
 
 
 def add_parser(subparsers) -> None:
@@ -26,12 +33,12 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=jobs_count,
         default=1,
         help="run this many steps at once, each as soon as the steps it needs have ended (a "
         "model's test while another trains), each with an equal share of the CPU threads "
         "(default 1); on a small CPU, single-thread jobs use the cores better; on CUDA the "
-        "jobs share the GPU",
+        f"jobs share the GPU; auto: one per CPU core, at most {AUTO_JOBS_MAX}",
     )
     parser.add_argument(
         "--status",
@@ -81,6 +88,22 @@ def launcher_settings(args: argparse.Namespace) -> dict:
     if args.sbatch:
         settings["sbatch"] = parse_sbatch(args.sbatch)
     return settings
+
+
+def auto_jobs() -> int:
+    """``--jobs auto``: one step per CPU core, at most :data:`AUTO_JOBS_MAX` (2 on a 2-core
+    machine, as the main job was measured; 4 on a GPU machine's 16 cores)."""
+    return max(1, min(AUTO_JOBS_MAX, os.cpu_count() or 1))
+
+
+def jobs_count(text: str) -> int:
+    """``--jobs``: a whole number, or ``auto`` (:func:`auto_jobs`)."""
+    if text == "auto":
+        return auto_jobs()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
