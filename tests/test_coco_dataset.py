@@ -334,7 +334,7 @@ def test_val_loader_takes_test_workers_when_set(synthetic_root: Path) -> None:
     assert build_dataloader(cfg, "val").num_workers == 0
     assert build_dataloader(cfg, "train").num_workers == 2
     assert build_dataloader(_cfg(synthetic_root, "data.workers=2"), "val").num_workers == 2
-    with pytest.raises(DrcnnError, match="data.test_workers"):
+    with pytest.raises(DrcnnError, match=r"data\.test_workers"):
         _cfg(synthetic_root, "data.test_workers=-1")
 
 

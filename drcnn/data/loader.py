@@ -92,8 +92,9 @@ def build_dataloader(
 ) -> DataLoader:
     """Loader of ``split``: ``cfg.data.batch_size`` (train) or ``test_batch_size`` (val) images
     per process, ``cfg.data.workers`` workers (val: ``test_workers`` when set; started as
-    :func:`worker_context` says, and kept between iterations), shuffled for training unless ``shuffle`` says otherwise. With
-    ``distributed=True`` a ``DistributedSampler`` shards the data."""
+    :func:`worker_context` says, and kept between iterations), shuffled for training unless
+    ``shuffle`` says otherwise. With ``distributed=True`` a ``DistributedSampler`` shards the
+    data."""
     dataset = build_dataset(cfg, split)
     shuffle = split == "train" if shuffle is None else shuffle
     sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
