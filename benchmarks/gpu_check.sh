@@ -15,6 +15,8 @@
 #   profile_train.json     iterations of the synthetic R-18 Decoupled config (256 px, batch 8)
 #   (demo)               the main job, drcnn run experiments/synthetic_quick.yaml, on the GPU:
 #                        its time in steps.tsv / summary.json (cuda only)
+#   demo_times.json      benchmarks/run_times.py: the main job's steps, each notebook's kernel
+#                        start, imports and longest cells (cuda only, after the demo)
 #   summary.json         all of the above in one JSON, with each step's status and the machine
 #   log.txt              each step's command, status and output (trimmed)
 # Every step has its own time limit inside the overall budget; a failing step is logged and the
@@ -141,11 +143,15 @@ step profile_train 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${P
 # folder stays outside OUT_DIR, the step's time is the figure. 300 s: on an H200 on 2026-11-27
 # its trainings alone took 89 and 108 s and a 150-s limit stopped it in the sensitivity step;
 # the steps before it took about 170 s on 2026-11-26, so it still fits the 480-s budget
+DEMO=${DEMO_DIR:-/tmp/gpu_check_demo}
 if [ "$DEVICE" = cuda ]; then
-  step demo 300 "$PY" -m drcnn run experiments/synthetic_quick.yaml \
-    --out "${DEMO_DIR:-/tmp/gpu_check_demo}" --jobs auto
-elif selected demo; then
-  skip demo "skipped (cuda only)" "the CPU main job takes far longer than this check (make demo)"
+  step demo 300 "$PY" -m drcnn run experiments/synthetic_quick.yaml --out "$DEMO" --jobs auto
+  step demo_times 30 "$PY" benchmarks/run_times.py "$DEMO" --out "$OUT_DIR/demo_times.json"
+else
+  for name in demo demo_times; do
+    selected "$name" && skip "$name" "skipped (cuda only)" \
+      "the CPU main job takes far longer than this check (make demo)"
+  done
 fi
 step train_step_bf16_compiled 240 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}" \
   --amp bf16 --no-fps --compile-backbone --models drcnn_decoupled_rcnn \

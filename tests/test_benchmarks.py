@@ -28,6 +28,7 @@ import inference
 import launch_count
 import profile_train
 import pytest
+import run_times
 import sync_count
 import torch
 import torchvision
@@ -305,6 +306,7 @@ def test_gpu_check_goes_on_after_failures_and_skips_missing_amp(tmp_path):
         "benchmark_bf16": "skipped (no --amp)",
         "profile_train": "failed",
         "demo": "skipped (cuda only)",
+        "demo_times": "skipped (cuda only)",
         "train_step_bf16_compiled": "failed",
     }
     assert summary["results"] == {"inference": {"ms": 1}}
@@ -322,7 +324,7 @@ def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
     summary = run_gpu_check(tmp_path, budget=20)
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert set(status.values()) == {"skipped", "skipped (no --amp)", "skipped (cuda only)"}
-    assert len(status) == 10
+    assert len(status) == 11
 
 
 def test_gpu_check_runs_only_the_selected_steps(tmp_path):
@@ -330,7 +332,7 @@ def test_gpu_check_runs_only_the_selected_steps(tmp_path):
     status = {s["step"]: s["status"] for s in summary["steps"]}
     ran = {"inference": "ok", "train_step_bf16": "failed"}
     assert {k: v for k, v in status.items() if k in ran} == ran
-    assert len(status) == 10
+    assert len(status) == 11
     assert {v for k, v in status.items() if k not in ran} == {"skipped (not selected)"}
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "--amp bf16" in log and "--amp none" not in log  # train_step_fp32 did not run
@@ -486,3 +488,60 @@ def test_launch_count_r50_compares_with_torchvision(tmp_path, monkeypatch):
     reference = models["torchvision_faster_rcnn"]["launches"]
     for r in models.values():
         assert r["ratio_to_torchvision"] == r["launches"] / reference and r["launches"] > 500
+
+
+def test_run_times_reads_step_records_and_notebook_cells(tmp_path, monkeypatch, capsys):
+    """``run_times.py``: the steps in start order with their start after the first and their
+    length; a notebook's kernel time is its papermill duration beyond its cells, its imports the
+    first code cell after papermill's parameter cells (hand-worked: 10 s - (3 + 5.5 + 0.4) =
+    1.1 s); a step without a notebook has no notebook figures; the JSON holds what is printed."""
+
+    def record(step: str, start: int, seconds: float) -> None:
+        begin = f"2026-11-27T19:00:{start:02d}+00:00"
+        end = f"2026-11-27T19:00:{start + int(seconds):02d}+00:00"
+        (tmp_path / "steps" / f"{step}.json").write_text(
+            json.dumps(
+                {
+                    "step_id": step,
+                    "status": "done",
+                    "started": begin,
+                    "finished": end,
+                    "seconds": seconds,
+                }
+            )
+        )
+
+    def cell(source: str, seconds: float, tags: tuple[str, ...] = ()) -> dict:
+        metadata = {"papermill": {"duration": seconds}, "tags": list(tags)}
+        return {"cell_type": "code", "source": source, "metadata": metadata}
+
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    record("test-a", 12, 4.0)
+    record("train-a", 2, 10.0)
+    record("report", 16, 0.0)
+    cells = [
+        {"cell_type": "markdown", "source": "# Train", "metadata": {}},
+        cell("config = None", 0.01, ("parameters",)),
+        cell("# Parameters\nconfig = 'x'", 0.02, ("injected-parameters",)),
+        cell("import drcnn\nimport torch", 3.0),
+        cell("summary = drcnn.train(cfg)", 5.5),
+        cell("curves = plots.loss_curves()", 0.4),
+    ]
+    notebook = {"cells": cells, "metadata": {"papermill": {"duration": 10.0}}}
+    (tmp_path / "notebooks" / "train-a.ipynb").write_text(json.dumps(notebook))
+    out = tmp_path / "times.json"
+    monkeypatch.setattr(sys, "argv", ["run_times.py", str(tmp_path), "--out", str(out)])
+    run_times.main()
+    times = json.loads(out.read_text())
+    assert [s["step"] for s in times["steps"]] == ["train-a", "test-a", "report"]
+    assert [s["start_s"] for s in times["steps"]] == [0.0, 10.0, 14.0]
+    assert times["steps_s"] == 14.0
+    train = times["steps"][0]["notebook"]
+    assert train["first_cell_s"] == 3.0 and train["outside_cells_s"] == pytest.approx(1.1)
+    assert [(c["seconds"], c["source"]) for c in train["longest_cells"]] == [
+        (5.5, "summary = drcnn.train(cfg)"),
+        (0.4, "curves = plots.loss_curves()"),
+    ]
+    assert "notebook" not in times["steps"][1] and "notebook" not in times["steps"][2]
+    assert "train-a" in capsys.readouterr().out
