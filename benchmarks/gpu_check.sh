@@ -13,6 +13,9 @@
 #   benchmark_bf16.json    --amp bf16 when the command has that flag (else skipped, logged)
 #   profile_train.txt    benchmarks/profile_train.py: torch.profiler over 10 training
 #   profile_train.json     iterations of the synthetic R-18 Decoupled config (256 px, batch 8)
+#   profile_train_bf16.*   the same under bf16 autocast, as the main job trains on a GPU
+#                        (train.amp: auto): whether autocast's extra host work outweighs its
+#                        GPU saving in a step bound by the host
 #   (demo)               the main job, drcnn run experiments/synthetic_quick.yaml, on the GPU:
 #                        its time in steps.tsv / summary.json (cuda only)
 #   demo_times.json      benchmarks/run_times.py: the main job's steps, each notebook's kernel
@@ -139,6 +142,8 @@ if selected benchmark_bf16; then
 fi
 step profile_train 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${PROFILE[@]}" \
   --out "$OUT_DIR/profile_train.txt"
+step profile_train_bf16 120 "$PY" benchmarks/profile_train.py --device "$DEVICE" "${PROFILE[@]}" \
+  --amp bf16 --out "$OUT_DIR/profile_train_bf16.txt"
 # the main job on the GPU (issue #13 item 6: `make demo` in a minute or two there); its run
 # folder stays outside OUT_DIR, the step's time is the figure. 300 s: on an H200 on 2026-11-27
 # its trainings alone took 89 and 108 s and a 150-s limit stopped it in the sensitivity step;

@@ -305,6 +305,7 @@ def test_gpu_check_goes_on_after_failures_and_skips_missing_amp(tmp_path):
         "benchmark_fp32": "failed",
         "benchmark_bf16": "skipped (no --amp)",
         "profile_train": "failed",
+        "profile_train_bf16": "failed",
         "demo": "skipped (cuda only)",
         "demo_times": "skipped (cuda only)",
         "train_step_bf16_compiled": "failed",
@@ -324,7 +325,7 @@ def test_gpu_check_skips_steps_once_the_budget_is_spent(tmp_path):
     summary = run_gpu_check(tmp_path, budget=20)
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert set(status.values()) == {"skipped", "skipped (no --amp)", "skipped (cuda only)"}
-    assert len(status) == 11
+    assert len(status) == 12
 
 
 def test_gpu_check_runs_only_the_selected_steps(tmp_path):
@@ -332,7 +333,7 @@ def test_gpu_check_runs_only_the_selected_steps(tmp_path):
     status = {s["step"]: s["status"] for s in summary["steps"]}
     ran = {"inference": "ok", "train_step_bf16": "failed"}
     assert {k: v for k, v in status.items() if k in ran} == ran
-    assert len(status) == 11
+    assert len(status) == 12
     assert {v for k, v in status.items() if k not in ran} == {"skipped (not selected)"}
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "--amp bf16" in log and "--amp none" not in log  # train_step_fp32 did not run
