@@ -19,7 +19,7 @@
 #   (demo)               the main job, drcnn run experiments/synthetic_quick.yaml, on the GPU:
 #                        its time in steps.tsv / summary.json (cuda only)
 #   demo_times.json      benchmarks/run_times.py: the main job's steps, each notebook's kernel
-#                        start, imports and longest cells (cuda only, after the demo)
+#                        start, first cell (imports) and longest cells (cuda only, after the demo)
 #   summary.json         all of the above in one JSON, with each step's status and the machine
 #   log.txt              each step's command, status and output (trimmed)
 # Every step has its own time limit inside the overall budget; a failing step is logged and the
@@ -146,8 +146,7 @@ step profile_train_bf16 120 "$PY" benchmarks/profile_train.py --device "$DEVICE"
   --amp bf16 --out "$OUT_DIR/profile_train_bf16.txt"
 # the main job on the GPU (issue #13 item 6: `make demo` in a minute or two there); its run
 # folder stays outside OUT_DIR, the step's time is the figure. 300 s: on an H200 on 2026-11-27
-# its trainings alone took 89 and 108 s and a 150-s limit stopped it in the sensitivity step;
-# the steps before it took about 170 s on 2026-11-26, so it still fits the 480-s budget
+# it took 138 and 152 s (--jobs 2), and the other steps about 250 s, within the 480-s budget
 DEMO=${DEMO_DIR:-/tmp/gpu_check_demo}
 if [ "$DEVICE" = cuda ]; then
   step demo 300 "$PY" -m drcnn run experiments/synthetic_quick.yaml --out "$DEMO" --jobs auto

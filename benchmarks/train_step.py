@@ -17,10 +17,10 @@ their ratios to torchvision.
 
 ``--compile-backbone`` compiles every model's backbone (trunk and FPN, the same in all three
 models) with ``torch.compile`` before the steps; the compilation falls in the warm-up steps.
-It measures what a compiled backbone would give issue #13's bf16 step target (35 ms, which
-about 900 kernel launches at the host's rate on an H200 would allow, fewer than torchvision's
-eager step has): the library does not compile anything yet. On the 2-core CPU it made the step
-slower (2.0 s -> 2.6 s for the Decoupled model at 2 x 192x320, after a 47-s compilation).
+It measures what a compiled backbone would give issue #13's bf16 step target (35 ms); the
+library does not compile anything. On an H200 (2026-11-27) it took the Decoupled bf16 step from
+70.8 to 62.4 ms, with the GPU busy 33 ms of it (README, "GPU figures"). On the 2-core CPU it made
+the step slower (2.0 s -> 2.6 s for the Decoupled model at 2 x 192x320, after a 47-s compile).
 ``--models`` runs only the named models (the ratios need ``torchvision_faster_rcnn`` among them).
 
 On CUDA one more step of each model runs under ``torch.profiler`` and the JSON gets its GPU
