@@ -5,7 +5,8 @@
 #   sync_count.json      benchmarks/sync_count.py: synchronising CUDA calls per image, by line
 #   train_step_fp32.json benchmarks/train_step.py: batch 2 of 800x1333, torchvision vs drcnn
 #   train_step_bf16.json   Faster vs Decoupled, fp32 and bf16 autocast
-#                        (on CUDA with each step's GPU busy time, from one profiled step)
+#                        (with one more step profiled: on CUDA its GPU busy time, and where
+#                        its host time went, by Python function and by operator)
 #   train_step_bf16_compiled.json  Decoupled R-CNN's bf16 step with its backbone compiled by
 #                        torch.compile (last, in what is left of the budget: compiling takes a
 #                        minute or more)
@@ -126,7 +127,7 @@ for amp in fp32 bf16; do
   mode=$amp
   [ "$amp" = fp32 ] && mode=none
   step "train_step_$amp" 90 "$PY" benchmarks/train_step.py --device "$DEVICE" "${TRAIN[@]}" \
-    --amp "$mode" --no-fps --out "$OUT_DIR/train_step_$amp.json"
+    --amp "$mode" --no-fps --host-time --out "$OUT_DIR/train_step_$amp.json"
 done
 BENCHMARK=("$PY" -m drcnn benchmark "$CONFIG" --device "$DEVICE" "${BENCH[@]}"
   --set model.backbone.pretrained=null)

@@ -1,7 +1,7 @@
 """Training-step time of drcnn's Faster R-CNN and Decoupled R-CNN against torchvision's.
 
     .venv/bin/python benchmarks/train_step.py [--device cpu|cuda] [--steps 5] [--warmup 2]
-        [--amp none|bf16] [--no-fps] [--compile-backbone] [--models NAME ...]
+        [--amp none|bf16] [--no-fps] [--compile-backbone] [--models NAME ...] [--host-time]
 
 One training step = zero_grad, forward with targets, summed losses, backward, SGD step (with
 ``--amp bf16`` the forward and losses under bf16 autocast, as ``train.amp: bf16`` runs them). All
@@ -27,7 +27,11 @@ On CUDA one more step of each model runs under ``torch.profiler`` and the JSON g
 activity: how many kernels, copies and sets the device ran, and the time it was busy with them
 (the union of their intervals). A step whose wall time is far above its busy time is bound by
 the host (the Python and dispatch work of launching those kernels), which a compiler or CUDA
-graphs can cut; one near it is bound by the kernels themselves.
+graphs can cut; one near it is bound by the kernels themselves. ``--host-time`` records that
+step with Python stacks (on any device) and adds where its host time went: the self time of
+Python functions and of operators on the step's thread, in total and the largest of each
+(:func:`host_time`). On an H200 the Decoupled R-CNN bf16 step took 18 ms more host time than
+torchvision's with fewer launches and waits (README, "GPU figures"): this says where.
 
 On the CPU the steps run with denormal floats flushed to zero (``torch.set_flush_denormal``):
 drcnn's Faster R-CNN config has frozen BatchNorm, which at random initialisation is the
@@ -43,9 +47,12 @@ machine reference figure in the README keeps its meaning.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -62,6 +69,8 @@ from drcnn.models.detector import build_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
+HOST_ROWS = 25  # functions and operators listed by --host-time
+OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # in the names of built-in methods' events
 DRCNN_CONFIGS = {
     "drcnn_faster_rcnn": ROOT / "configs/baselines/faster_rcnn_r50_fpn_torchvision.yaml",
     "drcnn_decoupled_rcnn": ROOT / "configs/decoupled_rcnn/decoupled_rcnn_r50_fpn_2x_coco.yaml",
@@ -131,10 +140,16 @@ def one_step(
 
 
 def step_times(
-    model: torch.nn.Module, batch: tuple, steps: int, warmup: int, amp: str = "none"
-) -> tuple[list[float], dict[str, float] | None]:
-    """Seconds per training step (after ``warmup`` untimed steps), and on CUDA the GPU activity
-    of one more step (:func:`gpu_activity`; None elsewhere)."""
+    model: torch.nn.Module,
+    batch: tuple,
+    steps: int,
+    warmup: int,
+    amp: str = "none",
+    host: bool = False,
+) -> tuple[list[float], dict[str, Any] | None]:
+    """Seconds per training step (after ``warmup`` untimed steps), and the figures of one more
+    step under ``torch.profiler``: on CUDA its GPU activity (:func:`gpu_activity`), with
+    ``host=True`` where its host time went (:func:`host_time`); None when neither applies."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device = batch[0][0].device
@@ -146,12 +161,18 @@ def step_times(
         synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)
-    if device.type != "cuda":
+    cuda = device.type == "cuda"
+    if not (cuda or host):
         return times, None
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, with_stack=host) as prof:
         one_step(model, optimizer, batch, amp)
         synchronize(device)
-    return times, gpu_activity(prof.events())
+    events = prof.events()
+    figures: dict[str, Any] = gpu_activity(events) if cuda else {}
+    if host:
+        figures["host"] = host_time(events)
+    return times, figures
 
 
 def gpu_activity(events) -> dict[str, float]:
@@ -166,6 +187,39 @@ def gpu_activity(events) -> dict[str, float]:
             busy_us += stop - max(start, end)
             end = stop
     return {"gpu_activities": len(spans), "gpu_busy_s": busy_us / 1e6}
+
+
+def host_time(events, rows: int = HOST_ROWS) -> dict[str, Any]:
+    """Where a profiled step's host time went, from a profiler's ``events`` recorded with
+    ``with_stack=True``: on the thread that ran the step (the one with the most events; helper
+    threads, such as the CPU path's RoIAlign pool, mostly wait), the self time of the Python
+    functions (the interpreter's own work between operators) and of the operators (dispatch,
+    launches, CPU kernels), in ms, each in total and for the ``rows`` functions or operators
+    with the most, as ``[name, ms, calls]``."""
+    host = [event for event in events if event.device_type == DeviceType.CPU]
+    if not host:
+        return {"python_self_ms": 0.0, "ops_self_ms": 0.0, "top_python": [], "top_ops": []}
+    main = Counter(event.thread for event in host).most_common(1)[0][0]
+    python: dict[str, list[float]] = {}
+    ops: dict[str, list[float]] = {}
+    for event in host:
+        if event.thread != main:
+            continue
+        table = python if event.is_python_function else ops
+        entry = table.setdefault(OBJECT_ADDRESS.sub("", event.name), [0.0, 0])
+        entry[0] += event.self_cpu_time_total / 1e3
+        entry[1] += 1
+
+    def top(table: dict[str, list[float]]) -> list[list]:
+        ranked = sorted(table.items(), key=lambda item: -item[1][0])[:rows]
+        return [[name, round(ms, 3), calls] for name, (ms, calls) in ranked]
+
+    return {
+        "python_self_ms": round(sum(ms for ms, _ in python.values()), 3),
+        "ops_self_ms": round(sum(ms for ms, _ in ops.values()), 3),
+        "top_python": top(python),
+        "top_ops": top(ops),
+    }
 
 
 def main() -> None:
@@ -194,6 +248,11 @@ def main() -> None:
         default=None,
         help="only these models (default: all three)",
     )
+    parser.add_argument(
+        "--host-time",
+        action="store_true",
+        help="profile one more step with Python stacks: where its host time went (JSON)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -205,10 +264,10 @@ def main() -> None:
         if args.compile_backbone:
             model.backbone.compile()
         batch = random_batch(args.batch, height, width, num_classes, device)
-        times, activity = step_times(model.to(device), batch, args.steps, args.warmup, args.amp)
-        rows[name] = {"median_s": statistics.median(times), "times_s": times}
-        if activity is not None:
-            rows[name].update(activity)
+        times, figures = step_times(
+            model.to(device), batch, args.steps, args.warmup, args.amp, args.host_time
+        )
+        rows[name] = {"median_s": statistics.median(times), "times_s": times, **(figures or {})}
         model.cpu()
     if "torchvision_faster_rcnn" in rows:
         reference = rows["torchvision_faster_rcnn"]["median_s"]
@@ -240,6 +299,12 @@ def main() -> None:
         ratio = f"{row['ratio_to_torchvision']:.2f}" if "ratio_to_torchvision" in row else "-"
         busy = f"{row['gpu_busy_s']:.3f}" if "gpu_busy_s" in row else "-"
         print(f"{name:<26}{row['median_s']:>16.3f}{ratio:>15}{busy:>14}")
+        if "host" in row:
+            host = row["host"]
+            print(
+                f"  profiled step's host time: Python {host['python_self_ms']:.1f} ms, operators "
+                f"{host['ops_self_ms']:.1f} ms; most in Python: {host['top_python'][0][0]}"
+            )
     print(f"wrote {args.out}")
 
 

@@ -455,6 +455,42 @@ def test_gpu_activity_counts_device_events_and_their_union():
     }
 
 
+def test_host_time_sums_self_time_on_the_step_thread_by_function_and_operator():
+    """``train_step.host_time``: self times summed per Python function and per operator, in ms,
+    on the thread with the most events only (a helper thread's waits are left out), device
+    events ignored, and built-in methods' object addresses dropped so that one method is one
+    row (hand-worked: 2 + 3 = 5 ms for ``add_``)."""
+    from torch.autograd import DeviceType
+
+    def event(name: str, us: float, python: bool, thread: int = 1, cpu: bool = True):
+        device = DeviceType.CPU if cpu else DeviceType.CUDA
+        return SimpleNamespace(
+            name=name,
+            self_cpu_time_total=us,
+            is_python_function=python,
+            thread=thread,
+            device_type=device,
+        )
+
+    events = [
+        event("<built-in method add_ of Tensor object at 0x7f01>", 2000, True),
+        event("<built-in method add_ of Tensor object at 0x7f02>", 3000, True),
+        event("drcnn/models/rpn.py(10): forward", 4000, True),
+        event("aten::mm", 7000, False),
+        event("aten::mm", 1000, False),
+        event("aten::add", 500, False),
+        event("<built-in method get of SimpleQueue object at 0x7f03>", 90000, True, thread=2),
+        event("kernel", 50000, False, cpu=False),
+    ]
+    host = train_step.host_time(events, rows=2)
+    assert host["python_self_ms"] == 9.0 and host["ops_self_ms"] == 8.5
+    assert host["top_python"] == [
+        ["<built-in method add_ of Tensor object>", 5.0, 2],
+        ["drcnn/models/rpn.py(10): forward", 4.0, 1],
+    ]
+    assert host["top_ops"] == [["aten::mm", 8.0, 2], ["aten::add", 0.5, 1]]
+
+
 def run_launch_count(tmp_path, monkeypatch, *args: str) -> dict:
     """``launch_count.py ARGS`` in this process (thread count restored); its JSON."""
     out = tmp_path / "launches.json"
