@@ -193,9 +193,11 @@ def host_time(events, rows: int = HOST_ROWS) -> dict[str, Any]:
     """Where a profiled step's host time went, from a profiler's ``events`` recorded with
     ``with_stack=True``: on the thread that ran the step (the one with the most events; helper
     threads, such as the CPU path's RoIAlign pool, mostly wait), the self time of the Python
-    functions (the interpreter's own work between operators) and of the operators (dispatch,
-    launches, CPU kernels), in ms, each in total and for the ``rows`` functions or operators
-    with the most, as ``[name, ms, calls]``."""
+    functions (the interpreter's own work between operators, plus C++ work it calls that the
+    profiler records as no operator: on the CPU, torchvision's RoIAlign kernels under
+    ``torch/_ops.py: redispatch``) and of the operators (dispatch, launches, CPU kernels), in
+    ms, each in total and for the ``rows`` functions or operators with the most, as
+    ``[name, ms, calls]``."""
     host = [event for event in events if event.device_type == DeviceType.CPU]
     if not host:
         return {"python_self_ms": 0.0, "ops_self_ms": 0.0, "top_python": [], "top_ops": []}
