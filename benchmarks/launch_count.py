@@ -33,10 +33,9 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_step import build_models, random_batch
+from train_step import add_ratios, build_models, forward_backward, random_batch
 
 from drcnn.config import load_config
-from drcnn.engine.train import total_loss
 from drcnn.io import atomic_write_json
 from drcnn.models import sync_audit
 from drcnn.models.detector import build_detector
@@ -121,16 +120,10 @@ def count(model: torch.nn.Module, inputs: tuple, lines: int, amp: str) -> dict[s
     """One model's counted training step."""
     model.train()
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
-            losses = model(*inputs)
-            loss = total_loss(losses)
-        loss.backward()
-
-    step()  # the first call sets up RoIAlign's scales and the anchors (kept across steps)
+    forward_backward(model, inputs, amp)  # sets up RoIAlign's scales and the kept anchors
     by_line = LaunchLines()
     with by_line, SyncAudit() as audit:
-        step()
+        forward_backward(model, inputs, amp)
     num_images = len(inputs[0])
     return {
         "launches": audit.launches,
@@ -155,10 +148,7 @@ def main() -> None:
         name: count(model, inputs, args.lines, args.amp) for name, (model, inputs) in models.items()
     }
     size = "x".join(map(str, R50_SIZE)) if args.r50 else f"{SIZE}"
-    if args.r50:
-        reference = results["torchvision_faster_rcnn"]["launches"]
-        for r in results.values():
-            r["ratio_to_torchvision"] = r["launches"] / reference
+    add_ratios(results, "launches")
     print(f"training step, {num_images} images of {size} px, amp {args.amp}, device path")
     print(f"{'model':<24} {'launches':>9} {'per image':>10} {'waits':>6} {'x torchvision':>14}")
     for name, r in results.items():

@@ -127,16 +127,30 @@ def build_models(
     return {name: entry for name, entry in models.items() if names is None or name in names}
 
 
-def one_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, amp: str
-) -> None:
-    """zero_grad, forward with targets (under bf16 autocast for ``amp="bf16"``), summed
-    losses, backward, optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
+def forward_backward(model: torch.nn.Module, batch: tuple, amp: str) -> None:
+    """Forward with targets and summed losses (under bf16 autocast for ``amp="bf16"``, as
+    ``train.amp: bf16`` runs them), then backward."""
     with torch.autocast(batch[0][0].device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         loss = total_loss(model(*batch))
     loss.backward()
+
+
+def one_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, amp: str
+) -> None:
+    """zero_grad, :func:`forward_backward`, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    forward_backward(model, batch, amp)
     optimizer.step()
+
+
+def add_ratios(rows: dict[str, dict[str, Any]], key: str) -> None:
+    """Each row's ``ratio_to_torchvision``: its ``key`` over torchvision's Faster R-CNN row's,
+    when that row is among ``rows``."""
+    if "torchvision_faster_rcnn" in rows:
+        reference = rows["torchvision_faster_rcnn"][key]
+        for row in rows.values():
+            row["ratio_to_torchvision"] = row[key] / reference
 
 
 def step_times(
@@ -271,10 +285,7 @@ def main() -> None:
         )
         rows[name] = {"median_s": statistics.median(times), "times_s": times, **(figures or {})}
         model.cpu()
-    if "torchvision_faster_rcnn" in rows:
-        reference = rows["torchvision_faster_rcnn"]["median_s"]
-        for row in rows.values():
-            row["ratio_to_torchvision"] = row["median_s"] / reference
+    add_ratios(rows, "median_s")
     result = {
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -393,21 +393,26 @@ def test_gpu_study_stops_at_its_limit_and_packs_the_run_without_weights(tmp_path
     assert "sensitivity/parts/m/sensitivity.parquet" not in names
 
 
+def run_train_step(tmp_path, monkeypatch, *args: str) -> dict:
+    """``train_step.py`` on the CPU in this process (one step of one 64x96 image per model,
+    ARGS added); its JSON."""
+    out = tmp_path / "train_step.json"
+    argv = ["train_step.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--size", "64", "96", *args, "--out", str(out)])
+    try:
+        train_step.main()
+    finally:
+        torch.set_flush_denormal(False)  # main() flushes denormals on the CPU
+    return json.loads(out.read_text())
+
+
 def test_train_step_compiles_each_backbone_when_asked(tmp_path, monkeypatch):
     """``train_step.py --compile-backbone``: the backbone of each of the three models, and only
     it, goes through ``nn.Module.compile`` before its steps (compiling itself is left to the
     GPU check: on this CPU it takes most of a minute); the JSON says so, with a time per model."""
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda module: compiled.append(module))
-    out = tmp_path / "train_step.json"
-    argv = ["train_step.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "1"]
-    argv += ["--size", "64", "96", "--compile-backbone", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-        train_step.main()
-    finally:
-        torch.set_flush_denormal(False)  # main() flushes denormals on the CPU
-    result = json.loads(out.read_text())
+    result = run_train_step(tmp_path, monkeypatch, "--compile-backbone")
     assert result["compile_backbone"] is True and len(compiled) == 3
     models = train_step.build_models(64, 96)
     assert [type(m) for m in compiled] == [type(m.backbone) for m, _ in models.values()]
@@ -418,15 +423,7 @@ def test_train_step_compiles_each_backbone_when_asked(tmp_path, monkeypatch):
 def test_train_step_runs_only_the_named_models_with_their_weights(tmp_path, monkeypatch):
     """``train_step.py --models``: only the named models run, without a ratio when torchvision's
     is not among them, and a model kept alone has the weights it has beside the others."""
-    out = tmp_path / "train_step.json"
-    argv = ["train_step.py", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "1"]
-    argv += ["--size", "64", "96", "--models", "drcnn_decoupled_rcnn", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    try:
-        train_step.main()
-    finally:
-        torch.set_flush_denormal(False)
-    rows = json.loads(out.read_text())["models"]
+    rows = run_train_step(tmp_path, monkeypatch, "--models", "drcnn_decoupled_rcnn")["models"]
     assert (
         list(rows) == ["drcnn_decoupled_rcnn"]
         and "ratio_to_torchvision" not in rows["drcnn_decoupled_rcnn"]
