@@ -78,6 +78,19 @@ def test_sample_augmentation_depends_on_seed_epoch_and_index_only():
     assert torch.equal(torch.get_rng_state(), before)  # the global generator is left untouched
 
 
+def test_sample_augmentation_leaves_the_gpu_generators_alone(monkeypatch):
+    """Loading in the training process (data.workers=0) must not reseed the CUDA generator the
+    model's samplers draw from: fork_rng(devices=[]) restores only the CPU's."""
+    reseeded = []
+    for module in (torch.cuda, torch.xpu, torch.mtia):
+        monkeypatch.setattr(module, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.mps, "manual_seed", reseeded.append)
+    data = EpochSeededDataset(RandomSample(), seed=7)
+    first = data[2, 1]
+    assert reseeded == []
+    assert data[2, 1] == first  # still seeded by (seed, epoch, index)
+
+
 # --- Batches grouped by aspect ratio (mmdetection's GroupSampler) ---------------------------
 
 SIZES = {0: 31, 1: 19}  # group sizes of the 50 samples below

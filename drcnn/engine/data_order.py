@@ -1,11 +1,12 @@
 """The order and the random augmentation of training samples, fixed by seed and epoch.
 
 The data order of epoch ``e`` is a permutation drawn from ``(train.seed, e)``; every sample's
-random augmentation is drawn from its own generator seeded by ``(train.seed, e, index)`` (inside
-``torch.random.fork_rng``, so neither the worker count nor the model's own random sampling
-changes it). The global batch of iteration ``i`` is the same whatever the number of processes:
-rank ``r`` takes every ``world``-th sample of it. This is what lets a resumed run continue
-exactly where the interrupted one stopped.
+random augmentation is drawn from the CPU generator seeded by ``(train.seed, e, index)``
+(inside ``torch.random.fork_rng``, so neither the worker count nor the model's own random
+sampling changes it, and the model's random state, on the CPU or a GPU, is left as it was). The
+global batch of iteration ``i`` is the same whatever the number of processes: rank ``r`` takes
+every ``world``-th sample of it. This is what lets a resumed run continue exactly where the
+interrupted one stopped.
 
 One loader serves the whole run (:class:`TrainingLoader`): its sampler yields ``(epoch, index)``
 pairs, so its workers, started once, need no per-epoch state, and starting an epoch (or going on
@@ -50,8 +51,11 @@ class EpochSeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
+        # The CPU generator only: torch.manual_seed would also reseed the GPU's, which the
+        # model's samplers draw from, and fork_rng(devices=[]) would not restore it (with
+        # data.workers=0 every batch would reset the training's CUDA random stream).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
