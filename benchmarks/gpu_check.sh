@@ -20,7 +20,8 @@
 #   (demo)               the main job, drcnn run experiments/synthetic_quick.yaml, on the GPU:
 #                        its time in steps.tsv / summary.json (cuda only)
 #   demo_times.json      benchmarks/run_times.py: the main job's steps, each notebook's kernel
-#                        start, first cell (imports) and longest cells (cuda only, after the demo)
+#                        start, first cell (imports) and longest cells, each training's seconds
+#                        per iteration and data wait (cuda only, after the demo)
 #   summary.json         all of the above in one JSON, with each step's status and the machine
 #   log.txt              each step's command, status and output (trimmed)
 # Every step has its own time limit inside the overall budget; a failing step is logged and the

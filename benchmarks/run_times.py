@@ -6,20 +6,25 @@ cell also does its work) and the longest other cells.
 
 Reads what ``drcnn run`` leaves in its output folder: the step records (``steps/<step>.json``:
 started, finished, seconds) and the executed notebooks (papermill's duration of the notebook and
-of each cell). A notebook's time beyond its cells is the kernel's start and papermill's own
-work. Every step is a new Python process, so its imports (torch, torchvision) come again in each
-one: on an H200 machine on 2026-11-27 they took 10 to 16 s per notebook (README, "GPU figures").
-Prints a table and writes the figures as JSON (default: ``run_times.json`` in the run folder).
+of each cell), and each training's log (``metrics.jsonl`` in the step's ``work_dir``: seconds
+per iteration and how much of it waited for data). A notebook's time beyond its cells is the
+kernel's start and papermill's own work. Every step is a new Python process, so its imports
+(torch, torchvision) come again in each one: on an H200 machine on 2026-11-27 they took 10 to 16
+s per notebook (README, "GPU figures"). A training with one loader worker (the main job's
+``data.workers=1``) may wait for its data on a GPU, where a step takes about 0.1 s and loading
+the 8 images of a batch took 25 ms on a 2-core Xeon. Prints a table and writes the figures as
+JSON (default: ``run_times.json`` in the run folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from drcnn.io import atomic_write_json, read_json
+from drcnn.io import atomic_write_json, read_json, read_json_lines
 
 LONG_CELLS = 3  # cells listed per notebook besides the first
 PARAMETER_TAGS = {"parameters", "injected-parameters"}  # papermill's cells of parameters
@@ -50,9 +55,30 @@ def notebook_times(path: Path) -> dict[str, Any]:
     }
 
 
+def training_times(log: Path) -> dict[str, Any]:
+    """From a training's ``metrics.jsonl`` (one ``train`` record per log interval, its ``time``
+    and ``data_time`` the interval's mean seconds per iteration): the last iteration, the
+    medians of both over the records, and the share of all iterations' time spent waiting for
+    the data loader (``data_time`` / ``time``, each weighted by its interval's length)."""
+    records = [r for r in read_json_lines(log) if r.get("type") == "train"]
+    if not records:
+        return {"iterations": 0}
+    ends = [r["iter"] for r in records]
+    lengths = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    total = sum(r["time"] * n for r, n in zip(records, lengths, strict=True))
+    waited = sum(r["data_time"] * n for r, n in zip(records, lengths, strict=True))
+    return {
+        "iterations": ends[-1],
+        "median_s_per_iteration": statistics.median(r["time"] for r in records),
+        "median_data_s_per_iteration": statistics.median(r["data_time"] for r in records),
+        "data_share": waited / total if total else 0.0,
+    }
+
+
 def run_times(run_dir: Path) -> dict[str, Any]:
     """Every finished step of the run in ``run_dir``, in the order they started: its start (s
-    after the first step's), length and, where it ran a notebook, :func:`notebook_times`."""
+    after the first step's), length, where it ran a notebook :func:`notebook_times`, and where it
+    trained :func:`training_times`."""
     records = [read_json(p, "step record") for p in sorted((run_dir / "steps").glob("*.json"))]
     records = [r for r in records if r.get("started") and r.get("finished")]
     if not records:
@@ -71,6 +97,10 @@ def run_times(run_dir: Path) -> dict[str, Any]:
         notebook = run_dir / "notebooks" / f"{record['step_id']}.ipynb"
         if notebook.is_file():
             step["notebook"] = notebook_times(notebook)
+        parameters = record.get("parameters", {})
+        log = Path(parameters.get("work_dir", "")) / "metrics.jsonl"
+        if parameters.get("run_train") and log.is_file():
+            step["training"] = training_times(log)
         steps.append(step)
     return {"run_dir": str(run_dir), "steps_s": (end - origin).total_seconds(), "steps": steps}
 
@@ -91,6 +121,15 @@ def table(times: dict[str, Any]) -> str:
             f"{first:>9}  {cell}"
         )
     lines.append(f"first step's start to last step's end: {times['steps_s']:.1f} s")
+    for step in times["steps"]:
+        training = step.get("training")
+        if training and training["iterations"]:
+            lines.append(
+                f"{step['step']}: {training['iterations']} iterations, median "
+                f"{training['median_s_per_iteration']:.3f} s each, of which data "
+                f"{training['median_data_s_per_iteration']:.3f} s; data wait "
+                f"{100 * training['data_share']:.1f}% of the training's time"
+            )
     return "\n".join(lines)
 
 

@@ -528,15 +528,17 @@ def test_run_times_reads_step_records_and_notebook_cells(tmp_path, monkeypatch, 
     """``run_times.py``: the steps in start order with their start after the first and their
     length; a notebook's kernel time is its papermill duration beyond its cells, its imports the
     first code cell after papermill's parameter cells (hand-worked: 10 s - (3 + 5.5 + 0.4) =
-    1.1 s); a step without a notebook has no notebook figures; the JSON holds what is printed."""
+    1.1 s); a step without a notebook has no notebook figures; a training step has its log's
+    seconds per iteration and data wait; the JSON holds what is printed."""
 
-    def record(step: str, start: int, seconds: float) -> None:
+    def record(step: str, start: int, seconds: float, parameters: dict | None = None) -> None:
         begin = f"2026-11-27T19:00:{start:02d}+00:00"
         end = f"2026-11-27T19:00:{start + int(seconds):02d}+00:00"
         (tmp_path / "steps" / f"{step}.json").write_text(
             json.dumps(
                 {
                     "step_id": step,
+                    "parameters": parameters or {},
                     "status": "done",
                     "started": begin,
                     "finished": end,
@@ -551,8 +553,17 @@ def test_run_times_reads_step_records_and_notebook_cells(tmp_path, monkeypatch, 
 
     (tmp_path / "steps").mkdir()
     (tmp_path / "notebooks").mkdir()
-    record("test-a", 12, 4.0)
-    record("train-a", 2, 10.0)
+    work_dir = tmp_path / "models" / "a"
+    work_dir.mkdir(parents=True)
+    log = [  # iterations 1-10, 11-20, 21-25; an evaluation record between
+        {"type": "train", "iter": 10, "time": 1.0, "data_time": 0.1},
+        {"type": "train", "iter": 20, "time": 2.0, "data_time": 0.0},
+        {"type": "eval", "iter": 20, "AP": 0.1},
+        {"type": "train", "iter": 25, "time": 4.0, "data_time": 1.0},
+    ]
+    (work_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    record("test-a", 12, 4.0, {"work_dir": str(work_dir), "run_train": False})
+    record("train-a", 2, 10.0, {"work_dir": str(work_dir), "run_train": True})
     record("report", 16, 0.0)
     cells = [
         {"cell_type": "markdown", "source": "# Train", "metadata": {}},
@@ -578,4 +589,14 @@ def test_run_times_reads_step_records_and_notebook_cells(tmp_path, monkeypatch, 
         (0.4, "curves = plots.loss_curves()"),
     ]
     assert "notebook" not in times["steps"][1] and "notebook" not in times["steps"][2]
-    assert "train-a" in capsys.readouterr().out
+    # the data wait weighted by each interval's iterations: (10 x 0.1 + 5 x 1.0) / (10 x 1.0 +
+    # 10 x 2.0 + 5 x 4.0) = 6 / 50; the test step trained nothing
+    assert times["steps"][0]["training"] == {
+        "iterations": 25,
+        "median_s_per_iteration": 2.0,
+        "median_data_s_per_iteration": 0.1,
+        "data_share": pytest.approx(0.12),
+    }
+    assert "training" not in times["steps"][1]
+    printed = capsys.readouterr().out
+    assert "train-a" in printed and "data wait 12.0%" in printed
