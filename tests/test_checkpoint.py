@@ -49,6 +49,20 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     assert draws() == expected
 
 
+def test_rng_restore_skips_the_cuda_states_of_devices_this_machine_lacks(monkeypatch):
+    """A checkpoint from a process that saw 3 GPUs resumes on a machine with 1: device 0's
+    state is restored, the others are dropped (``set_rng_state_all`` fails on device 1)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for module in (torch.cuda, torch.cuda.random):
+        monkeypatch.setattr(module, "set_rng_state", lambda s, d=0: restored.append((int(s[0]), d)))
+    state = capture_rng_state()
+    state["cuda"] = [torch.full((4,), k, dtype=torch.uint8) for k in (5, 6, 7)]
+    restore_rng_state(state)
+    assert restored == [(5, 0)]
+
+
 def test_load_model_rebuilds_from_the_stored_config(synthetic_root, tmp_path):
     cfg = load_config(FASTER, tiny_overrides(synthetic_root))
     original = save_model(tmp_path / "m.pth", cfg)
