@@ -41,7 +41,7 @@ def compare(
     if data_root is not None:
         cfg.data.root = str(data_root)
     cfg.data.workers = 0
-    loader = build_dataloader(cfg, "val", distributed=False)
+    loader = build_dataloader(cfg, "val", distributed=False, pin_memory=device.type == "cuda")
     dataset = loader.dataset
     evaluators, seconds = {}, {}
     for mode in ("none", amp):

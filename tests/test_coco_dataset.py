@@ -18,6 +18,7 @@ from torchvision import tv_tensors
 from drcnn.config import load_config
 from drcnn.data.coco import CocoDetection
 from drcnn.data.loader import build_dataloader, build_dataset
+from drcnn.engine import evaluate
 from drcnn.engine.infer import load_image as infer_load_image
 from drcnn.errors import DrcnnError
 
@@ -336,6 +337,26 @@ def test_val_loader_takes_test_workers_when_set(synthetic_root: Path) -> None:
     assert build_dataloader(_cfg(synthetic_root, "data.workers=2"), "val").num_workers == 2
     with pytest.raises(DrcnnError, match=r"data\.test_workers"):
         _cfg(synthetic_root, "data.test_workers=-1")
+
+
+def test_val_loader_pins_memory_only_for_a_cuda_run(synthetic_root: Path, monkeypatch) -> None:
+    """On a GPU machine a CPU run's val loader does not pin (pinning starts a CUDA context);
+    evaluation asks for pinning when it runs on CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    cfg = _cfg(synthetic_root)
+    assert not build_dataloader(cfg, "val").pin_memory
+    assert build_dataloader(cfg, "val", pin_memory=True).pin_memory
+    asked = []
+
+    def capture(*args, **kwargs):
+        asked.append(kwargs["pin_memory"])
+        raise RuntimeError("loader built")
+
+    monkeypatch.setattr(evaluate, "build_dataloader", capture)
+    for device in ("cpu", "cuda:0"):
+        with pytest.raises(RuntimeError, match="loader built"):
+            evaluate.predict(torch.nn.Identity(), cfg, device)
+    assert asked == [False, True]
 
 
 def test_distributed_loader_uses_a_distributed_sampler(synthetic_root: Path, tmp_path) -> None:

@@ -88,13 +88,18 @@ def worker_context() -> BaseContext:
 
 
 def build_dataloader(
-    cfg: DictConfig, split: str, distributed: bool = False, shuffle: bool | None = None
+    cfg: DictConfig,
+    split: str,
+    distributed: bool = False,
+    shuffle: bool | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Loader of ``split``: ``cfg.data.batch_size`` (train) or ``test_batch_size`` (val) images
     per process, ``cfg.data.workers`` workers (val: ``test_workers`` when set; started as
     :func:`worker_context` says, and kept between iterations), shuffled for training unless
     ``shuffle`` says otherwise. With ``distributed=True`` a ``DistributedSampler`` shards the
-    data."""
+    data. ``pin_memory``: page-locked batches, for a run on CUDA only (pinning starts a CUDA
+    context, which a CPU run on a GPU machine should not take)."""
     dataset = build_dataset(cfg, split)
     shuffle = split == "train" if shuffle is None else shuffle
     sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
@@ -110,5 +115,5 @@ def build_dataloader(
         collate_fn=collate,
         persistent_workers=workers > 0,
         multiprocessing_context=worker_context() if workers > 0 else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
     )

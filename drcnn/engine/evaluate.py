@@ -60,7 +60,8 @@ def predict(
     model: nn.Module, cfg: DictConfig, device: torch.device | str
 ) -> tuple[Any, list[dict]]:
     """``(val dataset, detections of all its images)``; run by every rank, data-parallel."""
-    loader = build_dataloader(cfg, "val", distributed=dist.is_distributed())
+    cuda = torch.device(device).type == "cuda"
+    loader = build_dataloader(cfg, "val", distributed=dist.is_distributed(), pin_memory=cuda)
     return loader.dataset, gather_detections(inference(model, loader, device))
 
 
@@ -146,7 +147,8 @@ def test(
     torch_device = dist.setup(device)
     mode = inference_amp(amp, torch_device)
     model, cfg = load_model(checkpoint, cfg, torch_device)
-    loader = build_dataloader(cfg, "val", distributed=dist.is_distributed())
+    cuda = torch_device.type == "cuda"
+    loader = build_dataloader(cfg, "val", distributed=dist.is_distributed(), pin_memory=cuda)
     out_path = Path(out) if out is not None else Path(checkpoint).parent / "results.bbox.json"
     show_path = Path(show_dir) if show_dir is not None else None
     inputs = [(Path(checkpoint), "the checkpoint"), (config_file, "the config file")]
