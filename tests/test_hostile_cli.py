@@ -29,6 +29,7 @@ from test_train import DECOUPLED, FASTER, tiny_overrides
 
 from drcnn.config import load_config, to_dict
 from drcnn.engine.distributed import device_name, resolve_device
+from drcnn.errors import DrcnnError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -409,6 +410,23 @@ def test_full_disk(tmp_path, synthetic_root, perturbed_results, full_disk, capsy
     err = expect_refusal(argv, capsys, watch=[tmp_path, synthetic_root], may_create=[run_out])
     assert err == f"error: {run_out / 'spec.yaml'}: {nospace}"
     assert [p.name for p in run_out.iterdir()] == [".lock"]  # no temp file left behind
+
+
+def test_a_gpu_index_the_machine_lacks_is_a_one_line_error(monkeypatch) -> None:
+    """``cuda:N`` past the machine's GPUs, or a torchrun rank past them (more processes per node
+    than GPUs), is refused naming the device and the count, before torch.cuda.set_device fails
+    with "invalid device ordinal"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(DrcnnError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(DrcnnError, match=r"^--device cuda with LOCAL_RANK=2 \(torchrun"):
+        resolve_device("cuda")
+    assert chosen == [1]
 
 
 def test_device_auto_is_the_cpu_on_a_machine_without_cuda(monkeypatch) -> None:

@@ -65,8 +65,9 @@ def resolve_device(device: str | None) -> torch.device:
     """The device of this process: ``cuda:<LOCAL_RANK>`` under torchrun on CUDA.
 
     ``None`` or ``auto`` picks CUDA when available, else the CPU. Asking for CUDA on a machine
-    without it, or for another kind of device, is a user error (a one-line
-    :class:`DrcnnError`), not a crash deep inside torch.
+    without it, for a GPU index it lacks (``cuda:N``, or more torchrun processes per node than
+    GPUs), or for another kind of device, is a user error (a one-line :class:`DrcnnError`),
+    not a crash deep inside torch.
     """
     name = device_name(device)
     kind = device_kind(name)
@@ -79,8 +80,15 @@ def resolve_device(device: str | None) -> torch.device:
             f"--device {name}: CUDA is not available on this machine (use --device cpu)"
         )
     index = torch.device(name).index
+    source = f"--device {name}"
     if index is None:
         index = int(os.environ.get("LOCAL_RANK", 0))
+        source = f"--device {name} with LOCAL_RANK={index} (torchrun's --nproc-per-node)"
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise DrcnnError(
+            f"{source}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
