@@ -421,7 +421,7 @@ def test_a_gpu_index_the_machine_lacks_is_a_one_line_error(monkeypatch) -> None:
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(DrcnnError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\)"):
+    with pytest.raises(DrcnnError, match=r"^--device cuda:2: this process sees 2 CUDA device\(s\)"):
         resolve_device("cuda:2")
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(DrcnnError, match=r"^--device cuda with LOCAL_RANK=2 \(torchrun"):

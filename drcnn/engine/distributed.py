@@ -87,7 +87,8 @@ def resolve_device(device: str | None) -> torch.device:
     count = torch.cuda.device_count()
     if index >= count:
         raise DrcnnError(
-            f"{source}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            f"{source}: this process sees {count} CUDA device(s), cuda:0 to cuda:{count - 1} "
+            "(CUDA_VISIBLE_DEVICES decides which)"
         )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
